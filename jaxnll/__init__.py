@@ -1,0 +1,20 @@
+"""jaxnll: exact, memory-lean sub-sequence negative log-likelihood for JAX / Flax.
+
+The public API, one name per line (see ``DESIGN.md`` for the contract).
+"""
+
+from jaxnll.nll import batch_loss as batch_loss
+from jaxnll.nll import checked as checked
+from jaxnll.nll import loss_terms as loss_terms
+from jaxnll.nll import segment_nll as segment_nll
+from jaxnll.nll import selective_sequence_nll as selective_sequence_nll
+from jaxnll.nll import sequence_nll as sequence_nll
+from jaxnll.nll import token_nll as token_nll
+from jaxnll.spans import concat_sample as concat_sample
+from jaxnll.spans import from_ignore_index as from_ignore_index
+from jaxnll.spans import pack_samples as pack_samples
+from jaxnll.spans import shift_targets as shift_targets
+from jaxnll.spans import spans_to_mask as spans_to_mask
+from jaxnll.spans import stop_gradient_outside as stop_gradient_outside
+
+__version__ = "0.1.0"

@@ -1,0 +1,173 @@
+"""Shared per-token cross-entropy math and trace-time argument checks.
+
+Every loss in jaxnll (from logits, fused with the head, vocabulary-parallel) reduces a row of
+logits ``z`` (already soft-capped, float32) to a handful of statistics and builds the
+per-token loss and its gradient from them.  Keeping the formulas here means the options
+(``z_loss``, ``label_smoothing``, ``logit_softcap``) mean the same thing on every path.
+
+With ``lse = logsumexp(z)``, ``α = label_smoothing`` and ``ζ = z_loss``:
+
+.. math::
+
+   \\ell = \\mathrm{lse} - (1 - α) z_y - α \\bar z + ζ\\,\\mathrm{lse}^2,
+   \\qquad
+   \\frac{\\partial \\ell}{\\partial z_v} = p_v (1 + 2ζ\\,\\mathrm{lse}) - (1-α)[v = y] - α / V,
+
+where ``p = softmax(z)`` and ``z̄`` is the mean logit.  With a soft-cap ``c`` the raw logit
+``x`` maps to ``z = c·tanh(x / c)`` and the chain rule adds ``dz/dx = 1 - (z / c)²``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenOptions:
+  """Per-token loss options shared by every loss (hashable: usable as a static argument)."""
+
+  z_loss: float = 0.0
+  label_smoothing: float = 0.0
+  logit_softcap: float | None = None
+
+  def __post_init__(self):
+    for name in ("z_loss", "label_smoothing"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+      object.__setattr__(self, name, float(value))
+    if self.z_loss < 0.0:
+      raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    cap = self.logit_softcap
+    if cap is not None:
+      if not isinstance(cap, (int, float)) or isinstance(cap, bool):
+        raise TypeError(f"logit_softcap must be a Python float or None, got {type(cap).__name__}")
+      if not cap > 0.0:
+        raise ValueError(f"logit_softcap must be > 0, got {cap}")
+      object.__setattr__(self, "logit_softcap", float(cap))
+
+
+def softcap(x: jax.Array, opts: TokenOptions) -> jax.Array:
+  """``c·tanh(x / c)`` in float32, or ``x`` as float32 when no cap is set."""
+  x = x.astype(F32)
+  if opts.logit_softcap is None:
+    return x
+  c = opts.logit_softcap
+  return c * jnp.tanh(x / c)
+
+
+def softcap_grad(z: jax.Array, opts: TokenOptions) -> jax.Array | float:
+  """``dz/dx`` of the soft-cap, written with the capped value ``z``."""
+  if opts.logit_softcap is None:
+    return 1.0
+  return 1.0 - jnp.square(z / opts.logit_softcap)
+
+
+def loss_from_stats(
+  lse: jax.Array,
+  target_logit: jax.Array,
+  logit_sum: jax.Array | None,
+  vocab_size: int,
+  opts: TokenOptions,
+) -> jax.Array:
+  """Per-token loss from the row statistics (all float32).
+
+  ``logit_sum`` (the sum of the capped logits over the vocabulary) is only read when
+  label smoothing is on; pass ``None`` otherwise.
+  """
+  alpha = opts.label_smoothing
+  loss = lse - (1.0 - alpha) * target_logit if alpha else lse - target_logit
+  if alpha:
+    loss = loss - alpha * logit_sum / vocab_size
+  if opts.z_loss:
+    loss = loss + opts.z_loss * jnp.square(lse)
+  return loss
+
+
+def grad_logits(
+  z: jax.Array,
+  lse: jax.Array,
+  targets: jax.Array,
+  vocab_offset: int | jax.Array,
+  vocab_size: int,
+  opts: TokenOptions,
+) -> jax.Array:
+  """``∂ℓ/∂x`` for a block of capped logits ``z[..., v]`` holding vocabulary ids
+  ``vocab_offset + v`` (``vocab_size`` is the full vocabulary).  Float32."""
+  p = jnp.exp(z - lse[..., None])
+  if opts.z_loss:
+    p = p * (1.0 + 2.0 * opts.z_loss * lse)[..., None]
+  ids = vocab_offset + jnp.arange(z.shape[-1], dtype=jnp.int32)
+  hit = ids == targets[..., None]
+  alpha = opts.label_smoothing
+  g = p - jnp.where(hit, 1.0 - alpha, 0.0)
+  if alpha:
+    g = g - alpha / vocab_size
+  return g * softcap_grad(z, opts)
+
+
+def target_in_range(targets: jax.Array, vocab_size: int) -> jax.Array:
+  return (targets >= 0) & (targets < vocab_size)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(np.shape(x))
+
+
+def check_floating(name: str, x) -> None:
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating array (bf16, f16, f32), got dtype {dtype}")
+
+
+def check_integer(name: str, x) -> None:
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array of token ids, got dtype {dtype}")
+
+
+def check_mask(name: str, x) -> None:
+  dtype = jnp.result_type(x)
+  if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{name} must be a bool mask or float weights, got dtype {dtype}")
+
+
+def check_rank(name: str, x, ranks: Sequence[int], what: str) -> None:
+  if np.ndim(x) not in ranks:
+    raise ValueError(f"{name} must have shape {what}, got shape {_shape(x)}")
+
+
+def check_same_shape(name_a: str, a, name_b: str, b) -> None:
+  if _shape(a) != _shape(b):
+    raise ValueError(
+      f"{name_a} and {name_b} must have the same shape, got {_shape(a)} and {_shape(b)}"
+    )
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def mask_to_weights(span_mask: jax.Array) -> jax.Array:
+  """A bool mask or float weights as float32 weights."""
+  return span_mask.astype(F32)
+
+
+def mask_to_bool(span_mask: jax.Array) -> jax.Array:
+  """Which positions count: ``True`` where the mask (or weight) is non-zero."""
+  if span_mask.dtype == jnp.bool_:
+    return span_mask
+  return span_mask != 0

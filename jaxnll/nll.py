@@ -1,0 +1,489 @@
+"""Sub-sequence negative log-likelihood from logits.
+
+Dimension letters: ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``S`` segments per
+packed row.
+
+For a sample ``[x, y]`` (context first, target after) the loss of the target given its context
+is the sum of the per-token losses over the target span:
+
+.. math::
+
+   L(x, y) = -\\log \\Pr(y \\mid x) = -\\sum_{t \\in \\mathrm{span}(y)}
+   \\log \\mathrm{softmax}(\\mathrm{logits}_t)[\\mathrm{target}_t].
+
+Every function here follows the conventions of the package: ``logits[b, t]`` predicts
+``targets[b, t]`` (see :func:`jaxnll.shift_targets`); the span mask, never a label value,
+decides what counts; the log-sum-exp and all sums are float32 whatever the logits' dtype;
+positions outside the span are never read for values or gradients, so they can hold NaN,
+padding ids or ``-100``.  An empty span costs exactly ``0``.
+
+Reference: T. Xiao and J. Zhu, *Foundations of Large Language Models*, ch. 2-4 (sequence
+loss and selective gradient propagation).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxnll import _core
+from jaxnll._core import F32, TokenOptions
+
+REDUCTIONS = ("sum", "mean")
+NORMALIZATIONS = ("tokens", "samples", "sum")
+
+# ----------------------------------------------------------------------------- token level
+#
+# The forward is two row reductions (max, then sum of exp) and a gather; the backward is one
+# elementwise pass.  XLA fuses each into a single loop over the logits, so neither needs a
+# float32 buffer the size of the logits: the only residual is the f32 log-sum-exp per row.
+# Masked rows are handled with selects on the results, never by rewriting the input, so a
+# NaN there never reaches a value or a gradient and no masked copy of the logits is made.
+
+
+def _take_target(x, targets):
+  """``x[n, targets[n]]``, gathered from the raw bits for 16-bit floats.
+
+  Gathering a bf16/f16 array that is also converted to f32 elsewhere makes XLA's CPU backend
+  share one f32 copy of the whole array between the two; gathering the uint16 view does not.
+  """
+  if x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    picked = jnp.take_along_axis(bits, targets[..., None], axis=-1)[..., 0]
+    return jax.lax.bitcast_convert_type(picked, x.dtype)
+  return jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+
+
+def _row_stats(x, targets, mask, opts: TokenOptions):
+  """Per-row loss and log-sum-exp of logits ``x[..., V]`` (float32 results)."""
+  vocab = x.shape[-1]
+  # The soft-cap is monotonic, so the row max can be taken on the raw logits.
+  row_max = _core.softcap(jnp.max(x, axis=-1), opts)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  z = _core.softcap(x, opts)
+  lse = row_max + jnp.log(jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1))
+  in_range = _core.target_in_range(targets, vocab)
+  target_logit = _core.softcap(_take_target(x, jnp.where(in_range, targets, 0)), opts)
+  target_logit = jnp.where(in_range, target_logit, jnp.nan)
+  logit_sum = jnp.sum(z, axis=-1) if opts.label_smoothing else None
+  loss = _core.loss_from_stats(lse, target_logit, logit_sum, vocab, opts)
+  if mask is not None:
+    loss = jnp.where(mask, loss, 0.0)
+    lse = jnp.where(mask, lse, 0.0)
+  return loss, lse
+
+
+def _row_grad(x, lse, targets, mask, g, opts: TokenOptions):
+  """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``x``'s dtype."""
+  z = _core.softcap(x, opts)
+  dz = _core.grad_logits(z, lse, targets, 0, x.shape[-1], opts) * g[..., None]
+  if mask is not None:
+    dz = jnp.where(mask[..., None], dz, 0.0)
+  return dz.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_nll_rows(x, targets, mask, opts):
+  return _row_stats(x, targets, mask, opts)[0]
+
+
+def _token_nll_rows_fwd(x, targets, mask, opts):
+  loss, lse = _row_stats(x, targets, mask, opts)
+  # Residuals: the f32 log-sum-exp only; the softmax is recomputed in the backward.
+  return loss, (x, targets, mask, lse)
+
+
+def _token_nll_rows_bwd(opts, res, g):
+  x, targets, mask, lse = res
+  # The barrier keeps XLA from sharing one f32 conversion of the logits between the forward
+  # reductions and this pass (which would materialise it): each converts on the fly.
+  x = jax.lax.optimization_barrier(x)
+  return _row_grad(x, lse, targets, mask, g, opts), None, None
+
+
+_token_nll_rows.defvjp(_token_nll_rows_fwd, _token_nll_rows_bwd)
+
+
+def _token_nll(logits, targets, mask, opts: TokenOptions):
+  """Masked per-token loss over any leading dims (float32, 0 where ``mask`` is False)."""
+  # No flattening: a reshape of the logits would stop XLA fusing their f32 conversion into the
+  # reductions on CPU.
+  return _token_nll_rows(logits, targets.astype(jnp.int32), mask, opts)
+
+
+def _check_logits_targets(logits, targets, *, batched: bool):
+  _core.check_floating("logits", logits)
+  _core.check_integer("targets", targets)
+  if batched:
+    _core.check_rank("logits", logits, (3,), "[B, T, V]")
+  elif jnp.ndim(logits) < 1:
+    raise ValueError(f"logits must have shape [..., V], got shape {jnp.shape(logits)}")
+  if jnp.shape(targets) != jnp.shape(logits)[:-1]:
+    raise ValueError(
+      "targets must have the shape of logits without the vocabulary axis, got "
+      f"logits {jnp.shape(logits)} and targets {jnp.shape(targets)}"
+    )
+
+
+def _check_mask(name, mask, targets):
+  _core.check_mask(name, mask)
+  if jnp.shape(mask) != jnp.shape(targets):
+    raise ValueError(
+      f"{name} must have the shape of targets, got targets {jnp.shape(targets)} "
+      f"and {name} {jnp.shape(mask)}"
+    )
+
+
+def token_nll(
+  logits: Float[Array, "... V"],
+  targets: Int[Array, "..."],
+  *,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  logit_softcap: float | None = None,
+) -> Float[Array, "..."]:
+  """Per-position negative log-likelihood, ``logsumexp(logits) - logits[target]``.
+
+  .. math::
+
+     \\ell_t = \\log \\sum_v e^{z_{t,v}} - z_{t, y_t} \\;(+\\, \\zeta \\operatorname{lse}_t^2)
+
+  Never a full log-softmax: the forward keeps only the float32 log-sum-exp per position and
+  the backward recomputes the softmax, a chunk of rows at a time, so forward and backward need
+  no float32 buffer the size of the logits.
+
+  Args:
+    logits: ``[..., V]`` floating (bf16, f16 or f32).
+    targets: ``[...]`` integer ids in ``[0, V)``; an id outside that range gives NaN there.
+    z_loss: weight of ``logsumexp**2`` added per token (PaLM / T5X auxiliary loss).
+    label_smoothing: ``α``: cross-entropy against ``(1 - α)·onehot + α / V`` (as optax's
+      ``smooth_labels``; no constant is subtracted).
+    logit_softcap: ``c``: logits are first mapped to ``c·tanh(logits / c)`` (Gemma 2).
+
+  Returns:
+    float32 ``[...]`` per-position losses.  Gradients come back in ``logits.dtype``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.8, 0.2], [0.8, 0.2]]))
+    >>> token_nll(logits, jnp.array([0, 1])).round(3).tolist()
+    [0.223, 1.609]
+  """
+  _check_logits_targets(logits, targets, batched=False)
+  opts = TokenOptions(z_loss, label_smoothing, logit_softcap)
+  return _token_nll(jnp.asarray(logits), jnp.asarray(targets), None, opts)
+
+
+# ----------------------------------------------------------------------------- sequence level
+
+
+def _reduce(token_losses, weights, mask, reduction):
+  """Sum (or weighted mean) of one sequence's token losses over its span, float32."""
+  total = jnp.sum(jnp.where(mask, token_losses * weights, 0.0), dtype=F32)
+  if reduction == "sum":
+    return total
+  count = jnp.sum(jnp.where(mask, weights, 0.0), dtype=F32)
+  nonzero = count != 0
+  return jnp.where(nonzero, total / jnp.where(nonzero, count, 1.0), 0.0)
+
+
+def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=None, **token_opts):
+  """Checks the arguments and returns ``(token_losses, weights, mask)`` for ``[B, T]``.
+
+  ``token_losses`` are computed where ``mask | extra_mask`` holds and are 0 elsewhere.
+  """
+  _check_logits_targets(logits, targets, batched=True)
+  _check_mask(name, span_mask, targets)
+  opts = TokenOptions(**token_opts)
+  span_mask = jnp.asarray(span_mask)
+  mask = _core.mask_to_bool(span_mask)
+  weights = _core.mask_to_weights(span_mask)
+  compute = mask if extra_mask is None else mask | extra_mask
+  # Token losses are independent per position: one call over all B*T rows.
+  tok = _token_nll(jnp.asarray(logits), jnp.asarray(targets), compute, opts)
+  return tok, weights, mask
+
+
+def sequence_nll(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, " B"]:
+  """Per-sample negative log-likelihood of the target span, ``-log Pr(y | x)``.
+
+  .. math::
+
+     L_b = \\sum_t w_{b,t}\\, \\ell_{b,t} \\quad (\\text{"sum"}), \\qquad
+     L_b = \\frac{\\sum_t w_{b,t} \\ell_{b,t}}{\\sum_t w_{b,t}} \\quad (\\text{"mean"}; 0
+     \\text{ for an empty span})
+
+  where ``ℓ`` is :func:`token_nll` and ``w`` the span mask (bool, or float weights).
+
+  Args:
+    logits: ``[B, T, V]``, any floating dtype; ``logits[b, t]`` predicts ``targets[b, t]``.
+    targets: ``[B, T]`` integer ids, already shifted (:func:`jaxnll.shift_targets`).
+    span_mask: ``[B, T]`` bool mask or float weights of the target positions.
+    reduction: ``"sum"`` (``-log Pr(y|x)``) or ``"mean"`` (per target token).
+    **token_opts: ``z_loss``, ``label_smoothing``, ``logit_softcap`` as in :func:`token_nll`.
+
+  Returns:
+    float32 ``[B]``.
+
+  Examples:
+    The book's numbers: per-token losses 0.1, 0.3, 0.2, 0.4 sum to 1.0 and average 0.25.
+
+    >>> import jax.numpy as jnp
+    >>> p = jnp.exp(-jnp.array([[0.1, 0.3, 0.2, 0.4]]))       # Pr(target) at each step
+    >>> logits = jnp.log(jnp.stack([p, 1 - p], axis=-1))      # [1, 4, 2]
+    >>> targets, span = jnp.zeros((1, 4), int), jnp.ones((1, 4), bool)
+    >>> float(sequence_nll(logits, targets, span)[0]), float(
+    ...     sequence_nll(logits, targets, span, reduction="mean")[0])
+    (1.0, 0.25)
+  """
+  _core.check_choice("reduction", reduction, REDUCTIONS)
+  tok, weights, mask = _sequence_parts(logits, targets, span_mask, **token_opts)
+  return jax.vmap(lambda *a: _reduce(*a, reduction))(tok, weights, mask)
+
+
+def sequence_nll_and_count(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  **token_opts,
+) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+  """Per-sample sums ``-log Pr(y|x)`` and target-token counts (weight sums), float32.
+
+  The currency of batch reduction: feed both to :func:`loss_terms` / :func:`batch_loss`.
+  """
+  sums = sequence_nll(logits, targets, span_mask, reduction="sum", **token_opts)
+  return sums, span_counts(span_mask)
+
+
+def span_counts(span_mask: Bool[Array, "B T"] | Float[Array, "B T"]) -> Float[Array, " B"]:
+  """Target tokens (weight sum) per sample, float32."""
+  _core.check_mask("span_mask", span_mask)
+  return jnp.sum(_core.mask_to_weights(jnp.asarray(span_mask)), axis=-1, dtype=F32)
+
+
+def selective_sequence_nll(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  valid_mask: Bool[Array, "B T"] | Float[Array, "B T"] | None = None,
+  *,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, " B"]:
+  """Selective gradient propagation: the loss of every valid token, the gradient of the span.
+
+  The whole sequence is built in the forward pass, but error gradients flow back only from
+  the target sub-sequence:
+
+  .. math::
+
+     \\tilde L = L_{\\text{span}} + \\operatorname{stop\\_gradient}(L_{\\text{valid}} -
+     L_{\\text{span}}),
+
+  so the value is the ``reduction`` over ``valid_mask`` (context and target, for monitoring)
+  and the gradient is exactly that of ``sequence_nll(logits, targets, span_mask)``.
+
+  Args:
+    logits, targets, span_mask: as in :func:`sequence_nll`.
+    valid_mask: ``[B, T]`` positions whose loss the value reports (default: all).
+    reduction: ``"sum"`` or ``"mean"``; used for both the value and the gradient.
+    **token_opts: as in :func:`token_nll`.
+
+  Returns:
+    float32 ``[B]``.
+  """
+  _core.check_choice("reduction", reduction, REDUCTIONS)
+  if valid_mask is None:
+    valid_mask = jnp.ones(jnp.shape(targets), jnp.bool_)
+  _check_mask("valid_mask", valid_mask, targets)
+  valid_mask = jnp.asarray(valid_mask)
+  valid = _core.mask_to_bool(valid_mask)
+  tok, weights, mask = _sequence_parts(logits, targets, span_mask, extra_mask=valid, **token_opts)
+  valid_weights = _core.mask_to_weights(valid_mask)
+  reduce = jax.vmap(lambda *a: _reduce(*a, reduction))
+  span_value = reduce(tok, weights, mask)
+  valid_value = reduce(jax.lax.stop_gradient(tok), valid_weights, valid)
+  return span_value + jax.lax.stop_gradient(valid_value - span_value)
+
+
+def segment_nll(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  segment_ids: Int[Array, "B T"],
+  *,
+  num_segments: int,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, "B S"]:
+  """Per-sample losses of packed rows: one value per segment.
+
+  Segment id ``0`` is padding; samples are ids ``1..num_segments``; ``out[b, s - 1]`` is the
+  loss of segment ``s`` of row ``b`` (``0`` for a segment that is absent or has an empty span).
+  Build targets with ``shift_targets(tokens, span, segment_ids)`` so nothing is predicted
+  across a boundary.  Ids above ``num_segments`` are ignored.
+
+  Returns:
+    float32 ``[B, num_segments]``.
+  """
+  _core.check_choice("reduction", reduction, REDUCTIONS)
+  if not isinstance(num_segments, int) or num_segments < 1:
+    raise ValueError(f"num_segments must be a positive Python int, got {num_segments!r}")
+  _core.check_integer("segment_ids", segment_ids)
+  if jnp.shape(segment_ids) != jnp.shape(targets):
+    raise ValueError(
+      f"segment_ids must have the shape of targets, got targets {jnp.shape(targets)} "
+      f"and segment_ids {jnp.shape(segment_ids)}"
+    )
+  segment_ids = jnp.asarray(segment_ids)
+  in_segment = segment_ids > 0
+  tok, weights, mask = _sequence_parts(logits, targets, span_mask, **token_opts)
+  mask = mask & in_segment
+  onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1)  # [B, T, S]
+  contrib = jnp.where(mask, tok * weights, 0.0)
+  sums = jnp.einsum("bt,bts->bs", contrib, onehot.astype(F32), precision="highest")
+  if reduction == "sum":
+    return sums
+  counts = jnp.einsum(
+    "bt,bts->bs", jnp.where(mask, weights, 0.0), onehot.astype(F32), precision="highest"
+  )
+  nonzero = counts != 0
+  return jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- batch reduction
+
+
+def loss_terms(
+  sums: Float[Array, " B"], counts: Float[Array, " B"], *, normalize: str = "tokens"
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+  """``(numerator, denominator)`` of the batch loss; add them over micro-batches or devices.
+
+  The batch loss is ``numerator / denominator`` (``numerator`` alone for ``"sum"``, whose
+  denominator is ``0``).  Because both parts are plain sums over samples, adding them across
+  gradient-accumulation steps or devices before dividing reproduces the full batch exactly,
+  whatever each part's token count — unlike averaging per-micro-batch averages.
+
+  * ``"tokens"``: ``Σ sums / Σ counts`` — the global token mean (the default for training).
+  * ``"samples"``: the mean over samples with a non-empty span of their per-token means.
+  * ``"sum"``: ``Σ sums``.
+  """
+  _core.check_choice("normalize", normalize, NORMALIZATIONS)
+  sums = jnp.asarray(sums, F32)
+  counts = jnp.asarray(counts, F32)
+  if sums.shape != counts.shape:
+    raise ValueError(
+      f"sums and counts must have the same shape, got {sums.shape} and {counts.shape}"
+    )
+  if normalize == "tokens":
+    return jnp.sum(sums), jnp.sum(counts)
+  if normalize == "samples":
+    nonzero = counts != 0
+    means = jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
+    return jnp.sum(means), jnp.sum(nonzero, dtype=F32)
+  return jnp.sum(sums), jnp.zeros((), F32)
+
+
+def finish_loss(
+  numerator: Float[Array, ""], denominator: Float[Array, ""], *, normalize: str = "tokens"
+) -> Float[Array, ""]:
+  """Divides the summed :func:`loss_terms`; ``0`` (not NaN) when nothing was counted."""
+  _core.check_choice("normalize", normalize, NORMALIZATIONS)
+  if normalize == "sum":
+    return numerator
+  nonzero = denominator != 0
+  return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
+
+
+def batch_loss(
+  sums: Float[Array, " B"], counts: Float[Array, " B"], *, normalize: str = "tokens"
+) -> Float[Array, ""]:
+  """The batch loss from per-sample sums and token counts (see :func:`loss_terms`).
+
+  Examples:
+    Two micro-batches: 2 target tokens at NLL 1 each and 8 at NLL 3 each.  The token mean is
+    ``(2 + 24) / 10 = 2.6``; averaging the two micro-batch means would give 2.0.
+
+    >>> import jax.numpy as jnp
+    >>> float(batch_loss(jnp.array([2.0, 24.0]), jnp.array([2.0, 8.0])))
+    2.6
+  """
+  num, den = loss_terms(sums, counts, normalize=normalize)
+  return finish_loss(num, den, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------- checked path
+
+
+def check_inputs(
+  logits: Float[Array, "... V"],
+  targets: Int[Array, "..."],
+  span_mask: Bool[Array, "..."] | Float[Array, "..."],
+) -> None:
+  """Run-time checks, for use under :func:`jax.experimental.checkify.checkify`.
+
+  Flags a target id outside ``[0, V)`` and non-finite logits at a position inside the span.
+  Positions outside every span are not checked: they never reach values or gradients.
+  """
+  vocab = jnp.shape(logits)[-1]
+  inside = _core.mask_to_bool(jnp.asarray(span_mask))
+  targets = jnp.asarray(targets)
+  bad_target = inside & ~_core.target_in_range(targets, vocab)
+  first = jnp.argmax(bad_target.reshape(-1))
+  checkify.check(
+    ~jnp.any(bad_target),
+    "targets hold {value} at flat position {pos} inside the span, outside [0, {vocab})",
+    value=targets.reshape(-1)[first],
+    pos=first,
+    vocab=jnp.asarray(vocab),
+  )
+  bad_logits = inside & ~jnp.all(jnp.isfinite(logits), axis=-1)
+  checkify.check(
+    ~jnp.any(bad_logits),
+    "logits are not finite at flat position {pos} inside the span",
+    pos=jnp.argmax(bad_logits.reshape(-1)),
+  )
+
+
+def checked(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """Wraps a loss taking ``(logits, targets, span_mask, ...)`` with run-time checks.
+
+  The fast losses turn bad values inside a span into a NaN for that sample (loud, but it says
+  nothing of where).  The checked version raises
+  :class:`jax.experimental.checkify.JaxRuntimeError` naming the first offending position.
+  It runs the checks through ``checkify``; for use inside your own ``jax.jit``, call
+  :func:`check_inputs` in a function you transform with ``checkify.checkify`` yourself.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> safe = checked(sequence_nll)
+    >>> logits, span = jnp.zeros((1, 3, 4)), jnp.ones((1, 3), bool)
+    >>> safe(logits, jnp.array([[0, 9, 1]]), span)
+    Traceback (most recent call last):
+    ...
+    jax._src.checkify.JaxRuntimeError: targets hold 9 at flat position 1 inside the span, ...
+  """
+
+  @functools.wraps(loss_fn)
+  def wrapped(logits, targets, span_mask, *args, **kwargs):
+    def run(logits, targets, span_mask, *args):
+      check_inputs(logits, targets, span_mask)
+      return loss_fn(logits, targets, span_mask, *args, **kwargs)
+
+    err, out = checkify.checkify(run)(logits, targets, span_mask, *args)
+    err.throw()
+    return out
+
+  return wrapped

@@ -1,0 +1,115 @@
+"""Plain-``jnp`` references of every loss: obviously correct, not fast, not lean.
+
+Tests and benchmarks compare the fast paths against these.  They materialise the full
+float32 log-softmax and use masks by multiplication-free selects, nothing more.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+F32 = jnp.float32
+
+
+def token_nll(
+  logits: Float[Array, "... V"],
+  targets: Int[Array, "..."],
+  *,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  logit_softcap: float | None = None,
+) -> Float[Array, "..."]:
+  """Per-position cross-entropy through a full float32 log-softmax."""
+  z = logits.astype(F32)
+  if logit_softcap is not None:
+    z = logit_softcap * jnp.tanh(z / logit_softcap)
+  vocab = z.shape[-1]
+  logp = jax.nn.log_softmax(z, axis=-1)
+  onehot = jax.nn.one_hot(targets, vocab, dtype=F32)
+  labels = (1.0 - label_smoothing) * onehot + label_smoothing / vocab
+  loss = -jnp.sum(labels * logp, axis=-1)
+  if z_loss:
+    loss = loss + z_loss * jnp.square(jax.nn.logsumexp(z, axis=-1))
+  in_range = (targets >= 0) & (targets < vocab)
+  return jnp.where(in_range, loss, jnp.nan)
+
+
+def _reduce(tok, span_mask, reduction):
+  w = span_mask.astype(F32)
+  inside = span_mask != 0
+  total = jnp.sum(jnp.where(inside, tok * w, 0.0), axis=-1)
+  if reduction == "sum":
+    return total
+  count = jnp.sum(w, axis=-1)
+  return jnp.where(count != 0, total / jnp.where(count != 0, count, 1.0), 0.0)
+
+
+def sequence_nll(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, " B"]:
+  """Sum (or mean) of the reference token losses over the span."""
+  inside = span_mask != 0
+  safe = jnp.where(inside[..., None], logits, 0)  # keep masked NaN out of the softmax
+  tok = token_nll(safe, jnp.where(inside, targets, 0), **token_opts)
+  return _reduce(tok, span_mask, reduction)
+
+
+def selective_sequence_nll(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  valid_mask: Bool[Array, "B T"] | Float[Array, "B T"] | None = None,
+  *,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, " B"]:
+  """Value over ``valid_mask``, gradient of the span-only loss (via ``stop_gradient``)."""
+  if valid_mask is None:
+    valid_mask = jnp.ones(targets.shape, bool)
+  span_value = sequence_nll(logits, targets, span_mask, reduction=reduction, **token_opts)
+  valid_value = sequence_nll(
+    jax.lax.stop_gradient(logits), targets, valid_mask, reduction=reduction, **token_opts
+  )
+  return span_value + jax.lax.stop_gradient(valid_value - span_value)
+
+
+def segment_nll(
+  logits: Float[Array, "B T V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  segment_ids: Int[Array, "B T"],
+  *,
+  num_segments: int,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, "B S"]:
+  """One :func:`sequence_nll` per segment id, stacked."""
+  out = []
+  for s in range(1, num_segments + 1):
+    mask = jnp.where(segment_ids == s, span_mask, jnp.zeros((), span_mask.dtype))
+    out.append(sequence_nll(logits, targets, mask, reduction=reduction, **token_opts))
+  return jnp.stack(out, axis=-1)
+
+
+def linear_sequence_nll(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  bias: Float[Array, " V"] | None = None,
+  reduction: str = "sum",
+  **token_opts,
+) -> Float[Array, " B"]:
+  """``sequence_nll(hidden @ weight + bias, ...)`` with the logits materialised in f32."""
+  logits = jnp.einsum("btd,dv->btv", hidden, weight, preferred_element_type=F32)
+  if bias is not None:
+    logits = logits + bias.astype(F32)
+  return sequence_nll(logits, targets, span_mask, reduction=reduction, **token_opts)

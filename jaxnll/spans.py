@@ -1,0 +1,247 @@
+"""Building ``[x, y]`` samples, shifting targets, span masks and packing.
+
+Dimension letters used in the annotations: ``B`` batch, ``T`` sequence length, ``S`` spans
+per row, ``L`` packed row length.
+
+The coordinate convention of every loss: ``logits[b, t]`` predicts ``targets[b, t]``.  A row
+of tokens becomes targets by a left shift (``targets[t] = tokens[t + 1]``), so the *first*
+token of a target span is predicted from the last context position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxnll import _core
+
+
+def concat_sample(
+  x_ids: Int[Array, "... Tx"], y_ids: Int[Array, "... Ty"]
+) -> tuple[Int[Array, "... T"], Bool[Array, "... T"]]:
+  """Builds the sample ``[x, y]`` (context first, target after) and its target-span mask.
+
+  Args:
+    x_ids: context token ids ``[..., Tx]``.
+    y_ids: target token ids ``[..., Ty]`` (same leading dimensions).
+
+  Returns:
+    ``(tokens, span_mask)`` of shape ``[..., Tx + Ty]``; the mask is ``True`` on ``y``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tokens, span = concat_sample(jnp.array([9, 4, 6, 1]), jnp.array([3, 9, 1]))
+    >>> tokens.tolist(), span.astype(int).tolist()
+    ([9, 4, 6, 1, 3, 9, 1], [0, 0, 0, 0, 1, 1, 1])
+  """
+  _core.check_integer("x_ids", x_ids)
+  _core.check_integer("y_ids", y_ids)
+  x_ids, y_ids = jnp.asarray(x_ids), jnp.asarray(y_ids)
+  if x_ids.ndim < 1 or x_ids.shape[:-1] != y_ids.shape[:-1]:
+    raise ValueError(
+      "x_ids and y_ids must be [..., Tx] and [..., Ty] with the same leading dimensions, "
+      f"got shapes {x_ids.shape} and {y_ids.shape}"
+    )
+  dtype = jnp.promote_types(x_ids.dtype, y_ids.dtype)
+  tokens = jnp.concatenate([x_ids.astype(dtype), y_ids.astype(dtype)], axis=-1)
+  span = jnp.concatenate(
+    [jnp.zeros(x_ids.shape, jnp.bool_), jnp.ones(y_ids.shape, jnp.bool_)], axis=-1
+  )
+  return tokens, span
+
+
+def shift_targets(
+  tokens: Int[Array, "... T"],
+  span_mask: Bool[Array, "... T"] | Float[Array, "... T"],
+  segment_ids: Int[Array, "... T"] | None = None,
+) -> tuple[Int[Array, "... T"], Bool[Array, "... T"] | Float[Array, "... T"]]:
+  """Turns a token row and its span mask into ``(targets, loss_mask)`` of the same length.
+
+  ``targets[t] = tokens[t + 1]`` and ``loss_mask[t] = span_mask[t + 1]``: position ``t``
+  is trained to predict the next token when that next token lies in a target span.  The last
+  position predicts nothing (masked, target ``0``).  With packing (``segment_ids``, 0 for
+  padding) a position whose next token belongs to another segment, or to padding, is masked.
+
+  Args:
+    tokens: token ids ``[..., T]``.
+    span_mask: bool ``[..., T]`` (or float weights), ``True`` on target tokens.
+    segment_ids: optional int ``[..., T]``; ``0`` marks padding.
+
+  Returns:
+    ``(targets, loss_mask)``, both ``[..., T]``; ``loss_mask`` keeps ``span_mask``'s dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tokens = jnp.array([9, 4, 6, 1, 3, 9, 1])
+    >>> span = jnp.array([0, 0, 0, 0, 1, 1, 1], bool)
+    >>> targets, mask = shift_targets(tokens, span)
+    >>> targets[:-1].tolist(), mask.astype(int).tolist()
+    ([4, 6, 1, 3, 9, 1], [0, 0, 0, 1, 1, 1, 0])
+  """
+  _core.check_integer("tokens", tokens)
+  _core.check_mask("span_mask", span_mask)
+  tokens, span_mask = jnp.asarray(tokens), jnp.asarray(span_mask)
+  _core.check_rank("tokens", tokens, range(1, 8), "[..., T]")
+  _core.check_same_shape("tokens", tokens, "span_mask", span_mask)
+  pad = [(0, 0)] * (tokens.ndim - 1) + [(0, 1)]
+  targets = jnp.pad(tokens[..., 1:], pad)
+  loss_mask = jnp.pad(span_mask[..., 1:], pad)
+  if segment_ids is not None:
+    _core.check_integer("segment_ids", segment_ids)
+    segment_ids = jnp.asarray(segment_ids)
+    _core.check_same_shape("tokens", tokens, "segment_ids", segment_ids)
+    nxt = jnp.pad(segment_ids[..., 1:], pad)
+    same = (nxt == segment_ids) & (nxt != 0)
+    loss_mask = jnp.where(same, loss_mask, jnp.zeros((), loss_mask.dtype))
+  return targets, loss_mask
+
+
+def spans_to_mask(
+  starts: Int[Array, " B"] | Int[Array, "B S"],
+  ends: Int[Array, " B"] | Int[Array, "B S"],
+  length: int,
+) -> Bool[Array, "B L"]:
+  """Half-open spans ``[start, end)`` as a bool mask ``[B, length]``.
+
+  ``starts`` and ``ends`` are ``[B]`` (one span a row) or ``[B, S]`` (several spans a row; an
+  empty span ``start == end`` adds nothing, so rows can have different span counts).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> spans_to_mask(jnp.array([[1, 4]]), jnp.array([[2, 6]]), 7).astype(int).tolist()
+    [[0, 1, 0, 0, 1, 1, 0]]
+  """
+  _core.check_integer("starts", starts)
+  _core.check_integer("ends", ends)
+  starts, ends = jnp.asarray(starts), jnp.asarray(ends)
+  _core.check_same_shape("starts", starts, "ends", ends)
+  _core.check_rank("starts", starts, (1, 2), "[B] or [B, S]")
+  if not isinstance(length, (int, np.integer)) or length < 0:
+    raise ValueError(f"length must be a non-negative Python int, got {length!r}")
+  if starts.ndim == 1:
+    starts, ends = starts[:, None], ends[:, None]
+  t = jnp.arange(length)
+  inside = (t >= starts[..., None]) & (t < ends[..., None])  # [B, S, L]
+  return jnp.any(inside, axis=1)
+
+
+def from_ignore_index(
+  labels: Int[Array, "..."], ignore_index: int = -100
+) -> tuple[Int[Array, "..."], Bool[Array, "..."]]:
+  """Hugging Face style labels (``ignore_index`` where no loss) to ``(targets, mask)``.
+
+  The ignored positions get target ``0`` (never read by the losses) and mask ``False``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> targets, mask = from_ignore_index(jnp.array([-100, -100, 5, 7]))
+    >>> targets.tolist(), mask.tolist()
+    ([0, 0, 5, 7], [False, False, True, True])
+  """
+  _core.check_integer("labels", labels)
+  labels = jnp.asarray(labels)
+  mask = labels != ignore_index
+  return jnp.where(mask, labels, 0), mask
+
+
+def stop_gradient_outside(
+  x: Float[Array, "B T ..."], span_mask: Bool[Array, "B T"] | Float[Array, "B T"]
+) -> Float[Array, "B T ..."]:
+  """``x`` unchanged in the forward pass; no gradient flows at positions outside the span.
+
+  The model-level reading of selective gradient propagation: applied to activations at the
+  context positions, it keeps gradients out of the context's part of the network.  The mask is
+  broadcast over ``x``'s trailing feature dimensions.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> span = jnp.array([False, True])
+    >>> jax.grad(lambda x: stop_gradient_outside(x, span).sum())(jnp.ones(2)).tolist()
+    [0.0, 1.0]
+  """
+  _core.check_mask("span_mask", span_mask)
+  x, span_mask = jnp.asarray(x), jnp.asarray(span_mask)
+  if x.shape[: span_mask.ndim] != span_mask.shape:
+    raise ValueError(
+      "span_mask must match the leading dimensions of x, got shapes "
+      f"x {x.shape} and span_mask {span_mask.shape}"
+    )
+  keep = _core.mask_to_bool(span_mask).reshape(span_mask.shape + (1,) * (x.ndim - span_mask.ndim))
+  return jnp.where(keep, x, jax.lax.stop_gradient(x))
+
+
+class Packed(NamedTuple):
+  """Rows of packed samples (NumPy arrays, all ``[R, L]``)."""
+
+  tokens: np.ndarray
+  span_mask: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  sample_index: list[list[int]]
+  """``sample_index[r]`` lists the input samples in row ``r``, by segment id ``1, 2, ...``."""
+
+
+def pack_samples(
+  samples: Sequence[tuple[Sequence[int], Sequence[bool]]],
+  length: int,
+  *,
+  pad_id: int = 0,
+) -> Packed:
+  """Lays ``[x, y]`` samples into fixed-length rows, first-fit, with segment ids.
+
+  Each sample is ``(tokens, span_mask)``.  Samples keep their input order inside a row and
+  get segment ids ``1, 2, ...`` in that row; ``0`` marks padding.  Positions restart at 0 in
+  every segment.  Use :func:`shift_targets` with the segment ids to build targets: nothing is
+  predicted across a segment boundary.
+
+  Raises:
+    ValueError: if a sample is longer than ``length`` (naming the sample).
+
+  Examples:
+    >>> p = pack_samples([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6], [1])], 4)
+    >>> p.segment_ids.tolist()
+    [[1, 1, 1, 2], [1, 1, 0, 0]]
+    >>> p.tokens.tolist()
+    [[1, 2, 3, 6], [4, 5, 0, 0]]
+  """
+  if not isinstance(length, (int, np.integer)) or length <= 0:
+    raise ValueError(f"length must be a positive int, got {length!r}")
+  rows: list[list[int]] = []  # sample indices per row
+  free: list[int] = []
+  for i, (tok, span) in enumerate(samples):
+    n = len(tok)
+    if len(span) != n:
+      raise ValueError(
+        f"sample {i}: tokens and span_mask must have the same length, got {n} and {len(span)}"
+      )
+    if n > length:
+      raise ValueError(f"sample {i} has {n} tokens, longer than the row length {length}")
+    for r, room in enumerate(free):
+      if n <= room:
+        rows[r].append(i)
+        free[r] -= n
+        break
+    else:
+      rows.append([i])
+      free.append(length - n)
+  shape = (len(rows), length)
+  tokens = np.full(shape, pad_id, np.int32)
+  span_mask = np.zeros(shape, np.bool_)
+  segment_ids = np.zeros(shape, np.int32)
+  positions = np.zeros(shape, np.int32)
+  for r, members in enumerate(rows):
+    at = 0
+    for seg, i in enumerate(members, start=1):
+      tok, span = samples[i]
+      n = len(tok)
+      tokens[r, at : at + n] = tok
+      span_mask[r, at : at + n] = np.asarray(span, bool)
+      segment_ids[r, at : at + n] = seg
+      positions[r, at : at + n] = np.arange(n)
+      at += n
+  return Packed(tokens, span_mask, segment_ids, positions, rows)
