@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check jaxnll tests bench notebooks
-	$(VENV)/bin/ruff format --check jaxnll tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 unit: install
 	$(PY) -m pytest -q -n 2 jaxnll tests
