@@ -36,6 +36,11 @@ class TokenOptions:
   z_loss: float = 0.0
   label_smoothing: float = 0.0
   logit_softcap: float | None = None
+  vocab_axis: str | None = None
+  """Mesh axis name over which the vocabulary is sharded (inside ``shard_map``), or None."""
+  vocab_size: int | None = None
+  """The true vocabulary when the (sharded) vocabulary axis is padded; columns at or beyond
+  it are padding and never count.  None: every column is a real token."""
 
   def __post_init__(self):
     for name in ("z_loss", "label_smoothing"):
@@ -54,6 +59,49 @@ class TokenOptions:
       if not cap > 0.0:
         raise ValueError(f"logit_softcap must be > 0, got {cap}")
       object.__setattr__(self, "logit_softcap", float(cap))
+    if self.vocab_axis is not None and not isinstance(self.vocab_axis, str):
+      raise TypeError(f"vocab_axis must be a mesh axis name (str), got {self.vocab_axis!r}")
+    if self.vocab_size is not None and (
+      not isinstance(self.vocab_size, int) or self.vocab_size < 1
+    ):
+      raise ValueError(f"vocab_size must be a positive Python int, got {self.vocab_size!r}")
+
+
+# ----------------------------------------------------------------------------- vocabulary shards
+#
+# With ``vocab_axis`` set, each device holds a contiguous slice of the vocabulary (shard ``i``
+# holds ids ``[i·Vs, (i+1)·Vs)``).  Row statistics are computed on the local slice and
+# combined with one collective each (max, then sums), as Megatron-style vocabulary-parallel
+# cross-entropy does; without it the collectives are the identity.
+
+
+def vocab_layout(shard_size: int, opts: "TokenOptions"):
+  """``(offset, vocab, padded)``: first id of the local slice, true vocabulary size, and
+  whether some local columns may be padding (then use :func:`real_columns`)."""
+  if opts.vocab_axis is None:
+    offset, total = 0, shard_size
+  else:
+    offset = jax.lax.axis_index(opts.vocab_axis) * shard_size
+    total = shard_size * jax.lax.axis_size(opts.vocab_axis)
+  vocab = total if opts.vocab_size is None else opts.vocab_size
+  if vocab > total:
+    raise ValueError(
+      f"vocab_size {vocab} is larger than the {total} vocabulary columns of the logits"
+    )
+  return offset, vocab, vocab < total
+
+
+def real_columns(shard_size: int, offset, vocab: int) -> jax.Array:
+  """bool ``[shard_size]``: which local columns are real tokens (not padding)."""
+  return offset + jnp.arange(shard_size, dtype=jnp.int32) < vocab
+
+
+def all_max(x: jax.Array, opts: "TokenOptions") -> jax.Array:
+  return x if opts.vocab_axis is None else jax.lax.pmax(x, opts.vocab_axis)
+
+
+def all_sum(x: jax.Array, opts: "TokenOptions") -> jax.Array:
+  return x if opts.vocab_axis is None else jax.lax.psum(x, opts.vocab_axis)
 
 
 def softcap(x: jax.Array, opts: TokenOptions) -> jax.Array:

@@ -60,17 +60,32 @@ def _take_target(x, targets):
 
 
 def _row_stats(x, targets, mask, opts: TokenOptions):
-  """Per-row loss and log-sum-exp of logits ``x[..., V]`` (float32 results)."""
-  vocab = x.shape[-1]
-  # The soft-cap is monotonic, so the row max can be taken on the raw logits.
-  row_max = _core.softcap(jnp.max(x, axis=-1), opts)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  """Per-row loss and log-sum-exp of logits ``x[..., V]`` (float32 results).
+
+  ``x`` may be the local slice of a vocabulary sharded over ``opts.vocab_axis``.
+  """
+  shard = x.shape[-1]
+  offset, vocab, padded = _core.vocab_layout(shard, opts)
   z = _core.softcap(x, opts)
-  lse = row_max + jnp.log(jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1))
-  in_range = _core.target_in_range(targets, vocab)
-  target_logit = _core.softcap(_take_target(x, jnp.where(in_range, targets, 0)), opts)
-  target_logit = jnp.where(in_range, target_logit, jnp.nan)
-  logit_sum = jnp.sum(z, axis=-1) if opts.label_smoothing else None
+  if padded:
+    # Padding columns drop out of every reduction (after the soft-cap, which would map a
+    # very negative pad to -c, not to "no probability").
+    real = _core.real_columns(shard, offset, vocab)
+    x = jnp.where(real, x, jnp.finfo(x.dtype).min)
+    z = jnp.where(real, z, jnp.finfo(z.dtype).min)
+  # The soft-cap is monotonic, so the row max can be taken on the raw logits.
+  row_max = _core.all_max(_core.softcap(jnp.max(x, axis=-1), opts), opts)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  sum_exp = _core.all_sum(jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1), opts)
+  lse = row_max + jnp.log(sum_exp)
+  local = targets - offset
+  here = (local >= 0) & (local < shard)
+  picked = _core.softcap(_take_target(x, jnp.where(here, local, 0)), opts)
+  target_logit = _core.all_sum(jnp.where(here, picked, 0.0), opts)
+  target_logit = jnp.where(_core.target_in_range(targets, vocab), target_logit, jnp.nan)
+  logit_sum = None
+  if opts.label_smoothing:
+    logit_sum = _core.all_sum(jnp.sum(jnp.where(real, z, 0.0) if padded else z, axis=-1), opts)
   loss = _core.loss_from_stats(lse, target_logit, logit_sum, vocab, opts)
   if mask is not None:
     loss = jnp.where(mask, loss, 0.0)
@@ -80,10 +95,16 @@ def _row_stats(x, targets, mask, opts: TokenOptions):
 
 def _row_grad(x, lse, targets, mask, g, opts: TokenOptions):
   """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``x``'s dtype."""
+  shard = x.shape[-1]
+  offset, vocab, padded = _core.vocab_layout(shard, opts)
   z = _core.softcap(x, opts)
-  dz = _core.grad_logits(z, lse, targets, 0, x.shape[-1], opts) * g[..., None]
-  if mask is not None:
-    dz = jnp.where(mask[..., None], dz, 0.0)
+  dz = _core.grad_logits(z, lse, targets, offset, vocab, opts) * g[..., None]
+  keep = None if mask is None else mask[..., None]
+  if padded:
+    real = _core.real_columns(shard, offset, vocab)
+    keep = real if keep is None else keep & real
+  if keep is not None:
+    dz = jnp.where(keep, dz, 0.0)
   return dz.astype(x.dtype)
 
 
@@ -146,6 +167,8 @@ def token_nll(
   z_loss: float = 0.0,
   label_smoothing: float = 0.0,
   logit_softcap: float | None = None,
+  vocab_axis: str | None = None,
+  vocab_size: int | None = None,
 ) -> Float[Array, "..."]:
   """Per-position negative log-likelihood, ``logsumexp(logits) - logits[target]``.
 
@@ -154,8 +177,8 @@ def token_nll(
      \\ell_t = \\log \\sum_v e^{z_{t,v}} - z_{t, y_t} \\;(+\\, \\zeta \\operatorname{lse}_t^2)
 
   Never a full log-softmax: the forward keeps only the float32 log-sum-exp per position and
-  the backward recomputes the softmax, a chunk of rows at a time, so forward and backward need
-  no float32 buffer the size of the logits.
+  the backward recomputes the softmax in one fused elementwise pass, so forward and backward
+  need no float32 buffer the size of the logits.
 
   Args:
     logits: ``[..., V]`` floating (bf16, f16 or f32).
@@ -164,6 +187,12 @@ def token_nll(
     label_smoothing: ``α``: cross-entropy against ``(1 - α)·onehot + α / V`` (as optax's
       ``smooth_labels``; no constant is subtracted).
     logit_softcap: ``c``: logits are first mapped to ``c·tanh(logits / c)`` (Gemma 2).
+    vocab_axis: inside ``shard_map``, the mesh axis over which the vocabulary is sharded:
+      ``logits`` is then the local slice of the vocabulary (contiguous, shard ``i`` holding ids
+      ``[i·V, (i+1)·V)``) and the result is the full-vocabulary loss, the same on every shard.
+      Each device only touches its slice; the row statistics are combined with collectives.
+    vocab_size: the true vocabulary when the logits' vocabulary axis is padded (for example
+      to a multiple of the shard count); padding columns never count.
 
   Returns:
     float32 ``[...]`` per-position losses.  Gradients come back in ``logits.dtype``.
@@ -175,7 +204,7 @@ def token_nll(
     [0.223, 1.609]
   """
   _check_logits_targets(logits, targets, batched=False)
-  opts = TokenOptions(z_loss, label_smoothing, logit_softcap)
+  opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
   return _token_nll(jnp.asarray(logits), jnp.asarray(targets), None, opts)
 
 
@@ -232,7 +261,8 @@ def sequence_nll(
     targets: ``[B, T]`` integer ids, already shifted (:func:`jaxnll.shift_targets`).
     span_mask: ``[B, T]`` bool mask or float weights of the target positions.
     reduction: ``"sum"`` (``-log Pr(y|x)``) or ``"mean"`` (per target token).
-    **token_opts: ``z_loss``, ``label_smoothing``, ``logit_softcap`` as in :func:`token_nll`.
+    **token_opts: ``z_loss``, ``label_smoothing``, ``logit_softcap``, ``vocab_axis``,
+      ``vocab_size`` as in :func:`token_nll`.
 
   Returns:
     float32 ``[B]``.

@@ -480,3 +480,46 @@ def test_property_masked_equals_sliced(problem):
       logits[b, keep][None], targets[b, keep][None], jnp.ones((1, len(keep)), bool)
     )
     np.testing.assert_allclose(out[b], sliced[0], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- vocabulary shards
+
+
+@pytest.mark.parametrize("vocab", [16, 13])  # divisible by the 8 shards, and padded to 16
+@pytest.mark.parametrize(
+  "opts", [dict(), dict(z_loss=1e-2, label_smoothing=0.1, logit_softcap=4.0)]
+)
+def test_vocab_parallel_equals_single_device(vocab, opts):
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  logits, targets, mask = make(b=4, t=5, v=vocab)
+  padded_vocab = 16
+  padded = jnp.pad(logits, [(0, 0), (0, 0), (0, padded_vocab - vocab)], constant_values=jnp.nan)
+
+  def local_loss(x, t, m):
+    return jaxnll.sequence_nll(x, t, m, vocab_axis="model", vocab_size=vocab, **opts)
+
+  sharded = jax.shard_map(
+    local_loss,
+    mesh=mesh,
+    in_specs=(P("data", None, "model"), P("data"), P("data")),
+    out_specs=P("data"),
+  )
+  value, grad = jax.jit(jax.value_and_grad(lambda x: sharded(x, targets, mask).sum()))(padded)
+  ref_value, ref_grad = jax.value_and_grad(
+    lambda x: jaxnll.sequence_nll(x, targets, mask, **opts).sum()
+  )(logits)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  np.testing.assert_allclose(grad[..., :vocab], ref_grad, atol=1e-6)
+  np.testing.assert_array_equal(grad[..., vocab:], 0.0)  # padding columns get nothing
+  per_sample = jax.jit(sharded)(padded, targets, mask)
+  np.testing.assert_allclose(
+    per_sample, jaxnll.sequence_nll(logits, targets, mask, **opts), rtol=1e-6
+  )
+
+
+def test_vocab_size_larger_than_the_columns_is_an_error():
+  logits, targets, mask = make(v=7)
+  with pytest.raises(ValueError, match="vocab_size 9 is larger than the 7"):
+    jaxnll.sequence_nll(logits, targets, mask, vocab_size=9)
