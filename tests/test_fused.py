@@ -1,0 +1,435 @@
+"""Tests of jaxnll/fused.py: the fused head + loss against the materialised-logits reference."""
+
+import os
+
+# Multi-device tests fake 8 CPU devices; conftest.py sets this too (kept for running alone).
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from jax.test_util import check_grads  # noqa: E402
+
+import jaxnll  # noqa: E402
+from jaxnll import fused, reference  # noqa: E402
+from jaxnll.fused import linear_nll_loss, linear_sequence_nll  # noqa: E402
+
+B, T, D, V = 3, 7, 8, 36  # N = 21 positions
+
+
+def make(seed=0, b=B, t=T, d=D, v=V, p=0.6, dtype=jnp.float32, with_bias=True):
+  k = jax.random.split(jax.random.key(seed), 5)
+  hidden = jax.random.normal(k[0], (b, t, d)).astype(dtype)
+  weight = (jax.random.normal(k[1], (d, v)) / np.sqrt(d) * 2).astype(dtype)
+  bias = (0.3 * jax.random.normal(k[2], (v,))).astype(dtype) if with_bias else None
+  targets = jax.random.randint(k[3], (b, t), 0, v)
+  mask = jax.random.bernoulli(k[4], p, (b, t))
+  return hidden, weight, bias, targets, mask
+
+
+def ref_seq(hidden, weight, bias, targets, mask, **kw):
+  """The plain reference: materialised f32 logits, then reference.sequence_nll."""
+  logits = jnp.einsum("btd,dv->btv", hidden, weight, precision="highest")
+  if bias is not None:
+    logits = logits + bias
+  return reference.sequence_nll(logits, targets, mask, **kw)
+
+
+def value_and_grads(fn, hidden, weight, bias, *, jit=True):
+  """Value and (dhidden, dweight, dbias) of ``sum(fn(hidden, weight, bias))``."""
+  argnums = (0, 1) if bias is None else (0, 1, 2)
+  f = jax.value_and_grad(lambda h, w, b: jnp.sum(fn(h, w, b)), argnums=argnums)
+  return (jax.jit(f) if jit else f)(hidden, weight, bias)
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-5):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol, atol)
+
+
+def np_sequence_nll(hidden, weight, bias, targets, mask):
+  """Float64 NumPy oracle of the summed span NLL."""
+  z = np.asarray(hidden, np.float64) @ np.asarray(weight, np.float64)
+  if bias is not None:
+    z = z + np.asarray(bias, np.float64)
+  m = z.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+  tok = lse - np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0]
+  return np.where(np.asarray(mask), tok, 0.0).sum(-1)
+
+
+# ----------------------------------------------------------------------------- values and grads
+
+# (token_chunk, vocab_chunk): N = 21 positions (13 targets), V = 36.
+CHUNKS = [(7, 12), (4, 10), (21, 36), (1, 5), (64, 64)]
+
+
+@pytest.mark.parametrize("token_chunk,vocab_chunk", CHUNKS)
+def test_matches_reference_for_chunks_that_do_and_dont_divide(token_chunk, vocab_chunk):
+  hidden, weight, bias, targets, mask = make()
+  kw = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+  got = value_and_grads(
+    lambda h, w, b: linear_sequence_nll(h, w, targets, mask, bias=b, **kw), hidden, weight, bias
+  )
+  want = value_and_grads(lambda h, w, b: ref_seq(h, w, b, targets, mask), hidden, weight, bias)
+  assert_close(got, want)
+  per_sample = jax.jit(lambda h, w, b: linear_sequence_nll(h, w, targets, mask, bias=b, **kw))
+  np.testing.assert_allclose(
+    per_sample(hidden, weight, bias),
+    np_sequence_nll(hidden, weight, bias, targets, mask),
+    rtol=2e-6,
+    atol=2e-6,
+  )
+
+
+def test_gradient_is_analytic_and_zero_outside_span():
+  hidden, weight, _, targets, mask = make(seed=1, with_bias=False)
+  fn = jax.jit(
+    jax.grad(
+      lambda h: linear_sequence_nll(h, weight, targets, mask, token_chunk=4, vocab_chunk=10).sum()
+    )
+  )
+  dh = fn(hidden)
+  z = np.asarray(hidden, np.float64) @ np.asarray(weight, np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  g = p - np.eye(V)[np.asarray(targets)]
+  want = np.where(np.asarray(mask)[..., None], g @ np.asarray(weight, np.float64).T, 0.0)
+  np.testing.assert_allclose(dh, want, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(dh)[~np.asarray(mask)] == 0.0)
+
+
+def test_numerical_gradients():
+  hidden, weight, bias, targets, mask = make(seed=2, b=2, t=3, d=4, v=9)
+  fn = jax.jit(
+    lambda h, w, b: linear_sequence_nll(
+      h, w, targets, mask, bias=b, token_chunk=2, vocab_chunk=4, z_loss=1e-2
+    )
+  )
+  check_grads(fn, (hidden, weight, bias), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+  "opts",
+  [
+    dict(z_loss=1e-2),
+    dict(label_smoothing=0.1),
+    dict(logit_softcap=2.5),
+    dict(reduction="mean"),
+    dict(z_loss=1e-3, label_smoothing=0.2, logit_softcap=4.0, reduction="mean"),
+  ],
+  ids=lambda o: ",".join(o),
+)
+def test_options_match_reference(opts):
+  hidden, weight, bias, targets, mask = make(seed=3)
+  kw = dict(token_chunk=4, vocab_chunk=10)
+  got = value_and_grads(
+    lambda h, w, b: linear_sequence_nll(h, w, targets, mask, bias=b, **kw, **opts),
+    hidden,
+    weight,
+    bias,
+  )
+  want = value_and_grads(
+    lambda h, w, b: ref_seq(h, w, b, targets, mask, **opts), hidden, weight, bias
+  )
+  assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_float_weights_mask(reduction):
+  hidden, weight, bias, targets, mask = make(seed=4)
+  weights = jnp.where(mask, jax.random.uniform(jax.random.key(9), mask.shape), 0.0)
+  kw = dict(reduction=reduction, token_chunk=5, vocab_chunk=7)
+  got = value_and_grads(
+    lambda h, w, b: linear_sequence_nll(h, w, targets, weights, bias=b, **kw), hidden, weight, bias
+  )
+  want = value_and_grads(
+    lambda h, w, b: ref_seq(h, w, b, targets, weights, reduction=reduction), hidden, weight, bias
+  )
+  assert_close(got, want)
+
+
+def test_implementation_reference_is_jaxnll_sequence_nll():
+  hidden, weight, bias, targets, mask = make(seed=5)
+  got = linear_sequence_nll(hidden, weight, targets, mask, bias=bias, implementation="reference")
+  want = jaxnll.sequence_nll(hidden @ weight + bias, targets, mask)
+  np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------- degenerate input
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_empty_span_is_exactly_zero_with_zero_grads(reduction):
+  hidden, weight, bias, targets, mask = make(seed=6)
+  mask = mask.at[1].set(False)
+  kw = dict(reduction=reduction, token_chunk=4, vocab_chunk=10)
+  fn = lambda h, w, b: linear_sequence_nll(h, w, targets, mask, bias=b, **kw)
+  val, (dh, _, _) = value_and_grads(fn, hidden, weight, bias)
+  assert float(jax.jit(fn)(hidden, weight, bias)[1]) == 0.0
+  assert np.all(np.asarray(dh[1]) == 0.0)
+  assert np.isfinite(float(val))
+
+
+def test_all_masked_batch_is_zero_never_nan():
+  hidden, weight, bias, targets, _ = make(seed=7)
+  mask = jnp.zeros((B, T), bool)
+  hidden = hidden.at[0, 0].set(jnp.nan)
+  fn = lambda h, w, b: linear_sequence_nll(h, w, targets, mask, bias=b, token_chunk=4)
+  np.testing.assert_array_equal(jax.jit(fn)(hidden, weight, bias), np.zeros(B))
+  _, grads = value_and_grads(fn, hidden, weight, bias)
+  for g in grads:
+    np.testing.assert_array_equal(g, np.zeros_like(g))
+  (loss, sums), grads = jax.jit(
+    jax.value_and_grad(
+      lambda h, w, b: linear_nll_loss(h, w, targets, mask, bias=b), argnums=(0, 1, 2), has_aux=True
+    )
+  )(hidden, weight, bias)
+  assert float(loss) == 0.0 and np.all(np.asarray(sums) == 0.0)
+  for g in grads:
+    np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
+def test_nan_and_inf_outside_span_never_reach_values_or_grads():
+  hidden, weight, bias, targets, mask = make(seed=8)
+  outside = ~np.asarray(mask)
+  dirty = jnp.where(outside[..., None], jnp.nan, hidden).at[0, 0, 0].set(jnp.inf)
+  dirty = jnp.where(jnp.asarray(outside)[..., None], dirty, hidden)
+  bad_targets = jnp.where(mask, targets, -100)
+  fn = lambda h, w, b, y: linear_sequence_nll(h, w, y, mask, bias=b, token_chunk=4, vocab_chunk=7)
+  clean = value_and_grads(lambda h, w, b: fn(h, w, b, targets), hidden, weight, bias)
+  got = value_and_grads(lambda h, w, b: fn(h, w, b, bad_targets), dirty, weight, bias)
+  assert_close(got, clean, rtol=0, atol=0)
+
+
+def test_out_of_range_target_inside_span_makes_that_sample_nan():
+  hidden, weight, bias, targets, _ = make(seed=9)
+  mask = jnp.ones((B, T), bool)
+  targets = targets.at[1, 3].set(V).at[2, 0].set(-1)
+  out = jax.jit(lambda *a: linear_sequence_nll(*a, bias=bias, token_chunk=4))(
+    hidden, weight, targets, mask
+  )
+  assert np.isfinite(float(out[0]))
+  assert np.isnan(float(out[1])) and np.isnan(float(out[2]))
+  loss, sums = linear_nll_loss(hidden, weight, targets, mask, bias=bias, token_chunk=4)
+  assert np.isnan(float(loss)) and np.isnan(float(sums[1])) and np.isfinite(float(sums[0]))
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("entry", ["per_sample", "scalar"])
+def test_bf16_inputs_accumulate_in_f32_and_return_input_dtype_grads(entry):
+  hidden, weight, bias, targets, mask = make(seed=10, d=32, v=300, dtype=jnp.bfloat16)
+  if entry == "per_sample":
+    fn = lambda h, w, b: linear_sequence_nll(h, w, targets, mask, bias=b, vocab_chunk=128)
+  else:
+    fn = lambda h, w, b: linear_nll_loss(h, w, targets, mask, bias=b, normalize="sum")[0]
+  val, grads = value_and_grads(fn, hidden, weight, bias)
+  assert jax.eval_shape(fn, hidden, weight, bias).dtype == jnp.float32
+  assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+  # The same bf16 numbers in float32: f32 accumulation puts the value within f32 rounding.
+  up = [x.astype(jnp.float32) for x in (hidden, weight, bias)]
+  want_val, want_grads = value_and_grads(
+    lambda h, w, b: ref_seq(h, w, b, targets, mask), *up, jit=False
+  )
+  np.testing.assert_allclose(val, want_val, rtol=1e-5)
+  for g, w in zip(grads, want_grads, strict=True):
+    # bf16 has an 8-bit mantissa: gradients agree to bf16 rounding of the f32 ones.
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-2 * np.abs(w).max())
+
+
+# ----------------------------------------------------------------------------- scalar entry
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+@pytest.mark.parametrize("normalize", ["tokens", "samples", "sum"])
+def test_scalar_entry_matches_reference(schedule, normalize):
+  hidden, weight, bias, targets, mask = make(seed=11)
+  mask = mask.at[2].set(False)
+  opts = dict(z_loss=1e-3, label_smoothing=0.1)
+
+  def fused_loss(h, w, b):
+    return linear_nll_loss(
+      h,
+      w,
+      targets,
+      mask,
+      bias=b,
+      normalize=normalize,
+      schedule=schedule,
+      token_chunk=4,
+      vocab_chunk=10,
+      **opts,
+    )
+
+  def ref_loss(h, w, b):
+    sums = ref_seq(h, w, b, targets, mask, **opts)
+    return jaxnll.batch_loss(sums, mask.sum(1).astype(jnp.float32), normalize=normalize), sums
+
+  vg = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  assert_close(vg(fused_loss)(hidden, weight, bias), vg(ref_loss)(hidden, weight, bias))
+  # The aux output is differentiable too (one extra recomputing pass).
+  both = lambda f: jax.jit(
+    jax.grad(lambda *a: (lambda loss, sums: loss + jnp.sum(sums**2))(*f(*a)), argnums=(0, 1, 2))
+  )
+  assert_close(both(fused_loss)(hidden, weight, bias), both(ref_loss)(hidden, weight, bias), 1e-5)
+  # Primal only (no gradient pass).
+  assert_close(jax.jit(fused_loss)(hidden, weight, bias), ref_loss(hidden, weight, bias))
+
+
+def test_scalar_entry_reference_implementation():
+  hidden, weight, bias, targets, mask = make(seed=12)
+  got = linear_nll_loss(hidden, weight, targets, mask, bias=bias, implementation="reference")
+  sums, counts = jaxnll.nll.sequence_nll_and_count(hidden @ weight + bias, targets, mask)
+  np.testing.assert_array_equal(got[0], jaxnll.batch_loss(sums, counts))
+  np.testing.assert_array_equal(got[1], sums)
+
+
+def test_scalar_entry_without_bias_and_f32_default_schedule():
+  hidden, weight, _, targets, mask = make(seed=13, with_bias=False)
+  fn = lambda h, w: linear_nll_loss(h, w, targets, mask, vocab_chunk=10)[0]
+  got = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(hidden, weight)
+  want = jax.value_and_grad(
+    lambda h, w: jnp.sum(ref_seq(h, w, None, targets, mask)) / jnp.sum(mask), argnums=(0, 1)
+  )(hidden, weight)
+  assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- transformations
+
+
+def test_vmap_jit_grad_without_retracing():
+  hidden, weight, bias, targets, mask = make(seed=14)
+  hs = jnp.stack([hidden, 2 * hidden])
+  ms = jnp.stack([mask, ~mask])
+  ys = jnp.stack([targets, targets[::-1]])
+
+  def fused_fn(h, w):
+    per = jax.vmap(
+      lambda h, y, m: linear_sequence_nll(h, w, y, m, bias=bias, token_chunk=4, vocab_chunk=10)
+    )(h, ys, ms)
+    loss = jax.vmap(
+      lambda h, y, m: linear_nll_loss(h, w, y, m, bias=bias, token_chunk=4, vocab_chunk=10)[0]
+    )(h, ys, ms)
+    return jnp.sum(per) + jnp.sum(loss)
+
+  def ref_fn(h, w):
+    per = jax.vmap(lambda h, y, m: ref_seq(h, w, bias, y, m))(h, ys, ms)
+    loss = jax.vmap(lambda s, m: jnp.sum(s) / jnp.sum(m))(per, ms)
+    return jnp.sum(per) + jnp.sum(loss)
+
+  grad = jax.jit(
+    chex.assert_max_traces(lambda h, w: jax.value_and_grad(fused_fn, (0, 1))(h, w), n=1)
+  )
+  for h in (hs, hs + 1.0):  # same shapes: traced once
+    assert_close(grad(h, weight), jax.value_and_grad(ref_fn, argnums=(0, 1))(h, weight))
+
+
+def test_shard_map_with_batch_sharded():
+  n = len(jax.devices())
+  assert n == 8, "conftest / this file fake 8 CPU devices"
+  hidden, weight, bias, targets, mask = make(seed=15, b=8, t=5)
+  mesh = jax.make_mesh((n,), ("b",), axis_types=(jax.sharding.AxisType.Explicit,))
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  args = (put(hidden, P("b")), put(weight, P()), put(bias, P()))
+  ys, ms = put(targets, P("b")), put(mask, P("b"))
+
+  def local(h, w, b, y, m):
+    per = linear_sequence_nll(h, w, y, m, bias=b, token_chunk=3, vocab_chunk=10)
+    loss, _ = linear_nll_loss(h, w, y, m, bias=b, normalize="sum", token_chunk=3, vocab_chunk=10)
+    return per, jax.lax.psum(loss, "b")
+
+  sharded = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P("b"), P(), P(), P("b"), P("b")),
+    out_specs=(P("b"), P()),
+  )
+
+  def total(h, w, b):
+    per, loss = sharded(h, w, b, ys, ms)
+    return jnp.sum(per) + loss, per
+
+  (val, per), grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))(*args)
+  want_per = ref_seq(hidden, weight, bias, targets, mask)
+  want = jax.value_and_grad(
+    lambda h, w, b: 2 * jnp.sum(ref_seq(h, w, b, targets, mask)), argnums=(0, 1, 2)
+  )(hidden, weight, bias)
+  np.testing.assert_allclose(np.asarray(per), want_per, rtol=1e-5, atol=1e-5)
+  assert_close((val, grads), want)
+
+
+# ----------------------------------------------------------------------------- cost follows targets
+
+
+def test_compaction_puts_targets_first_and_counts_chunks():
+  hidden, weight, bias, targets, _ = make(seed=16)
+  mask = jnp.zeros((B, T), bool).at[0, 5].set(True).at[2, 1:4].set(True)
+  plan = fused._Plan(fused.TokenOptions(), token_chunk=2, vocab_chunk=8)
+  bt = fused._Batch(plan, hidden, weight, bias, targets, mask)
+  np.testing.assert_array_equal(bt.order[:4], [5, 2 * T + 1, 2 * T + 2, 2 * T + 3])
+  assert int(bt.num_chunks) == 2  # 4 targets in chunks of 2: the other 9 chunks never run
+  np.testing.assert_array_equal(bt.valid.sum(), 4)
+
+
+def test_memory_is_a_fraction_of_the_materialised_path():
+  b, t, d, v = 2, 256, 64, 8192
+  shapes = (
+    jax.ShapeDtypeStruct((b, t, d), jnp.float32),
+    jax.ShapeDtypeStruct((d, v), jnp.float32),
+    jax.ShapeDtypeStruct((b, t), jnp.int32),
+    jax.ShapeDtypeStruct((b, t), jnp.bool_),
+  )
+
+  def temp(fn):
+    step = jax.value_and_grad(lambda h, w, y, m: jnp.sum(fn(h, w, y, m)), argnums=(0, 1))
+    return jax.jit(step).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+  fused_bytes = temp(lambda *a: linear_sequence_nll(*a, token_chunk=128, vocab_chunk=1024))
+  ref_bytes = temp(lambda *a: linear_sequence_nll(*a, implementation="reference"))
+  logits_bytes = b * t * v * 4
+  assert fused_bytes < logits_bytes / 4 < ref_bytes
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+  "change,error,match",
+  [
+    (dict(hidden=jnp.zeros((3, 7))), ValueError, r"hidden must have shape \[B, T, D\]"),
+    (dict(weight=jnp.zeros((5, V))), ValueError, r"D = hidden.shape\[-1\] = 8"),
+    (dict(weight=jnp.zeros((D, V), jnp.int32)), TypeError, "weight must be a floating"),
+    (dict(targets=jnp.zeros((B, T))), TypeError, "targets must be an integer"),
+    (dict(targets=jnp.zeros((B, T + 1), int)), ValueError, r"targets must have shape \[B, T\]"),
+    (dict(span_mask=jnp.zeros((B, 1), bool)), ValueError, r"span_mask must have shape"),
+    (dict(bias=jnp.zeros((V + 1,))), ValueError, r"bias must have shape \[V\] = \(36,\)"),
+    (dict(reduction="max"), ValueError, "reduction must be one of"),
+    (dict(implementation="pallas"), ValueError, "implementation must be one of"),
+    (dict(token_chunk=0), ValueError, "token_chunk must be a positive"),
+    (dict(vocab_chunk=2.5), ValueError, "vocab_chunk must be a positive"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+  ],
+)
+def test_trace_time_errors_name_the_argument(change, error, match):
+  hidden, weight, bias, targets, mask = make()
+  kw = dict(hidden=hidden, weight=weight, targets=targets, span_mask=mask, bias=bias)
+  kw.update(change)
+  args = [kw.pop(k) for k in ("hidden", "weight", "targets", "span_mask")]
+  with pytest.raises(error, match=match):
+    jax.jit(lambda *a: linear_sequence_nll(*a, **kw)).lower(*args)
+
+
+def test_scalar_entry_errors():
+  hidden, weight, _, targets, mask = make()
+  with pytest.raises(ValueError, match="normalize must be one of"):
+    linear_nll_loss(hidden, weight, targets, mask, normalize="mean")
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    linear_nll_loss(hidden, weight, targets, mask, schedule="fast")
