@@ -113,3 +113,24 @@ def linear_sequence_nll(
   if bias is not None:
     logits = logits + bias.astype(F32)
   return sequence_nll(logits, targets, span_mask, reduction=reduction, **token_opts)
+
+
+def distill_cross_entropy(
+  student_logits: Float[Array, "B T V"],
+  teacher_logits: Float[Array, "B T V"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  temperature: float = 1.0,
+  reduction: str = "sum",
+  kind: str = "cross_entropy",
+) -> Float[Array, " B"]:
+  """``-Σ_v softmax(teacher/τ) log_softmax(student/τ)`` (or the KL) through full f32 softmaxes."""
+  inside = (span_mask != 0)[..., None]
+  s = jnp.where(inside, student_logits.astype(F32), 0.0) / temperature
+  t = jnp.where(inside, jax.lax.stop_gradient(teacher_logits).astype(F32), 0.0) / temperature
+  p = jax.nn.softmax(t, axis=-1)
+  terms = jax.nn.log_softmax(s, axis=-1)
+  if kind == "kl":
+    terms = terms - jax.nn.log_softmax(t, axis=-1)
+  tok = -jnp.sum(jnp.where(p > 0, p * terms, 0.0), axis=-1)
+  return _reduce(tok, span_mask, reduction)
