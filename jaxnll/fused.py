@@ -119,14 +119,21 @@ def _varying_axes(x) -> frozenset:
   return frozenset(axes)
 
 
-def _vary_alike(*arrays):
+def _vary_alike(hidden, weight, bias, targets, span_mask, *, vocab_axis=None):
   """Under shard_map, marks every array as varying over the axes any of them varies over — as
   a mixed ``hidden @ weight`` would.  The ``custom_vjp`` then returns a varying weight
-  gradient, and the transpose of this cast sums it over the mesh (like the unfused path)."""
+  gradient, and the transpose of this cast sums it over the mesh (like the unfused path).
+
+  The vocabulary axis is the exception: ``hidden``, ``targets`` and ``span_mask`` stay as they
+  are over it (the kernel sums the hidden gradient over the vocabulary shards itself, in
+  float32), so the per-sample results come out replicated over it, as from the logits path.
+  """
+  arrays = (hidden, weight, bias, targets, span_mask)
   axes = frozenset().union(*(_varying_axes(x) for x in arrays if x is not None))
   out = []
-  for x in arrays:
-    missing = () if x is None else tuple(sorted(axes - _varying_axes(x)))
+  for k, x in enumerate(arrays):
+    want = axes if k in (1, 2) or vocab_axis is None else axes - {vocab_axis}
+    missing = () if x is None else tuple(sorted(want - _varying_axes(x)))
     out.append(lax.pcast(x, missing, to="varying") if missing else x)
   return out
 
@@ -148,7 +155,10 @@ class _Batch:
     self.plan, self.opts, self.chunk = plan, plan.opts, c
     self.hidden = hidden.reshape(n, d)
     self.weight, self.bias = weight, bias
-    self.vocab = weight.shape[1]
+    # ``cols`` local vocabulary columns holding ids ``offset + [0, cols)``; ``vocab`` is the
+    # true vocabulary (all shards, without padding) that the loss formulas use.
+    self.cols = weight.shape[1]
+    self.offset, self.vocab, self.padded = _core.vocab_layout(self.cols, plan.opts)
     self.cdt = jnp.result_type(hidden.dtype, weight.dtype)
     flat = _core.mask_to_bool(span_mask).reshape(n)
     # Stable, so targets keep their (sample-major) order.
@@ -164,11 +174,18 @@ class _Batch:
     # accumulate: everything here depends on all the inputs.
     args = (hidden, weight, bias, targets, span_mask)
     self.vma = frozenset().union(*(_varying_axes(x) for x in args if x is not None))
+    # Per-token statistics are combined over the vocabulary shards: they vary over every axis
+    # but the vocabulary's (unless the targets or the mask do).
+    axis = plan.opts.vocab_axis
+    self.row_vma = (self.vma - {axis}) | _varying_axes(targets) | _varying_axes(span_mask)
+    self.sum_hidden_grad = axis is not None and axis not in _varying_axes(hidden)
 
-  def full(self, shape, dtype, value=0):
-    """A loop-carry initial value (varying over the inputs' mesh axes under shard_map)."""
+  def full(self, shape, dtype, value=0, *, rows=False):
+    """A loop-carry initial value (varying over the inputs' mesh axes under shard_map);
+    ``rows``: a per-token statistic, replicated over the vocabulary shards."""
     x = jnp.full(shape, value, dtype)
-    return lax.pcast(x, tuple(sorted(self.vma)), to="varying") if self.vma else x
+    vma = self.row_vma if rows else self.vma
+    return lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x
 
   # -- per-chunk views
   def part(self, x, i):
@@ -188,22 +205,38 @@ class _Batch:
     return w.astype(self.cdt)
 
   def logits(self, h, w, start, width):
-    """Capped float32 logits ``[C, width]`` of vocabulary ids ``start + [0, width)``."""
+    """Capped float32 logits ``[C, width]`` of local columns ``start + [0, width)``."""
     z = _dot(h, w, (1, 0))
     if self.bias is not None:
       z = z + lax.dynamic_slice_in_dim(self.bias, start, width).astype(F32)
     return _core.softcap(z, self.opts)
 
+  def real(self, start, width):
+    """bool ``[width]``: which of local columns ``start + [0, width)`` are real tokens, or
+    None when no column can be padding."""
+    if not self.padded:
+      return None
+    return _core.real_columns(width, self.offset + start, self.vocab)
+
   def target_logit(self, h, y):
-    """Capped ``h · weight[:, y] (+ bias[y])``: a gather, not a scan of the vocabulary.
-    NaN where ``y`` is outside ``[0, V)``."""
-    ok = _core.target_in_range(y, self.vocab)
-    safe = jnp.where(ok, y, 0)
+    """Capped ``h · weight[:, y] (+ bias[y])``: a gather, not a scan of the vocabulary (the
+    shard holding ``y`` contributes it).  NaN where ``y`` is outside ``[0, V)``."""
+    local = y - self.offset
+    here = (local >= 0) & (local < self.cols)
+    safe = jnp.where(here, local, 0)
     cols = jnp.take(_in_loop(self.weight, safe), safe, axis=1).astype(F32)  # [D, C]
     z = jnp.sum(h.astype(F32) * cols.T, axis=1)
     if self.bias is not None:
       z = z + jnp.take(self.bias, safe).astype(F32)
-    return jnp.where(ok, _core.softcap(z, self.opts), jnp.nan)
+    z = _core.all_sum(jnp.where(here, _core.softcap(z, self.opts), 0.0), self.opts)
+    return jnp.where(_core.target_in_range(y, self.vocab), z, jnp.nan)
+
+  def combine(self, m, s, zsum):
+    """Per-token ``(lse, zsum)`` from each shard's running max ``m``, sum of ``exp(z - m)``
+    ``s`` and logit sum (one collective each; the identity without a vocabulary axis)."""
+    top = _core.all_max(m, self.opts)
+    lse = top + jnp.log(_core.all_sum(s * jnp.exp(m - top), self.opts))
+    return lse, (None if zsum is None else _core.all_sum(zsum, self.opts))
 
   def token_loss(self, lse, zy, zsum, ok):
     loss = _core.loss_from_stats(lse, zy, zsum, self.vocab, self.opts)
@@ -212,8 +245,12 @@ class _Batch:
   def grad_block(self, z, i, start, lse, scale):
     """``scale · ∂ℓ/∂x`` for logits block ``z`` of chunk ``i`` (f32, zero past the targets)."""
     y, ok = self.part(self.targets, i), self.part(self.valid, i)
-    g = _core.grad_logits(z, lse, y, start, self.vocab, self.opts)
-    return jnp.where(ok[:, None], g * scale[:, None], 0.0)
+    g = _core.grad_logits(z, lse, y, self.offset + start, self.vocab, self.opts)
+    keep = ok[:, None]
+    real = self.real(start, z.shape[1])
+    if real is not None:
+      keep = keep & real
+    return jnp.where(keep, g * scale[:, None], 0.0)
 
   # -- back to [B, T]
   def uncompact(self, x):
@@ -243,21 +280,25 @@ def _stats_pass(bt: _Batch):
     def vocab_body(start, width, inner):
       m, s, zsum = inner
       z = bt.logits(h, bt.columns(start, width), start, width)
+      real = bt.real(start, width)
+      if real is not None:  # padding columns of a sharded vocabulary drop out
+        z = jnp.where(real, z, jnp.finfo(F32).min)
       m_new = jnp.maximum(m, jnp.max(z, axis=1))
-      s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+      e = jnp.exp(z - m_new[:, None])
+      s = s * jnp.exp(m - m_new) + jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1)
       if opts.label_smoothing:
-        zsum = zsum + jnp.sum(z, axis=1)
+        zsum = zsum + jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
       return m_new, s, zsum
 
     init = (bt.full((rows,), F32, jnp.finfo(F32).min), bt.full((rows,), F32))
-    m, s, zsum = _over_vocab(vocab_body, init + (init[1],), bt.vocab, bt.plan.vocab_chunk)
-    lse = m + jnp.log(s)
+    m, s, zsum = _over_vocab(vocab_body, init + (init[1],), bt.cols, bt.plan.vocab_chunk)
+    lse, zsum = bt.combine(m, s, zsum if opts.label_smoothing else None)
     zy = bt.target_logit(h, bt.part(bt.targets, i))
-    loss = bt.token_loss(lse, zy, zsum if opts.label_smoothing else None, bt.part(bt.valid, i))
+    loss = bt.token_loss(lse, zy, zsum, bt.part(bt.valid, i))
     at = (i * rows,)
     return lax.dynamic_update_slice(lse_c, lse, at), lax.dynamic_update_slice(loss_c, loss, at)
 
-  zeros = bt.full(bt.valid.shape, F32)
+  zeros = bt.full(bt.valid.shape, F32, rows=True)
   return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros))
 
 
@@ -298,7 +339,7 @@ def _grad_pass(bt: _Batch, scale_c, lse_c):
   dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32)
   dw = bt.full(weight.shape, weight.dtype)
   db = None if bias is None else bt.full(bias.shape, bias.dtype)
-  return _over_vocab(vocab_body, (dh_c, dw, db), bt.vocab, bt.plan.vocab_chunk)
+  return _over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.vocab_chunk)
 
 
 def _one_pass(bt: _Batch, scale_c):
@@ -311,18 +352,27 @@ def _one_pass(bt: _Batch, scale_c):
 
   Returns ``(lse_c, loss_c, dh_c [padded, D] f32, dweight f32, dbias f32)``.
   """
-  rows, vocab, opts = bt.chunk, bt.vocab, bt.opts
+  rows, cols, opts = bt.chunk, bt.cols, bt.opts
 
   def token_body(i, carry):
     lse_c, loss_c, dh_c, dw, db = carry
     h = bt.rows(i)
     y, ok, scale = bt.part(bt.targets, i), bt.part(bt.valid, i), bt.part(scale_c, i)
-    z = bt.logits(h, bt.columns(0, vocab), 0, vocab)  # [C, V] f32
-    lse = jax.nn.logsumexp(z, axis=1)
-    in_range = _core.target_in_range(y, vocab)
-    zy = jnp.take_along_axis(z, jnp.where(in_range, y, 0)[:, None], axis=1)[:, 0]
-    zy = jnp.where(in_range, zy, jnp.nan)
-    loss = bt.token_loss(lse, zy, jnp.sum(z, axis=1) if opts.label_smoothing else None, ok)
+    z = bt.logits(h, bt.columns(0, cols), 0, cols)  # [C, V] f32 (the local columns)
+    real = bt.real(0, cols)
+    zr = z if real is None else jnp.where(real, z, jnp.finfo(F32).min)
+    m = jnp.max(zr, axis=1)
+    e = jnp.exp(zr - m[:, None])
+    zsum = None
+    if opts.label_smoothing:
+      zsum = jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
+    lse, zsum = bt.combine(m, jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1), zsum)
+    local = y - bt.offset
+    here = (local >= 0) & (local < cols)
+    zy = jnp.take_along_axis(z, jnp.where(here, local, 0)[:, None], axis=1)[:, 0]
+    zy = _core.all_sum(jnp.where(here, zy, 0.0), opts)
+    zy = jnp.where(_core.target_in_range(y, bt.vocab), zy, jnp.nan)
+    loss = bt.token_loss(lse, zy, zsum, ok)
 
     def vocab_body(start, width, inner):
       dh, dw, db = inner
@@ -337,7 +387,7 @@ def _one_pass(bt: _Batch, scale_c):
       return dh, dw, db
 
     dh = bt.full((rows, bt.hidden.shape[1]), F32)
-    dh, dw, db = _over_vocab(vocab_body, (dh, dw, db), vocab, bt.plan.vocab_chunk)
+    dh, dw, db = _over_vocab(vocab_body, (dh, dw, db), cols, bt.plan.vocab_chunk)
     at = i * rows
     return (
       lax.dynamic_update_slice(lse_c, lse, (at,)),
@@ -347,7 +397,7 @@ def _one_pass(bt: _Batch, scale_c):
       db,
     )
 
-  zeros = bt.full(bt.valid.shape, F32)
+  zeros = bt.full(bt.valid.shape, F32, rows=True)
   dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32)
   dw = bt.full(bt.weight.shape, F32)
   db = None if bt.bias is None else bt.full(bt.bias.shape, F32)
@@ -380,6 +430,10 @@ def _compact_scale(bt: _Batch, per_sample, span_mask):
 
 
 def _finish_grads(bt: _Batch, dh_c, dw, db, hidden, weight, bias):
+  if bt.sum_hidden_grad:
+    # Each vocabulary shard holds its part of ``∂/∂hidden``; summed in float32 (a hidden that
+    # already varies over the vocabulary axis gets its own part, as JAX's autodiff would).
+    dh_c = jax.lax.psum(dh_c, bt.opts.vocab_axis)
   dh = bt.uncompact(dh_c).reshape(hidden.shape).astype(hidden.dtype)
   return dh, dw.astype(weight.dtype), (None if bias is None else db.astype(bias.dtype))
 
@@ -550,6 +604,8 @@ def linear_sequence_nll(
   z_loss: float = 0.0,
   label_smoothing: float = 0.0,
   logit_softcap: float | None = None,
+  vocab_axis: str | None = None,
+  vocab_size: int | None = None,
   implementation: str = "chunked",
   token_chunk: int | None = None,
   vocab_chunk: int | None = None,
@@ -579,6 +635,16 @@ def linear_sequence_nll(
     bias: optional ``[V]`` head bias.
     reduction: ``"sum"`` (``-log Pr(y|x)``) or ``"mean"`` (per target token; 0 if empty).
     z_loss, label_smoothing, logit_softcap: as in :func:`jaxnll.token_nll`.
+    vocab_axis: inside ``shard_map``, the mesh axis over which the vocabulary is sharded:
+      ``weight`` (and ``bias``) are then the local columns (shard ``i`` holding ids
+      ``[i·V, (i+1)·V)``), each device computes only its slice, the per-token log-sum-exp
+      and target logit are combined with collectives (Megatron-style vocabulary-parallel
+      cross-entropy) and the result is the full-vocabulary loss, replicated over the axis.
+      ``hidden``, ``targets`` and ``span_mask`` are the same on every shard of the axis; the
+      gradient for ``hidden`` is summed over the shards.  :mod:`jaxnll.parallel` builds the
+      ``shard_map`` for a given mesh.
+    vocab_size: the true vocabulary when the (sharded) columns are padded, for example to a
+      multiple of the shard count; padding columns never count.
     implementation: ``"chunked"`` (this kernel) or ``"reference"`` (materialise the logits and
       call :func:`jaxnll.sequence_nll`).
     token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512).  The
@@ -603,7 +669,7 @@ def linear_sequence_nll(
   _check(hidden, weight, targets, span_mask, bias)
   _core.check_choice("reduction", reduction, ("sum", "mean"))
   _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
-  opts = TokenOptions(z_loss, label_smoothing, logit_softcap)
+  opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
   hidden, weight, targets, span_mask = map(jnp.asarray, (hidden, weight, targets, span_mask))
   bias = None if bias is None else jnp.asarray(bias)
   b, t, _ = hidden.shape
@@ -614,7 +680,9 @@ def linear_sequence_nll(
     logits = _reference_logits(hidden, weight, bias)
     return sequence_nll(logits, targets, span_mask, reduction=reduction, **dataclasses.asdict(opts))
   plan = _Plan(opts, tc, vc, reduction=reduction)
-  return _sequence(plan, *_vary_alike(hidden, weight, bias, targets, span_mask))
+  return _sequence(
+    plan, *_vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  )
 
 
 def linear_nll_loss(
@@ -628,6 +696,8 @@ def linear_nll_loss(
   z_loss: float = 0.0,
   label_smoothing: float = 0.0,
   logit_softcap: float | None = None,
+  vocab_axis: str | None = None,
+  vocab_size: int | None = None,
   implementation: str = "chunked",
   schedule: str = "auto",
   token_chunk: int | None = None,
@@ -661,6 +731,7 @@ def linear_nll_loss(
     normalize: ``"tokens"`` (``Σ sums / Σ counts``, the default), ``"samples"`` (mean of
       per-sample means over non-empty samples) or ``"sum"``.
     z_loss, label_smoothing, logit_softcap: as in :func:`jaxnll.token_nll`.
+    vocab_axis, vocab_size: vocabulary-parallel head, as in :func:`linear_sequence_nll`.
     implementation: ``"chunked"`` or ``"reference"`` (materialised logits, then
       :func:`jaxnll.sequence_nll` and :func:`jaxnll.batch_loss`).
     schedule: ``"auto"``, ``"one_pass"`` or ``"two_pass"`` (above).
@@ -685,7 +756,7 @@ def linear_nll_loss(
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
   _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
   _core.check_choice("schedule", schedule, SCHEDULES)
-  opts = TokenOptions(z_loss, label_smoothing, logit_softcap)
+  opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
   hidden, weight, targets, span_mask = map(jnp.asarray, (hidden, weight, targets, span_mask))
   bias = None if bias is None else jnp.asarray(bias)
   if implementation == "reference":
@@ -701,4 +772,4 @@ def linear_nll_loss(
     token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, ONE_PASS_BLOCK_BYTES // (4 * vocab)) // 8 * 8)
   tc, vc = _chunks(token_chunk, vocab_chunk, b * t, vocab)
   plan = _Plan(opts, tc, vc, normalize=normalize, one_pass=one_pass)
-  return _loss(plan, *_vary_alike(hidden, weight, bias, targets, span_mask))
+  return _loss(plan, *_vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis))

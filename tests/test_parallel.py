@@ -1,0 +1,171 @@
+"""Tests of jaxnll/parallel.py: vocabulary-parallel losses, meshes, sharded training state.
+
+Everything runs on the 8 fake CPU devices of conftest.py and is compared with the
+single-device result (values and gradients).
+"""
+
+import os
+
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jaxnll  # noqa: E402
+from jaxnll import parallel, reference  # noqa: E402
+
+OPTS = dict(z_loss=1e-3, label_smoothing=0.1, logit_softcap=5.0)
+
+
+def make(seed=0, b=4, t=6, d=8, v=36, p=0.6, dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(seed), 5)
+  hidden = jax.random.normal(k[0], (b, t, d)).astype(dtype)
+  weight = (jax.random.normal(k[1], (d, v)) / np.sqrt(d) * 2).astype(dtype)
+  bias = (0.3 * jax.random.normal(k[2], (v,))).astype(dtype)
+  targets = jax.random.randint(k[3], (b, t), 0, v)
+  mask = jax.random.bernoulli(k[4], p, (b, t)).at[1].set(False)  # one empty span
+  return hidden, weight, bias, targets, mask
+
+
+def ref_logits(h, w, b):
+  return jnp.einsum("btd,dv->btv", h, w, precision="highest") + b
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-5):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert g.dtype == w.dtype, (g.dtype, w.dtype)
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol, atol)
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def test_parse_and_make_mesh():
+  assert parallel.parse_mesh("data=4, model=2") == {"data": 4, "model": 2}
+  mesh = parallel.make_mesh("data=-1,model=2")
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert parallel.make_mesh().shape == {"data": 8}
+  for bad in ("data4", "data=0", "data=x", "data=2,data=4", "a=-1,b=-1"):
+    with pytest.raises(ValueError, match="mesh"):
+      parallel.parse_mesh(bad)
+  with pytest.raises(ValueError, match="has 6 devices, but there are 8"):
+    parallel.make_mesh("data=3,model=2")
+
+
+# ----------------------------------------------------------------------------- vocabulary-parallel
+
+# (vocabulary, mesh): the shard count divides V; it does not (padded); V = 9 over 8 shards
+# leaves three shards holding nothing but padding.
+CASES = [(36, "data=2,model=4"), (37, "data=4,model=2"), (9, "model=8")]
+
+
+@pytest.mark.parametrize("vocab,mesh_spec", CASES)
+def test_fused_scalar_loss_equals_single_device(vocab, mesh_spec):
+  mesh = parallel.make_mesh(mesh_spec)
+  h, w, b, y, m = make(v=vocab)
+  kw = dict(token_chunk=5, vocab_chunk=3, **OPTS)
+
+  def sharded(h, w, b):
+    return parallel.linear_nll_loss(h, w, y, m, bias=b, mesh=mesh, **kw)
+
+  def single(h, w, b):
+    sums = reference.sequence_nll(ref_logits(h, w, b), y, m, **OPTS)
+    return jaxnll.batch_loss(sums, jnp.sum(m, axis=1, dtype=jnp.float32)), sums
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  assert_close(grad(sharded)(h, w, b), grad(single)(h, w, b))
+  if vocab != 37:
+    return
+  # The two schedules (one pass over each logits block, or two) and the other normalisations.
+  for schedule, normalize in (("two_pass", "samples"), ("one_pass", "sum")):
+    more = dict(kw, normalize=normalize, schedule=schedule)
+    got = grad(lambda h, w, b, o=more: parallel.linear_nll_loss(h, w, y, m, bias=b, mesh=mesh, **o))
+    ref = dict(OPTS, normalize=normalize, implementation="reference")
+    want = grad(lambda h, w, b, o=ref: jaxnll.linear_nll_loss(h, w, y, m, bias=b, **o))
+    assert_close(got(h, w, b), want(h, w, b))
+
+
+@pytest.mark.parametrize("vocab,mesh_spec", CASES[1:])
+def test_fused_per_sample_loss_equals_single_device(vocab, mesh_spec):
+  mesh = parallel.make_mesh(mesh_spec)
+  h, w, b, y, m = make(seed=1, v=vocab)
+  weights = jnp.arange(1.0, 5.0)  # a different cotangent per sample
+
+  def run(fn):
+    f = lambda h, w, b: fn(h, w, b) @ weights
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, b)
+
+  got = run(
+    lambda h, w, b: parallel.linear_sequence_nll(
+      h, w, y, m, bias=b, mesh=mesh, token_chunk=4, vocab_chunk=4, **OPTS
+    )
+  )
+  want = run(lambda h, w, b: reference.sequence_nll(ref_logits(h, w, b), y, m, **OPTS))
+  assert_close(got, want)
+  got_mean = jax.jit(
+    lambda: parallel.linear_sequence_nll(h, w, y, m, bias=b, mesh=mesh, reduction="mean")
+  )()
+  want_mean = reference.sequence_nll(ref_logits(h, w, b), y, m, reduction="mean")
+  assert_close(got_mean, want_mean)
+
+
+def test_bf16_head_as_accurate_as_single_device():
+  mesh = parallel.make_mesh("data=2,model=4")
+  h, w, _, y, m = make(seed=2, v=37, dtype=jnp.bfloat16)
+
+  def run(fn, *args):
+    return jax.jit(jax.value_and_grad(lambda h, w: fn(h, w)[0], argnums=(0, 1)))(*args)
+
+  got = run(lambda h, w: parallel.linear_nll_loss(h, w, y, m, mesh=mesh), h, w)
+  single = run(lambda h, w: jaxnll.linear_nll_loss(h, w, y, m), h, w)
+  exact = run(
+    lambda h, w: jaxnll.linear_nll_loss(h, w, y, m), *(x.astype(jnp.float32) for x in (h, w))
+  )
+  assert got[0].dtype == jnp.float32 and got[1][0].dtype == got[1][1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(got[0], single[0], rtol=1e-5)
+  # bf16 gradients: no further from the float32 result than the single-device bf16 ones.
+  for g, s, e in zip(got[1], single[1], exact[1], strict=True):
+    err = lambda x, e=e: float(jnp.max(jnp.abs(x.astype(jnp.float32) - e)))
+    assert err(g) <= 2 * err(s) + 1e-6, (err(g), err(s))
+    assert err(g) < 0.01 * float(jnp.max(jnp.abs(e)))
+
+
+def test_inside_own_shard_map_hidden_gradient_summed_over_shards():
+  """The documented low-level use: the caller's shard_map, ``vocab_axis`` / ``vocab_size``;
+  per-sample results come out replicated over the vocabulary axis (``out_specs`` without it)."""
+  mesh = parallel.make_mesh("model=8")
+  h, w, b, y, m = make(seed=3, v=40)
+
+  def local(h, w, b):
+    return jaxnll.linear_sequence_nll(h, w, y, m, bias=b, vocab_axis="model", vocab_size=40)
+
+  sharded = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(), P(None, "model"), P("model")), out_specs=P()
+  )
+  f = lambda fn: jax.jit(jax.value_and_grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2)))
+  want = f(lambda h, w, b: reference.sequence_nll(ref_logits(h, w, b), y, m))(h, w, b)
+  assert_close(f(sharded)(h, w, b), want)
+
+
+def test_logits_wrapper_pads_the_vocabulary():
+  mesh = parallel.make_mesh("data=2,model=4")
+  h, w, b, y, m = make(seed=4, v=37)
+  logits = ref_logits(h, w, b)
+  f = lambda fn: jax.jit(jax.value_and_grad(lambda x: fn(x) @ jnp.arange(1.0, 5.0)))
+  got = f(lambda x: parallel.sequence_nll(x, y, m, mesh=mesh, **OPTS))(logits)
+  want = f(lambda x: reference.sequence_nll(x, y, m, **OPTS))(logits)
+  assert_close(got, want)
+
+
+def test_bad_mesh_arguments_are_clear_errors():
+  h, w, _, y, m = make(b=3)
+  mesh = parallel.make_mesh("data=2,model=4")
+  with pytest.raises(ValueError, match="3 rows does not split over the 2 shards"):
+    parallel.linear_nll_loss(h, w, y, m, mesh=mesh)
+  with pytest.raises(ValueError, match="mesh axis 'vocab' is not in the mesh"):
+    parallel.linear_nll_loss(h, w, y, m, mesh=mesh, model_axis="vocab")
