@@ -1,0 +1,244 @@
+"""Training metrics: per-sample loss (metric A), data-set aggregate (metric B), perplexity.
+
+Two readings of "the loss" of a fine-tuning run are worth keeping apart:
+
+* **metric A**, the per-sample loss: ``-log Pr(y | x)`` of each sample, shown per target
+  token (:func:`per_sample_loss`). One value per sample, it fluctuates from sample to sample
+  and step to step.
+* **metric B**, the aggregate over a data set or an epoch: the global token mean
+
+  .. math::
+
+     \\bar L = \\frac{\\sum_i \\text{NLL}_i}{\\sum_i |y_i|},
+
+  (:class:`EpochAggregate`), whose exponential is the target perplexity (:func:`perplexity`).
+
+Everything here is host-side NumPy on values the train step already returned, plus the small
+file formats of a run directory (``metrics.jsonl``, ``loss.png``, the sample table).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def per_sample_loss(sums, counts) -> np.ndarray:
+  """Metric A: each sample's NLL per target token, ``sums / counts`` (0 for no targets).
+
+  Examples:
+    >>> per_sample_loss([2.0, 24.0, 0.0], [2, 8, 0]).tolist()
+    [1.0, 3.0, 0.0]
+  """
+  sums = np.asarray(sums, np.float64)
+  counts = np.asarray(counts, np.float64)
+  return np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), 0.0)
+
+
+def aggregate_loss(sums, counts) -> float:
+  """Metric B: ``Σ sums / Σ counts`` (0 for no targets).
+
+  Examples:
+    Two target tokens at NLL 1 and eight at NLL 3: the token mean is 2.6, not 2.0.
+
+    >>> aggregate_loss([2.0, 24.0], [2, 8])
+    2.6
+  """
+  total = float(np.sum(np.asarray(counts, np.float64)))
+  return float(np.sum(np.asarray(sums, np.float64)) / total) if total else 0.0
+
+
+def perplexity(nll_per_token: float) -> float:
+  """Perplexity over target tokens, ``exp`` of the token-mean NLL."""
+  return float(math.exp(min(nll_per_token, 700.0)))
+
+
+class EpochAggregate:
+  """Running metric B over the samples seen so far in an epoch."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.sum = 0.0
+    self.count = 0.0
+
+  def add(self, sums, counts, sample_ids=None) -> None:
+    """Adds per-sample sums and counts (entries whose ``sample_ids`` is -1 are padding)."""
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    if sample_ids is not None:
+      keep = np.asarray(sample_ids) >= 0
+      sums, counts = sums[keep], counts[keep]
+    self.sum += float(sums.sum())
+    self.count += float(counts.sum())
+
+  def value(self) -> float:
+    return self.sum / self.count if self.count else 0.0
+
+  def restore(self, records: Sequence[dict[str, Any]], epoch: int) -> None:
+    """Rebuilds the running sums from the logged records of ``epoch`` (for a resumed run)."""
+    self.reset()
+    for r in records:
+      if r.get("epoch") == epoch:
+        self.add(r["sample_nll"], r["sample_tokens"])
+
+
+def tokens_per_second(tokens: float, seconds: float) -> float:
+  return float(tokens / seconds) if seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+def step_record(*, step, epoch, out, sample_ids, seconds, lr) -> dict[str, Any]:
+  """The ``metrics.jsonl`` record of one step from the train step's (host) metrics.
+
+  Per-sample figures are lists aligned with ``sample_ids`` (data-set indices): NLL sums
+  (``sample_nll``) and target-token counts (``sample_tokens``).
+  """
+  ids = np.asarray(sample_ids)
+  keep = ids >= 0
+  record = {
+    "step": int(step),
+    "epoch": int(epoch),
+    "loss": float(out["loss"]),
+    "target_loss": float(out["target_loss"]),
+    "target_tokens": int(out["target_tokens"]),
+    "tokens": int(out["tokens"]),
+    "tokens_per_s": round(tokens_per_second(float(out["tokens"]), seconds), 1),
+    "grad_norm": float(out["grad_norm"]),
+    "skipped": not bool(out["finite"]),
+    "lr": float(lr),
+    "sample_ids": ids[keep].tolist(),
+    "sample_nll": [round(float(x), 5) for x in np.asarray(out["sample_sums"])[keep]],
+    "sample_tokens": [int(x) for x in np.asarray(out["sample_counts"])[keep]],
+  }
+  if "full_loss" in out:
+    record["full_loss"] = float(out["full_loss"])
+  return record
+
+
+def append_record(path: str, record: dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_records(path: str, step: int) -> None:
+  """Drops records after ``step`` (steps a resumed run will compute again)."""
+  records = [r for r in read_records(path) if r["step"] <= step]
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def plot_losses(records: Sequence[dict[str, Any]], path: str) -> None:
+  """``loss.png``: metric A as points (one per sample and step), metric B as a line."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+  xs, ys = [], []
+  for r in records:
+    per = per_sample_loss(r["sample_nll"], r["sample_tokens"])
+    xs += [r["step"]] * len(per)
+    ys += per.tolist()
+  ax.scatter(xs, ys, s=2, alpha=0.15, color="tab:blue", label="per-sample target NLL (A)")
+  ax.plot(
+    [r["step"] for r in records],
+    [r["target_loss"] for r in records],
+    color="tab:blue",
+    lw=0.8,
+    label="batch target NLL",
+  )
+  epochs = [r for r in records if "epoch_loss" in r]
+  if epochs:
+    ax.plot(
+      [r["step"] for r in epochs],
+      [r["epoch_loss"] for r in epochs],
+      "o-",
+      color="tab:red",
+      lw=2,
+      label="epoch aggregate (B)",
+    )
+  evals = [r for r in records if "heldout_loss" in r]
+  if evals:
+    ax.plot(
+      [r["step"] for r in evals],
+      [r["heldout_loss"] for r in evals],
+      "s--",
+      color="tab:green",
+      label="held-out target NLL",
+    )
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("NLL per target token (nats)")
+  ax.set_title("sub-sequence NLL -log Pr(y|x) while fine-tuning")
+  ax.legend(loc="upper right", fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _clip(text: str, width: int, *, keep_end: bool = False) -> str:
+  text = text.replace("\n", " ")
+  if len(text) <= width:
+    return text
+  return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
+
+
+def format_table(rows: Sequence[dict[str, Any]], *, width: int = 44) -> str:
+  """The held-out sample table: prompt (its end), reference, greedy output, NLL.
+
+  Examples:
+    >>> row = dict(prompt="2+2", reference="4", greedy="4", nll=0.01, tokens=2)
+    >>> print(format_table([row]))
+    prompt | reference | greedy | NLL (sum) | NLL/token
+    -------+-----------+--------+-----------+----------
+    2+2    | 4         | 4      |    0.0100 |    0.0050
+  """
+  header = ("prompt", "reference", "greedy", "NLL (sum)", "NLL/token")
+  body = [
+    (
+      _clip(r["prompt"], width, keep_end=True),
+      _clip(r["reference"], width // 2),
+      _clip(r["greedy"], width // 2),
+      f"{r['nll']:.4f}",
+      f"{r['nll'] / max(r['tokens'], 1):.4f}",
+    )
+    for r in rows
+  ]
+  widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+  align = ["<", "<", "<", ">", ">"]
+
+  def line(cells):
+    return " | ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths, strict=True))
+
+  lines = [line(header), "-+-".join("-" * w for w in widths)]
+  lines += [line(b) for b in body]
+  return "\n".join(x.rstrip() for x in lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Writes dict rows (same keys) as CSV."""
+  if not rows:
+    raise ValueError("no rows to write")
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
