@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32
@@ -237,6 +237,53 @@ def distill_cross_entropy(
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
   return jax.vmap(lambda *a: _reduce(*a, reduction))(tok, weights, mask)
+
+
+def segment_distill_cross_entropy(
+  student_logits: Float[Array, "B T V"],
+  teacher_logits: Float[Array, "B T V"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  segment_ids: Int[Array, "B T"],
+  *,
+  num_segments: int,
+  temperature: float = 1.0,
+  reduction: str = "sum",
+  kind: str = "cross_entropy",
+) -> Float[Array, "B S"]:
+  """Per-sample distillation losses of packed rows: one value per segment.
+
+  As :func:`jaxnll.segment_nll` is to :func:`jaxnll.sequence_nll`: ``out[b, s - 1]`` is
+  :func:`distill_cross_entropy` restricted to segment ``s`` of row ``b`` (segment id ``0`` is
+  padding; ``0`` for an absent segment or an empty span), with one pass over the logits.
+
+  Returns:
+    float32 ``[B, num_segments]``.
+  """
+  _check_args(student_logits, teacher_logits, span_mask)
+  temperature = _check_temperature(temperature)
+  _core.check_choice("reduction", reduction, REDUCTIONS)
+  _core.check_choice("kind", kind, KINDS)
+  if not isinstance(num_segments, int) or num_segments < 1:
+    raise ValueError(f"num_segments must be a positive Python int, got {num_segments!r}")
+  _core.check_integer("segment_ids", segment_ids)
+  if jnp.shape(segment_ids) != jnp.shape(span_mask):
+    raise ValueError(
+      f"segment_ids must have the shape of span_mask, got span_mask {jnp.shape(span_mask)} "
+      f"and segment_ids {jnp.shape(segment_ids)}"
+    )
+  span_mask, segment_ids = jnp.asarray(span_mask), jnp.asarray(segment_ids)
+  mask = _core.mask_to_bool(span_mask) & (segment_ids > 0)
+  weights = _core.mask_to_weights(span_mask)
+  teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
+  tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
+  onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(F32)  # [B, T, S]
+  contrib = jnp.where(mask, tok * weights, 0.0)
+  sums = jnp.einsum("bt,bts->bs", contrib, onehot, precision="highest")
+  if reduction == "sum":
+    return sums
+  counts = jnp.einsum("bt,bts->bs", jnp.where(mask, weights, 0.0), onehot, precision="highest")
+  nonzero = counts != 0
+  return jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
 
 
 # ----------------------------------------------------------------------------- checked path

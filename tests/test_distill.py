@@ -225,6 +225,31 @@ def test_minus_inf_vocabulary_padding_in_both_models_counts_for_nothing():
     np.testing.assert_array_equal(g[..., 9:], 0.0)
 
 
+def test_segment_losses_equal_one_call_per_segment():
+  s, t, m = make(b=3, t=10, v=13, p=0.8)
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [1] * 10, [2, 2, 0, 0, 0, 0, 0, 0, 0, 0]])
+  for reduction, kind in (("sum", "cross_entropy"), ("mean", "kl")):
+    kw = dict(temperature=1.5, reduction=reduction, kind=kind)
+    out = jax.jit(
+      lambda s, t, m, g, kw=kw: distill.segment_distill_cross_entropy(
+        s, t, m, g, num_segments=3, **kw
+      )
+    )(s, t, m, seg)
+    assert out.shape == (3, 3) and out.dtype == jnp.float32
+    for k in range(1, 4):
+      alone = jaxnll.distill_cross_entropy(s, t, m & (seg == k), **kw)
+      np.testing.assert_allclose(out[:, k - 1], alone, rtol=1e-6, atol=1e-7)
+  g = jax.grad(lambda x: distill.segment_distill_cross_entropy(x, t, m, seg, num_segments=3).sum())(
+    s
+  )
+  in_segment = np.asarray(m & (seg > 0))
+  np.testing.assert_allclose(g, np_grad(s, t, in_segment), atol=2.5e-7)
+  with pytest.raises(ValueError, match="segment_ids must have the shape of span_mask"):
+    distill.segment_distill_cross_entropy(s, t, m, seg[:, :4], num_segments=3)
+  with pytest.raises(ValueError, match="num_segments"):
+    distill.segment_distill_cross_entropy(s, t, m, seg, num_segments=0)
+
+
 # ----------------------------------------------------------------------------- degenerate input
 
 
