@@ -302,15 +302,18 @@ def _stats_pass(bt: _Batch):
   return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros))
 
 
-def _grad_pass(bt: _Batch, scale_c, lse_c):
+def _grad_pass(bt: _Batch, scale_c, lse_c, need=(True, True, True)):
   """Gradients of ``Σ scale·ℓ`` by recomputation: vocabulary chunks outside, target chunks
   inside, so each weight-gradient chunk is summed over all tokens in an f32 ``[D, K]`` buffer
-  and cast once.
+  and cast once.  ``need`` (hidden, weight, bias): a gradient nobody asked for costs no
+  matmul (a frozen head saves a third of the work).
 
-  Returns ``(dh_c [padded, D] f32, dweight in weight dtype, dbias in bias dtype)``.
+  Returns ``(dh_c [padded, D] f32, dweight in weight dtype, dbias in bias dtype)``, ``None``
+  for what is not needed.
   """
   rows = bt.chunk
   weight, bias = bt.weight, bt.bias
+  need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
 
   def vocab_body(start, width, carry):
     dh_c, dw, db = carry
@@ -322,27 +325,31 @@ def _grad_pass(bt: _Batch, scale_c, lse_c):
       z = bt.logits(h, w, start, width)
       g = bt.grad_block(z, i, start, bt.part(lse_c, i), bt.part(scale_c, i))
       gq = g.astype(bt.cdt)
-      dw_k = dw_k + _dot(h, gq, (0, 0))
-      if db_k is not None:
+      if need_w:
+        dw_k = dw_k + _dot(h, gq, (0, 0))
+      if need_b:
         db_k = db_k + jnp.sum(g, axis=0)
-      dh = lax.dynamic_slice_in_dim(dh_c, i * rows, rows) + _dot(gq, w, (1, 1))
-      return dw_k, db_k, lax.dynamic_update_slice(dh_c, dh, (i * rows, 0))
+      if need_h:
+        dh = lax.dynamic_slice_in_dim(dh_c, i * rows, rows) + _dot(gq, w, (1, 1))
+        dh_c = lax.dynamic_update_slice(dh_c, dh, (i * rows, 0))
+      return dw_k, db_k, dh_c
 
-    dw_k = bt.full((weight.shape[0], width), F32)
-    db_k = None if bias is None else bt.full((width,), F32)
+    dw_k = bt.full((weight.shape[0], width), F32) if need_w else None
+    db_k = bt.full((width,), F32) if need_b else None
     dw_k, db_k, dh_c = lax.fori_loop(0, bt.num_chunks, token_body, (dw_k, db_k, dh_c))
-    dw = lax.dynamic_update_slice(dw, dw_k.astype(dw.dtype), (0, start))
-    if db is not None:
+    if need_w:
+      dw = lax.dynamic_update_slice(dw, dw_k.astype(dw.dtype), (0, start))
+    if need_b:
       db = lax.dynamic_update_slice(db, db_k.astype(db.dtype), (start,))
     return dh_c, dw, db
 
-  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32)
-  dw = bt.full(weight.shape, weight.dtype)
-  db = None if bias is None else bt.full(bias.shape, bias.dtype)
+  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
+  dw = bt.full(weight.shape, weight.dtype) if need_w else None
+  db = bt.full(bias.shape, bias.dtype) if need_b else None
   return _over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.vocab_chunk)
 
 
-def _one_pass(bt: _Batch, scale_c):
+def _one_pass(bt: _Batch, scale_c, need=(True, True, True)):
   """Loss and gradients of ``Σ scale·ℓ`` with each logits block computed once.
 
   Target chunks outside; a whole ``[C, V]`` f32 row block per chunk (its log-sum-exp is needed
@@ -350,9 +357,11 @@ def _one_pass(bt: _Batch, scale_c):
   gradient is summed over token chunks in one f32 ``[D, V]`` buffer — the result itself for
   f32 weights.
 
-  Returns ``(lse_c, loss_c, dh_c [padded, D] f32, dweight f32, dbias f32)``.
+  Returns ``(lse_c, loss_c, dh_c [padded, D] f32, dweight f32, dbias f32)``, ``None`` for
+  a gradient not in ``need`` (hidden, weight, bias).
   """
   rows, cols, opts = bt.chunk, bt.cols, bt.opts
+  need_h, need_w, need_b = need[0], need[1], need[2] and bt.bias is not None
 
   def token_body(i, carry):
     lse_c, loss_c, dh_c, dw, db = carry
@@ -378,29 +387,33 @@ def _one_pass(bt: _Batch, scale_c):
       dh, dw, db = inner
       g = bt.grad_block(lax.dynamic_slice_in_dim(z, start, width, axis=1), i, start, lse, scale)
       gq = g.astype(bt.cdt)
-      dh = dh + _dot(gq, bt.columns(start, width), (1, 1))
-      dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=1) + _dot(h, gq, (0, 0))
-      dw = lax.dynamic_update_slice(dw, dw_k, (0, start))
-      if db is not None:
+      if need_h:
+        dh = dh + _dot(gq, bt.columns(start, width), (1, 1))
+      if need_w:
+        dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=1) + _dot(h, gq, (0, 0))
+        dw = lax.dynamic_update_slice(dw, dw_k, (0, start))
+      if need_b:
         db_k = lax.dynamic_slice_in_dim(db, start, width) + jnp.sum(g, axis=0)
         db = lax.dynamic_update_slice(db, db_k, (start,))
       return dh, dw, db
 
-    dh = bt.full((rows, bt.hidden.shape[1]), F32)
+    dh = bt.full((rows, bt.hidden.shape[1]), F32) if need_h else None
     dh, dw, db = _over_vocab(vocab_body, (dh, dw, db), cols, bt.plan.vocab_chunk)
     at = i * rows
+    if need_h:
+      dh_c = lax.dynamic_update_slice(dh_c, dh, (at, 0))
     return (
       lax.dynamic_update_slice(lse_c, lse, (at,)),
       lax.dynamic_update_slice(loss_c, loss, (at,)),
-      lax.dynamic_update_slice(dh_c, dh, (at, 0)),
+      dh_c,
       dw,
       db,
     )
 
   zeros = bt.full(bt.valid.shape, F32, rows=True)
-  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32)
-  dw = bt.full(bt.weight.shape, F32)
-  db = None if bt.bias is None else bt.full(bt.bias.shape, F32)
+  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
+  dw = bt.full(bt.weight.shape, F32) if need_w else None
+  db = bt.full(bt.bias.shape, F32) if need_b else None
   return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros, dh_c, dw, db))
 
 
@@ -430,12 +443,14 @@ def _compact_scale(bt: _Batch, per_sample, span_mask):
 
 
 def _finish_grads(bt: _Batch, dh_c, dw, db, hidden, weight, bias):
-  if bt.sum_hidden_grad:
+  """Compacted f32 results as gradients in the inputs' layout and dtypes (``None`` stays)."""
+  if dh_c is not None and bt.sum_hidden_grad:
     # Each vocabulary shard holds its part of ``∂/∂hidden``; summed in float32 (a hidden that
     # already varies over the vocabulary axis gets its own part, as JAX's autodiff would).
     dh_c = jax.lax.psum(dh_c, bt.opts.vocab_axis)
-  dh = bt.uncompact(dh_c).reshape(hidden.shape).astype(hidden.dtype)
-  return dh, dw.astype(weight.dtype), (None if bias is None else db.astype(bias.dtype))
+  dh = None if dh_c is None else bt.uncompact(dh_c).reshape(hidden.shape).astype(hidden.dtype)
+  dw = None if dw is None else dw.astype(weight.dtype)
+  return dh, dw, (None if db is None else db.astype(bias.dtype))
 
 
 # ----------------------------------------------------------------------------- per-sample entry
@@ -455,21 +470,38 @@ def _sequence(plan, hidden, weight, bias, targets, span_mask):
   return _sequence_value(plan, hidden, weight, bias, targets, span_mask)[0]
 
 
+def _primal(x):
+  return x.value if isinstance(x, CustomVJPPrimal) else x
+
+
+def _needed(hidden, weight, bias):
+  """Which of (hidden, weight, bias) are differentiated, as residual-safe pytree structure
+  (``()`` yes, ``None`` no: static, unlike a bool leaf)."""
+  return tuple(
+    () if isinstance(x, CustomVJPPrimal) and x.perturbed else None for x in (hidden, weight, bias)
+  )
+
+
 def _sequence_fwd(plan, hidden, weight, bias, targets, span_mask):
-  out, lse_c = _sequence_value(plan, hidden, weight, bias, targets, span_mask)
+  need = _needed(hidden, weight, bias)
+  args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
+  out, lse_c = _sequence_value(plan, *args)
   # Residuals: the inputs (already live) and one f32 log-sum-exp per position.
-  return out, (hidden, weight, bias, targets, span_mask, lse_c)
+  return out, (*args, lse_c, need)
 
 
 def _sequence_grads(plan, res, per_sample):
   """Gradients of ``Σ_b per_sample[b] · Σ_t w_t ℓ_t`` (hidden, weight, bias)."""
-  hidden, weight, bias, targets, span_mask, lse_c = res
+  hidden, weight, bias, targets, span_mask, lse_c, need = res
+  need = tuple(x is not None for x in need)
   bt = _Batch(plan, hidden, weight, bias, targets, span_mask)
-  dh_c, dw, db = _grad_pass(bt, _compact_scale(bt, per_sample, span_mask), lse_c)
+  dh_c, dw, db = _grad_pass(bt, _compact_scale(bt, per_sample, span_mask), lse_c, need)
   return _finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
 
 
 def _sequence_bwd(plan, res, ct):
+  if isinstance(ct, SymbolicZero):
+    return (None,) * 5
   span_mask = res[4]
   if plan.reduction == "mean":
     ct = ct * _safe_inverse(_counts(span_mask))
@@ -477,7 +509,7 @@ def _sequence_bwd(plan, res, ct):
   return dh, dw, db, None, None
 
 
-_sequence.defvjp(_sequence_fwd, _sequence_bwd)
+_sequence.defvjp(_sequence_fwd, _sequence_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- scalar entry
@@ -502,11 +534,9 @@ def _loss(plan, hidden, weight, bias, targets, span_mask):
   return _batch_value(sums, _counts(span_mask), plan.normalize), sums
 
 
-def _primal(x):
-  return x.value if isinstance(x, CustomVJPPrimal) else x
-
-
 def _loss_fwd(plan, hidden, weight, bias, targets, span_mask):
+  need = _needed(hidden, weight, bias)
+  wanted = tuple(x is not None for x in need)
   hidden, weight, bias, targets, span_mask = (
     _primal(x) for x in (hidden, weight, bias, targets, span_mask)
   )
@@ -517,14 +547,14 @@ def _loss_fwd(plan, hidden, weight, bias, targets, span_mask):
   bt = _Batch(plan, hidden, weight, bias, targets, span_mask)
   scale_c = _compact_scale(bt, per_sample, span_mask)
   if plan.one_pass:
-    lse_c, loss_c, dh_c, dw, db = _one_pass(bt, scale_c)
+    lse_c, loss_c, dh_c, dw, db = _one_pass(bt, scale_c, wanted)
   else:
     lse_c, loss_c = _stats_pass(bt)
-    dh_c, dw, db = _grad_pass(bt, scale_c, lse_c)
+    dh_c, dw, db = _grad_pass(bt, scale_c, lse_c, wanted)
   grads = _finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
   sums = _per_sample(bt, loss_c, span_mask)
   loss = _batch_value(sums, counts, plan.normalize)
-  return (loss, sums), (grads, (hidden, weight, bias, targets, span_mask, lse_c))
+  return (loss, sums), (grads, (hidden, weight, bias, targets, span_mask, lse_c, need))
 
 
 def _scaled(ct, g):
@@ -532,16 +562,16 @@ def _scaled(ct, g):
 
 
 def _add(a, b):
-  return None if a is None else (a.astype(F32) + b.astype(F32)).astype(a.dtype)
+  if a is None or b is None:
+    return b if a is None else a
+  return (a.astype(F32) + b.astype(F32)).astype(a.dtype)
 
 
 def _loss_bwd(plan, res, cts):
   (dh, dw, db), seq_res = res
   ct_loss, ct_sums = cts
-  hidden, weight, bias = seq_res[:3]
   if isinstance(ct_loss, SymbolicZero):
-    grads = [jnp.zeros_like(hidden), jnp.zeros_like(weight)]
-    grads.append(None if bias is None else jnp.zeros_like(bias))
+    grads = [None, None, None]
   else:
     grads = [_scaled(ct_loss, dh), _scaled(ct_loss, dw), _scaled(ct_loss, db)]
   if not isinstance(ct_sums, SymbolicZero):

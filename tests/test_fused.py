@@ -302,6 +302,30 @@ def test_scalar_entry_without_bias_and_f32_default_schedule():
   assert_close(got, want)
 
 
+@pytest.mark.parametrize("argnums", [0, 1, 2, (0, 2)])
+def test_gradient_of_a_subset_of_inputs(argnums):
+  """A frozen head (or hidden) skips its gradient matmul; the others are unchanged."""
+  hidden, weight, bias, targets, mask = make(seed=17)
+  kw = dict(bias=None, token_chunk=4, vocab_chunk=10)
+
+  def per_sample(h, w, b):
+    return jnp.sum(linear_sequence_nll(h, w, targets, mask, **(kw | dict(bias=b))))
+
+  def scalar(h, w, b, schedule):
+    return linear_nll_loss(h, w, targets, mask, schedule=schedule, **(kw | dict(bias=b)))[0]
+
+  def ref(h, w, b):
+    return jnp.sum(ref_seq(h, w, b, targets, mask))
+
+  args = (hidden, weight, bias)
+  want = jax.grad(ref, argnums)(*args)
+  assert_close(jax.jit(jax.grad(per_sample, argnums))(*args), want)
+  n = jnp.sum(mask)
+  for schedule in ("one_pass", "two_pass"):
+    got = jax.jit(jax.grad(lambda *a, s=schedule: scalar(*a, s), argnums))(*args)
+    assert_close(jax.tree.map(lambda g: g * n, got), want)
+
+
 # ----------------------------------------------------------------------------- transformations
 
 
