@@ -57,7 +57,7 @@ class ModelConfig:
   kind: str = "transformer"
   vocab_size: int = 264
   d_model: int = 128
-  num_layers: int = 4
+  num_layers: int = 3
   num_heads: int = 4
   d_ff: int = 384
   tie_embeddings: bool = True
