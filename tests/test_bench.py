@@ -1,0 +1,178 @@
+"""Tests for jaxnll/bench.py: the quick run writes records, table and plot; the reference check
+catches a wrong implementation; shapes resolve per backend; the torch peers fall back."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from jaxnll import bench
+
+TINY = bench.Spec("tiny", "tiny test head", 32, 300, cpu=(2, 16))
+
+
+@pytest.fixture
+def tiny_spec(monkeypatch):
+  monkeypatch.setitem(bench.SPECS, TINY.name, TINY)
+  return TINY
+
+
+def test_specs_are_the_real_heads():
+  heads = {n: (s.hidden, s.vocab) for n, s in bench.SPECS.items() if s.accel is not None}
+  assert heads == {
+    "gemma2-2b": (2304, 256000),
+    "llama3-8b": (4096, 128256),
+    "qwen3-8b": (4096, 151936),
+    "mistral-7b": (4096, 32768),
+  }
+
+
+def test_resolve_picks_sizes_by_backend():
+  llama = bench.SPECS["llama3-8b"]
+  gpu = bench.resolve(llama, backend="gpu")
+  assert (gpu.batch, gpu.length, gpu.dtype, gpu.token_chunk) == (4, 2048, "bfloat16", None)
+  cpu = bench.resolve(llama, backend="cpu")
+  assert cpu.tokens < gpu.tokens and cpu.dtype == "float32"
+  assert cpu.token_chunk == cpu.tokens // 4  # span skipping at the same granularity
+  quick = bench.resolve(bench.SPECS[bench.QUICK_SPEC["cpu"]], backend="cpu", quick=True)
+  assert quick.tokens <= 512
+  assert bench.resolve(llama, backend="cpu", tokens=(3, 8), dtype="bfloat16").tokens == 24
+
+
+def test_span_mask_is_the_tail_of_each_row():
+  m = bench.span_mask(2, 8, 0.25)
+  assert m.tolist() == [[False] * 6 + [True] * 2] * 2
+  assert bench.span_mask(1, 4, 1.0).all()
+
+
+def test_quick_run_writes_records_table_and_plot(tiny_spec, tmp_path, capsys):
+  out = str(tmp_path / "results")
+  argv = ["--quick", "--spec", "tiny", "--out", out, "--repeats", "2", "--no-progress"]
+  assert bench.main(argv) == 0
+  records = bench.load(out)
+  with open(os.path.join(out, "bench.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(records) > 0
+  assert tuple(rows[0]) == bench.FIELDS
+  for r in records:
+    assert r["device"] and r["jax_version"] and r["git_commit"] and r["date"] and r["run_id"]
+  status = {r["impl"]: r for r in records if r["metric"] == "status"}
+  expected = set(bench.implementations(bench.resolve(TINY, backend="cpu")))
+  assert set(status) == expected
+  for name, r in status.items():
+    if name == "tokamax" and r["stat"] == "skipped":
+      assert r["note"]  # the reason it does not run here
+    else:
+      assert r["stat"] == "ok", (name, r["note"])
+  timed = {(r["impl"], r["pass"], r["span_fraction"]) for r in records if r["metric"] == "time_s"}
+  for name in ("optax", "jaxnll_fused", "jaxnll_fused_scalar"):
+    for p in bench.PASSES:
+      for f in bench.QUICK_FRACTIONS:
+        assert (name, p, f) in timed
+  metrics = {r["metric"] for r in records}
+  assert {"compile_s", "temp_bytes", "time_s", "ratio_vs_optax", "flops_per_s"} <= metrics
+  assert {"matmul_fraction", "max_rel_err"} <= metrics
+  stats = {r["stat"] for r in records if r["metric"] == "time_s"}
+  assert stats == {"median", "p20", "p80"}
+  # The fused kernels never hold the [B, T, V] logits: less temp memory than optax's path.
+  temp = {
+    r["impl"]: r["value"] for r in records if r["metric"] == "temp_bytes" and r["pass"] == "fwd_bwd"
+  }
+  assert temp["jaxnll_fused"] < temp["optax"]
+
+  md = open(os.path.join(out, "bench.md")).read()
+  for name in ("optax", "jaxnll_fused", "jaxnll_fused_scalar", "naive", "jaxnll_logits"):
+    assert f"| {name} | 1 |" in md and f"| {name} | 0.25 |" in md
+  pngs = [p for p in os.listdir(out) if p.endswith(".png")]
+  assert len(pngs) == 1 and pngs[0].startswith("bench_tiny_")
+  with open(os.path.join(out, pngs[0]), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "bench.md" in capsys.readouterr().out
+
+  # A second run appends; the report shows the latest run of each implementation.
+  bench.save(records[:3], out)
+  assert len(bench.load(out)) == len(records) + 3
+  with open(os.path.join(out, "bench.csv")) as f:
+    assert len(list(csv.DictReader(f))) == len(records) + 3
+
+
+def _dropped_first_target(h, w, y, m):
+  """The classic off-by-one: the first token of each span is not predicted."""
+  first = m & ~jnp.pad(m, ((0, 0), (1, 0)))[:, :-1]
+  return bench.optax_loss(h, w, y, m & ~first)
+
+
+def test_reference_check_catches_a_wrong_implementation():
+  case = bench.resolve(TINY, backend="cpu")
+  impls = bench.implementations(case)
+  impls = {
+    "optax": impls["optax"],
+    "matmul": impls["matmul"],
+    "ignores_mask": bench.Impl(
+      "ignores_mask", lambda h, w, y, m: bench.optax_loss(h, w, y, m | True)
+    ),
+    "mean_not_sum": bench.Impl(
+      "mean_not_sum", lambda h, w, y, m: bench.optax_loss(h, w, y, m) / jnp.sum(m)
+    ),
+    "off_by_one": bench.Impl("off_by_one", _dropped_first_target),
+  }
+  env = bench.environment()
+  rows = bench.bench_case(case, env, fractions=(0.5,), repeats=1, warmup=0, impls=impls)
+  status = {r["impl"]: r for r in rows if r["metric"] == "status"}
+  assert status["optax"]["stat"] == "ok" and status["matmul"]["stat"] == "ok"
+  for name in ("ignores_mask", "mean_not_sum", "off_by_one"):
+    assert status[name]["stat"] == "check_failed", name
+    assert "jaxnll.reference" in status[name]["note"]
+    assert not any(r["impl"] == name and r["metric"] == "time_s" for r in rows)
+  errs = {r["impl"]: r["value"] for r in rows if r["metric"] == "max_rel_err"}
+  assert errs["optax"] < 1e-4 and errs["off_by_one"] > 1e-2
+
+
+def test_report_keeps_failures_as_notes(tmp_path):
+  env = bench.environment()
+  case = bench.resolve(TINY, backend="cpu")
+  impls = {
+    "optax": bench.implementations(case)["optax"],
+    "broken": bench.Impl("broken", lambda h, w, y, m: jnp.sum(h) * jnp.nan),
+  }
+  rows = bench.bench_case(case, env, fractions=(1.0,), repeats=1, warmup=0, impls=impls)
+  bench.save(rows, str(tmp_path))
+  md, pngs = bench.report(str(tmp_path))
+  text = open(md).read()
+  assert "`broken`: check_failed" in text and "| optax | 1 |" in text
+  assert len(pngs) == 1
+
+
+def test_cli_has_the_bench_subcommand(capsys):
+  from jaxnll import cli
+
+  if "bench" not in cli.SUBCOMMANDS:
+    pytest.fail("jaxnll/cli.py does not register `bench`")
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for option in ("--quick", "--spec", "--out"):
+    assert option in out
+
+
+def test_torch_peers_fall_back_cleanly(tmp_path, capsys):
+  path = os.path.join(os.path.dirname(__file__), "..", "bench", "torch_peers.py")
+  spec = importlib.util.spec_from_file_location("torch_peers", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  torch, why = module._torch()
+  if torch is not None:  # a CUDA machine: the peers run for real elsewhere (bench/gpu.sh)
+    return
+  assert module.main(["--out", str(tmp_path), "--spec", "mistral-7b"]) == 0
+  assert "torch peers skipped" in capsys.readouterr().out and why
+  assert not os.path.exists(tmp_path / "bench.jsonl")
+
+
+def test_records_are_json_lines(tmp_path):
+  bench.save([dict.fromkeys(bench.FIELDS, 1)], str(tmp_path))
+  line = open(tmp_path / "bench.jsonl").read().strip()
+  assert set(json.loads(line)) == set(bench.FIELDS)
