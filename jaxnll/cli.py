@@ -1,4 +1,4 @@
-"""``jaxnll`` command line: ``train`` and ``eval`` (thin: parse, then call :mod:`jaxnll.train`).
+"""``jaxnll`` command line: ``train``, ``eval`` and ``bench`` (thin: parse, then call the module).
 
 Each subcommand registers itself in :data:`SUBCOMMANDS` with a function that adds its
 arguments to a sub-parser and a function that runs it; a new subcommand (``bench``) is one
@@ -88,10 +88,22 @@ def _run_eval(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+  from jaxnll.bench import add_arguments
+
+  add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+  from jaxnll.bench import run
+
+  return run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
   "train": ("fine-tune a small model with the sub-sequence NLL", _add_train, _run_train),
   "eval": ("per-sample NLL of a trained run, hardest first, as CSV", _add_eval, _run_eval),
-  # "bench": (help, add_arguments, run) -- registered here by the benchmarks.
+  "bench": ("time, memory and FLOP/s of the losses against their peers", _add_bench, _run_bench),
 }
 
 
