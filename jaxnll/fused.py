@@ -59,6 +59,12 @@ SCHEDULES = ("auto", "one_pass", "two_pass")
 DEFAULT_TOKEN_CHUNK = 512
 #: Vocabulary columns per chunk.  ``[C, K]`` f32 = 4 MiB at the defaults.
 DEFAULT_VOCAB_CHUNK = 2048
+#: With 16-bit weights and the default ``vocab_chunk``, the gradient pass widens its chunks to
+#: about this many bytes of f32 ``[D, K]`` weight-gradient accumulator (4096 columns at
+#: ``D = 4096``).  The weight gradient is written once per chunk, and XLA's CPU backend, which
+#: has no in-place bf16 update, rewrites the whole ``[D, V]`` gradient each time: fewer, wider
+#: chunks keep that cost small (on other backends it is merely harmless).
+WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
 #: ``one_pass`` keeps a whole ``[C, V]`` f32 row block; ``C`` is capped so that block stays
 #: under this many bytes (128 tokens at a 128k vocabulary).
 ONE_PASS_BLOCK_BYTES = 64 * 2**20
@@ -74,6 +80,11 @@ class _Plan:
   reduction: str = "sum"
   normalize: str = "tokens"
   one_pass: bool = False
+  grad_vocab_chunk: int = 0  # the gradient pass's vocabulary chunk (0: vocab_chunk)
+
+  @property
+  def grad_chunk(self) -> int:
+    return self.grad_vocab_chunk or self.vocab_chunk
 
 
 def _in_loop(x: jax.Array, tie) -> jax.Array:
@@ -346,7 +357,7 @@ def _grad_pass(bt: _Batch, scale_c, lse_c, need=(True, True, True)):
   dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
   dw = bt.full(weight.shape, weight.dtype) if need_w else None
   db = bt.full(bias.shape, bias.dtype) if need_b else None
-  return _over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.vocab_chunk)
+  return _over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.grad_chunk)
 
 
 def _one_pass(bt: _Batch, scale_c, need=(True, True, True)):
@@ -609,13 +620,18 @@ def _check(hidden, weight, targets, span_mask, bias):
       raise ValueError(f"bias must have shape [V] = {ws[1:]}, got shape {jnp.shape(bias)}")
 
 
-def _chunks(token_chunk, vocab_chunk, num_tokens, vocab):
+def _chunks(token_chunk, vocab_chunk, num_tokens, weight):
+  """``(token_chunk, vocab_chunk, grad_vocab_chunk)`` after defaults and clipping."""
   for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
       raise ValueError(f"{name} must be a positive Python int or None, got {value!r}")
+  d, vocab = weight.shape
   tc = DEFAULT_TOKEN_CHUNK if token_chunk is None else token_chunk
-  vc = DEFAULT_VOCAB_CHUNK if vocab_chunk is None else vocab_chunk
-  return max(1, min(tc, num_tokens)), max(1, min(vc, vocab))
+  vc = max(1, min(DEFAULT_VOCAB_CHUNK if vocab_chunk is None else vocab_chunk, vocab))
+  gc = vc
+  if vocab_chunk is None and jnp.dtype(weight.dtype).itemsize < 4:
+    gc = min(vocab, max(vc, WEIGHT_GRAD_CHUNK_BYTES // (4 * d) // vc * vc))
+  return max(1, min(tc, num_tokens)), vc, gc
 
 
 def _reference_logits(hidden, weight, bias):
@@ -679,8 +695,9 @@ def linear_sequence_nll(
       call :func:`jaxnll.sequence_nll`).
     token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512).  The
       skipping granularity: a batch with ``n`` targets runs ``ceil(n / token_chunk)`` blocks.
-    vocab_chunk: vocabulary columns per block, default :data:`DEFAULT_VOCAB_CHUNK` (2048).
-      Neither needs to divide ``B·T`` or ``V``.
+    vocab_chunk: vocabulary columns per block, default :data:`DEFAULT_VOCAB_CHUNK` (2048;
+      with 16-bit weights the backward widens the default, see
+      :data:`WEIGHT_GRAD_CHUNK_BYTES`).  Neither chunk needs to divide ``B·T`` or ``V``.
 
   Returns:
     float32 ``[B]``; gradients come back in the inputs' dtypes.
@@ -703,13 +720,13 @@ def linear_sequence_nll(
   hidden, weight, targets, span_mask = map(jnp.asarray, (hidden, weight, targets, span_mask))
   bias = None if bias is None else jnp.asarray(bias)
   b, t, _ = hidden.shape
-  tc, vc = _chunks(token_chunk, vocab_chunk, b * t, weight.shape[1])
+  tc, vc, gc = _chunks(token_chunk, vocab_chunk, b * t, weight)
   if implementation == "reference":
     from jaxnll.nll import sequence_nll
 
     logits = _reference_logits(hidden, weight, bias)
     return sequence_nll(logits, targets, span_mask, reduction=reduction, **dataclasses.asdict(opts))
-  plan = _Plan(opts, tc, vc, reduction=reduction)
+  plan = _Plan(opts, tc, vc, reduction=reduction, grad_vocab_chunk=gc)
   return _sequence(
     plan, *_vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
   )
@@ -800,6 +817,6 @@ def linear_nll_loss(
   one_pass = schedule == "one_pass" or (schedule == "auto" and weight.dtype == F32)
   if one_pass and token_chunk is None:
     token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, ONE_PASS_BLOCK_BYTES // (4 * vocab)) // 8 * 8)
-  tc, vc = _chunks(token_chunk, vocab_chunk, b * t, vocab)
-  plan = _Plan(opts, tc, vc, normalize=normalize, one_pass=one_pass)
+  tc, vc, gc = _chunks(token_chunk, vocab_chunk, b * t, weight)
+  plan = _Plan(opts, tc, vc, normalize=normalize, one_pass=one_pass, grad_vocab_chunk=gc)
   return _loss(plan, *_vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis))

@@ -403,6 +403,16 @@ def test_compaction_puts_targets_first_and_counts_chunks():
   np.testing.assert_array_equal(bt.valid.sum(), 4)
 
 
+def test_default_chunks():
+  llama = jax.ShapeDtypeStruct((4096, 128256), jnp.bfloat16)
+  # 16-bit weights: the gradient pass writes the weight gradient in wider pieces.
+  assert fused._chunks(None, None, 16384, llama) == (512, 2048, 4096)
+  assert fused._chunks(None, None, 100, llama.update(dtype=jnp.float32)) == (100, 2048, 2048)
+  assert fused._chunks(64, 1000, 16384, llama) == (64, 1000, 1000)  # explicit: as given
+  small = jax.ShapeDtypeStruct((256, 3000), jnp.bfloat16)
+  assert fused._chunks(None, None, 10, small) == (10, 2048, 3000)
+
+
 def test_memory_is_a_fraction_of_the_materialised_path():
   b, t, d, v = 2, 256, 64, 8192
   shapes = (
