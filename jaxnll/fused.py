@@ -674,7 +674,8 @@ def linear_sequence_nll(
     weight: ``[D, V]`` head kernel (Flax ``Linear`` layout), any floating dtype.  Matmuls run
       in ``result_type(hidden, weight)`` and accumulate in float32.
     targets: ``[B, T]`` integer ids, already shifted (:func:`jaxnll.shift_targets`); only read
-      inside the span.  An id outside ``[0, V)`` inside the span makes that sample NaN.
+      inside the span.  An id outside ``[0, V)`` inside the span makes that sample NaN
+      (:func:`checked` raises a clear error instead).
     span_mask: ``[B, T]`` bool mask or float weights of the target positions.  Positions
       outside it are never read: NaN/inf hidden states there reach no value or gradient.  Float
       weights get no gradient.
@@ -820,3 +821,75 @@ def linear_nll_loss(
   tc, vc, gc = _chunks(token_chunk, vocab_chunk, b * t, weight)
   plan = _Plan(opts, tc, vc, normalize=normalize, one_pass=one_pass, grad_vocab_chunk=gc)
   return _loss(plan, *_vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis))
+
+
+# ----------------------------------------------------------------------------- checked path
+
+
+def check_inputs(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  vocab_size: int | None = None,
+) -> None:
+  """Run-time checks of the fused losses' inputs, for use under ``checkify.checkify``.
+
+  Flags a target id outside ``[0, V)`` (``V = vocab_size or weight.shape[1]``) and a
+  non-finite hidden state at a position inside the span.  Positions outside every span are
+  not checked: they never reach values or gradients.
+  """
+  from jax.experimental import checkify
+
+  vocab = weight.shape[1] if vocab_size is None else vocab_size
+  inside = _core.mask_to_bool(jnp.asarray(span_mask))
+  targets = jnp.asarray(targets)
+  bad_target = (inside & ~_core.target_in_range(targets, vocab)).reshape(-1)
+  first = jnp.argmax(bad_target)
+  checkify.check(
+    ~jnp.any(bad_target),
+    "targets hold {value} at flat position {pos} inside the span, outside [0, {vocab})",
+    value=targets.reshape(-1)[first],
+    pos=first,
+    vocab=jnp.asarray(vocab),
+  )
+  bad_hidden = (inside & ~jnp.all(jnp.isfinite(hidden), axis=-1)).reshape(-1)
+  checkify.check(
+    ~jnp.any(bad_hidden),
+    "hidden is not finite at flat position {pos} inside the span",
+    pos=jnp.argmax(bad_hidden),
+  )
+
+
+def checked(loss_fn):
+  """Wraps a fused loss ``(hidden, weight, targets, span_mask, ...)`` with run-time checks.
+
+  The fast path turns a bad value inside a span into a NaN for that sample (loud, but it
+  says nothing of where); the checked version raises
+  :class:`jax.experimental.checkify.JaxRuntimeError` naming the first offending position.
+  Inside your own ``jax.jit``, call :func:`check_inputs` in a function you transform with
+  ``checkify.checkify``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> safe = checked(linear_sequence_nll)
+    >>> h, w, span = jnp.zeros((1, 3, 4)), jnp.zeros((4, 5)), jnp.ones((1, 3), bool)
+    >>> safe(h, w, jnp.array([[0, 7, 1]]), span)
+    Traceback (most recent call last):
+    ...
+    jax._src.checkify.JaxRuntimeError: targets hold 7 at flat position 1 inside the span, ...
+  """
+  from jax.experimental import checkify
+
+  @functools.wraps(loss_fn)
+  def wrapped(hidden, weight, targets, span_mask, *args, **kwargs):
+    def run(hidden, weight, targets, span_mask, *args):
+      check_inputs(hidden, weight, targets, span_mask, vocab_size=kwargs.get("vocab_size"))
+      return loss_fn(hidden, weight, targets, span_mask, *args, **kwargs)
+
+    err, out = checkify.checkify(run)(hidden, weight, targets, span_mask, *args)
+    err.throw()
+    return out
+
+  return wrapped

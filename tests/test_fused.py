@@ -12,6 +12,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from jax.experimental import checkify  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
@@ -219,6 +220,18 @@ def test_out_of_range_target_inside_span_makes_that_sample_nan():
   assert np.isnan(float(out[1])) and np.isnan(float(out[2]))
   loss, sums = linear_nll_loss(hidden, weight, targets, mask, bias=bias, token_chunk=4)
   assert np.isnan(float(loss)) and np.isnan(float(sums[1])) and np.isfinite(float(sums[0]))
+
+
+def test_checked_path_names_the_first_bad_position():
+  hidden, weight, bias, targets, mask = make(seed=18)
+  mask = jnp.ones((B, T), bool).at[0, :2].set(False)
+  safe = fused.checked(linear_nll_loss)
+  loss, _ = safe(hidden, weight, targets.at[0, 0].set(-100), mask, bias=bias)  # outside: fine
+  assert np.isfinite(float(loss))
+  with pytest.raises(checkify.JaxRuntimeError, match=f"targets hold {V} at flat position 9"):
+    safe(hidden, weight, targets.at[1, 2].set(V), mask)
+  with pytest.raises(checkify.JaxRuntimeError, match="hidden is not finite at flat position 3"):
+    safe(hidden.at[0, 3, 1].set(jnp.inf), weight, targets, mask)
 
 
 # ----------------------------------------------------------------------------- dtypes
