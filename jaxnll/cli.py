@@ -39,10 +39,43 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     help="'stop': no gradient into the model's activations at context positions",
   )
   p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out eval interval")
+  p.add_argument(
+    "--table-rows", type=int, default=d.table_rows, help="held-out samples decoded at the end"
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  _add_devices(p)
+
+
+def _add_devices(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group(
+    "devices and processes",
+    "Where the run lives (see jaxnll.parallel). Several processes: start the same command on "
+    "each host with its own --process-id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+    "JAX_PROCESS_ID; or --distributed on a TPU slice / SLURM job, where JAX finds them itself).",
+  )
+  g.add_argument(
+    "--mesh",
+    help="device mesh over all processes' devices, e.g. data=4,model=2 (default: data=<all>); "
+    "'model' splits the head along the vocabulary, 'data' the batch and (FSDP) the weights",
+  )
+  g.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
+  g.add_argument("--num-processes", type=int, help="number of cooperating processes")
+  g.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
+  g.add_argument(
+    "--distributed",
+    action="store_true",
+    help="join a multi-process job whose coordinator JAX detects (Cloud TPU, SLURM, Open MPI)",
+  )
+
+
+def _init_devices(args: argparse.Namespace) -> None:
+  from jaxnll import parallel
+
+  parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+  _init_devices(args)  # before anything touches a device
   from jaxnll.model import default_config
   from jaxnll.train import RunConfig, fit
 
@@ -63,8 +96,9 @@ def _run_train(args: argparse.Namespace) -> int:
     seed=args.seed,
     data=args.data,
     eval_every=args.eval_every,
+    table_rows=args.table_rows,
   )
-  fit(config, args.out, resume=args.resume, progress=not args.no_progress)
+  fit(config, args.out, resume=args.resume, progress=not args.no_progress, mesh=args.mesh)
   return 0
 
 

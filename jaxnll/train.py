@@ -28,7 +28,9 @@ language-model loss, the baseline. With ``fused=True`` the head and loss run thr
 
 Batches are the fixed-shape dicts of :mod:`jaxnll.data` with a leading micro-batch axis
 ``[K, B/K, ...]`` (:func:`micro_batches`); on a :class:`jax.sharding.Mesh` the ``B/K`` axis
-is split over devices (:func:`shard_batch`) and the state replicated (:func:`replicate`).
+is split over devices (:func:`shard_batch`) and the state replicated (:func:`replicate`);
+:func:`fit` runs on any ``data`` × ``model`` mesh and over several processes, the state
+sharded by its Flax partitioning metadata (:mod:`jaxnll.parallel`).
 
 :func:`fit` is the run loop of the command line: checkpoints, ``metrics.jsonl``, plots,
 held-out evaluation and greedy samples.
@@ -36,6 +38,7 @@ held-out evaluation and greedy samples.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -55,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxnll import data as data_lib
 from jaxnll import metrics as metrics_lib
-from jaxnll.fused import linear_nll_loss, linear_sequence_nll
+from jaxnll import parallel
 from jaxnll.model import ModelConfig, count_params, make_model
 from jaxnll.nll import segment_nll, selective_sequence_nll, sequence_nll
 from jaxnll.spans import shift_targets
@@ -156,7 +159,7 @@ def _fused_segment_sums(hidden, weight, targets, mask, segment_ids, num_segments
   """Per-segment target NLL through the fused head (one segment at a time, no logits)."""
 
   def one(s):
-    return linear_sequence_nll(hidden, weight, targets, mask & (segment_ids == s))
+    return parallel.head_sequence_nll(hidden, weight, targets, mask & (segment_ids == s))
 
   return jax.lax.map(one, jnp.arange(1, num_segments + 1)).T
 
@@ -188,7 +191,9 @@ def loss_fn(model: nnx.Module, batch: Batch, *, loss: str = "subsequence", fused
   if fused:
     hidden = model(tokens, return_hidden=True, **kwargs)
     weight = model.head_weight()
-    numerator, row_sums = linear_nll_loss(hidden, weight, targets, train_mask, normalize="sum")
+    # Vocabulary-parallel (head split over ``model``) when the step runs under a mesh with a
+    # ``model`` axis (:func:`jaxnll.parallel.head_loss`); the plain fused kernel otherwise.
+    numerator, row_sums = parallel.head_loss(hidden, weight, targets, train_mask, normalize="sum")
     if loss == "subsequence" and num_segments == 1:
       sample_sums = sg(row_sums)[:, None]
     else:
@@ -388,12 +393,22 @@ def replicate(tree, mesh: Mesh):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model, samples, spec: data_lib.BatchSpec, *, fused: bool = False):
-  """Per-sample target NLL sums and token counts (float64 ``[N]``) over ``samples``."""
+def _on_mesh(mesh: Mesh | None):
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def evaluate(model, samples, spec: data_lib.BatchSpec, *, fused: bool = False, mesh=None):
+  """Per-sample target NLL sums and token counts (float64 ``[N]``) over ``samples``.
+
+  With a ``mesh`` (the model sharded on it, see :func:`fit`) each batch is split over its
+  ``data`` axis and every process gets the full result.
+  """
   sums = np.zeros(len(samples))
   counts = np.zeros(len(samples))
   for batch in data_lib.eval_batches(samples, spec):
-    s, c = jax.device_get(eval_step(model, batch, fused=fused))
+    placed = batch if mesh is None else parallel.global_batch(batch, mesh, P("data"), axis=0)
+    with _on_mesh(mesh):
+      s, c = parallel.fetch(eval_step(model, placed, fused=fused))
     ids = batch["sample_ids"]
     sums[ids[ids >= 0]] = s[ids >= 0]
     counts[ids[ids >= 0]] = c[ids >= 0]
@@ -421,14 +436,17 @@ def _greedy(model, tokens, lengths, *, max_new: int):
   return tokens, lengths
 
 
-def greedy_responses(model, examples, *, length: int, max_new: int = 48) -> list[str]:
+def greedy_responses(model, examples, *, length: int, max_new: int = 48, mesh=None) -> list[str]:
   """The model's greedy answer to each example's prompt (decoding stops at ``EOS``)."""
   prompts = [data_lib.encode_prompt(ex)[-length:] for ex in examples]
   tokens = np.full((len(prompts), length), data_lib.PAD, np.int32)
   for r, p in enumerate(prompts):
     tokens[r, : len(p)] = p
   lengths = np.asarray([len(p) for p in prompts], np.int32)
-  out, end = jax.device_get(_greedy(model, tokens, lengths, max_new=max_new))
+  if mesh is not None:
+    tokens, lengths = parallel.place((tokens, lengths), (NamedSharding(mesh, P()),) * 2)
+  with _on_mesh(mesh):
+    out, end = parallel.fetch(_greedy(model, tokens, lengths, max_new=max_new))
   texts = []
   for r, p in enumerate(prompts):
     ids = list(out[r, len(p) : end[r]])
@@ -513,6 +531,7 @@ def fit(
   stop_after: int | None = None,
   progress: bool = True,
   log: Callable[[str], None] = print,
+  mesh: str | Mesh | None = None,
 ) -> dict[str, Any]:
   """Trains ``config`` into ``out_dir`` (the loop behind ``jaxnll train``).
 
@@ -523,11 +542,23 @@ def fit(
   never stopped. ``stop_after`` ends the run early after that many steps in total (as an
   interruption would), without changing the schedule.
 
+  ``mesh`` (``"data=4,model=2"``, a :class:`jax.sharding.Mesh`, or None: every device on
+  ``data``) is where the run lives: parameters and optimizer state are sharded by their Flax
+  partitioning metadata (:func:`jaxnll.parallel.annotate_partitioning`: FSDP over ``data``,
+  the head split along the vocabulary over ``model``, where the fused loss then runs
+  vocabulary-parallel), batches split along ``data``; losses equal the single-device run's.
+  The mesh is not part of the saved configuration: a run resumes on any device count.  With
+  several processes (:func:`jaxnll.parallel.initialize` first) every process runs ``fit``,
+  feeds its slice of each global batch, and only process 0 writes files.
+
   Returns:
     The summary: steps, wall time, held-out target NLL (nats per target token) at the start
     and end of this invocation, skipped steps, parameter count, and the sample table rows.
   """
   t_start = time.perf_counter()
+  primary = parallel.is_primary()
+  if not primary:
+    log, progress = (lambda _: None), False
   os.makedirs(out_dir, exist_ok=True)
   config_path = os.path.join(out_dir, "config.json")
   metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -536,14 +567,17 @@ def fit(
     with open(config_path) as f:
       saved = RunConfig.from_dict(json.load(f))
     config = dataclasses.replace(saved, steps=config.steps)
-  else:
-    for stale in (ckpt_dir, metrics_path):
-      if os.path.isdir(stale):
-        shutil.rmtree(stale)
-      elif os.path.exists(stale):
-        os.remove(stale)
-  with open(config_path, "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
+  parallel.barrier("jaxnll-fit-config-read")
+  if primary:
+    if not resume:
+      for stale in (ckpt_dir, metrics_path):
+        if os.path.isdir(stale):
+          shutil.rmtree(stale)
+        elif os.path.exists(stale):
+          os.remove(stale)
+    with open(config_path, "w") as f:
+      json.dump(config.to_dict(), f, indent=2)
+  parallel.barrier("jaxnll-fit-directory-ready")
 
   train_examples, heldout_examples = load_examples(config.data)
   spec = config.batch
@@ -552,19 +586,26 @@ def fit(
   train_samples = data_lib.encode_all(train_examples, spec.length)
   heldout_samples = data_lib.encode_all(heldout_examples, spec.length)
 
-  mesh = data_mesh()
-  data_lib.check_rows(spec, accum=config.train.accum, devices=mesh.size)
+  mesh = mesh if isinstance(mesh, Mesh) else parallel.make_mesh(mesh)
+  data_lib.check_rows(spec, accum=config.train.accum, devices=parallel.axis_size(mesh, "data"))
   trainer = build_trainer(config)
+  parallel.annotate_partitioning(trainer, mesh)
   graphdef, state = nnx.split(trainer)
+  shardings = parallel.state_shardings(state, mesh)
   start = 0
   if resume:
-    start, state = restore_state(ckpt_dir, state)
-    metrics_lib.truncate_records(metrics_path, start)
-  state = replicate(state, mesh)
+    # Read straight into this run's layout, whatever mesh wrote the checkpoint.
+    start, state = restore_state(ckpt_dir, parallel.abstract(state, shardings))
+    if primary:
+      metrics_lib.truncate_records(metrics_path, start)
+  state = parallel.place(state, shardings)
+  mesh_text = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
   log(
     f"jaxnll: {config.model.kind} with {count_params(trainer.model):,} parameters, "
     f"{len(train_samples)} training / {len(heldout_samples)} held-out samples, "
-    f"{mesh.size} device(s), loss={config.train.loss}"
+    f"{mesh.size} device(s) (mesh {mesh_text}"
+    + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
+    + f"), loss={config.train.loss}"
     + (", packed" if spec.pack else "")
     + (f", accum={config.train.accum}" if config.train.accum > 1 else "")
     + (", fused" if config.train.fused else "")
@@ -574,16 +615,22 @@ def fit(
 
   def heldout(state):
     model = nnx.merge(graphdef, state).model
-    return evaluate(model, heldout_samples, spec, fused=fused)
+    return evaluate(model, heldout_samples, spec, fused=fused, mesh=mesh)
 
   h_sums, h_counts = heldout(state)
   heldout_start = _heldout_line(h_sums, h_counts)
   log(f"held-out target NLL at step {start}: {heldout_start:.4f} nats/token")
 
-  step_fn = jax.jit(
+  jitted = jax.jit(
     functools.partial(train_step_fn, graphdef, loss=config.train.loss, fused=fused),
     donate_argnums=0,
+    out_shardings=(shardings, NamedSharding(mesh, P())),  # metrics on every process
   )
+
+  def step_fn(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
   schedule = make_schedule(config.train, config.steps)
   aggregate = metrics_lib.EpochAggregate()
   records = metrics_lib.read_records(metrics_path) if resume else []
@@ -607,9 +654,10 @@ def fit(
         aggregate.restore(records, item.epoch)
         first = False
       t0 = time.perf_counter()
-      batch = shard_batch(micro_batches(item.batch, config.train.accum), mesh)
+      # Each process feeds its slice of the global batch.
+      batch = parallel.global_batch(micro_batches(item.batch, config.train.accum), mesh)
       state, out = step_fn(state, batch)
-      out = jax.device_get(out)
+      out = parallel.fetch(out)
       dt = time.perf_counter() - t0
       step += 1
       record = metrics_lib.step_record(
@@ -626,7 +674,8 @@ def fit(
         aggregate.reset()
       if config.eval_every and (step % config.eval_every == 0 or step == end):
         record["heldout_loss"] = _heldout_line(*heldout(state))
-      metrics_lib.append_record(metrics_path, record)
+      if primary:
+        metrics_lib.append_record(metrics_path, record)
       records.append(record)
       if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -642,14 +691,15 @@ def fit(
     manager.close()
 
   trainer = nnx.merge(graphdef, state)
-  h_sums, h_counts = evaluate(trainer.model, heldout_samples, spec, fused=fused)
+  h_sums, h_counts = evaluate(trainer.model, heldout_samples, spec, fused=fused, mesh=mesh)
   heldout_end = _heldout_line(h_sums, h_counts)
-  metrics_lib.plot_losses(records, os.path.join(out_dir, "loss.png"))
+  if primary:
+    metrics_lib.plot_losses(records, os.path.join(out_dir, "loss.png"))
   rows = []
   if config.table_rows:
     picks = _table_picks(heldout_examples, config.table_rows)
     outputs = greedy_responses(
-      trainer.model, [heldout_examples[i] for i in picks], length=spec.length
+      trainer.model, [heldout_examples[i] for i in picks], length=spec.length, mesh=mesh
     )
     for i, output in zip(picks, outputs, strict=True):
       ex = heldout_examples[i]
@@ -670,12 +720,13 @@ def fit(
     "heldout_nll_start": heldout_start,
     "heldout_nll_end": heldout_end,
     "heldout_ppl_end": metrics_lib.perplexity(heldout_end),
-    "skipped_steps": int(jax.device_get(state["skipped"][...])),
+    "skipped_steps": int(parallel.fetch(state["skipped"][...])),
     "params": count_params(trainer.model),
     "samples": rows,
   }
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if primary:
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   log(
     f"held-out target NLL: {heldout_start:.4f} -> {heldout_end:.4f} nats/token "
     f"(perplexity {summary['heldout_ppl_end']:.2f}); {step} steps in {summary['seconds']:.0f} s; "

@@ -169,3 +169,71 @@ def test_bad_mesh_arguments_are_clear_errors():
     parallel.linear_nll_loss(h, w, y, m, mesh=mesh)
   with pytest.raises(ValueError, match="mesh axis 'vocab' is not in the mesh"):
     parallel.linear_nll_loss(h, w, y, m, mesh=mesh, model_axis="vocab")
+
+
+# ----------------------------------------------------------------------------- sharded train step
+
+
+def _train_batches(n=2):
+  from jaxnll import data as data_lib
+
+  spec = data_lib.BatchSpec(rows=8, length=64, pack=True, segments=8)
+  examples = [e for e in data_lib.embedded_examples("train") if len(data_lib.encode(e)[0]) <= 64]
+  samples = data_lib.encode_all(examples[::37][:40], 64)
+  return list(data_lib.epoch_batches(samples, spec, range(40)))[:n]
+
+
+def _train(mesh, *, fused, tied, accum, batches):
+  import functools
+
+  import optax
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from jaxnll import train
+  from jaxnll.model import ModelConfig, make_model
+
+  config = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, tie_embeddings=tied)
+  trainer = train.Trainer(make_model(config), optax.adamw(1e-2))
+  parallel.annotate_partitioning(trainer, mesh, min_size=256)
+  graphdef, state = nnx.split(trainer)
+  shardings = parallel.state_shardings(state, mesh)
+  state = parallel.place(state, shardings)
+  step = jax.jit(
+    functools.partial(train.train_step_fn, graphdef, fused=fused),
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+  )
+  losses, jaxpr = [], None
+  with jax.set_mesh(mesh):
+    for b in batches:
+      b = parallel.global_batch(train.micro_batches(b, accum), mesh)
+      jaxpr = jaxpr or str(jax.make_jaxpr(step)(state, b))
+      state, out = step(state, b)
+      losses.append(float(out["loss"]))
+  return losses, state, jaxpr
+
+
+@pytest.mark.parametrize(
+  "mesh_spec,fused,tied,accum",
+  [("data=4,model=2", True, False, 2), ("data=2,model=4", False, True, 1)],
+)
+def test_2d_mesh_train_step_equals_single_device(mesh_spec, fused, tied, accum):
+  batches = _train_batches()
+  one = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  mesh = parallel.make_mesh(mesh_spec)
+  kw = dict(fused=fused, tied=tied, accum=accum, batches=batches)
+  want, want_state, _ = _train(one, **kw)
+  got, state, jaxpr = _train(mesh, **kw)
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+  # Parameters (and their Adam moments) live sharded: FSDP over data, the head over model.
+  head = state["model"]["head"]["kernel"] if not tied else state["model"]["embed"]["embedding"]
+  mu = state["optimizer"]["opt_state"][0]["mu"]
+  mu_head = mu["head"]["kernel"] if not tied else mu["embed"]["embedding"]
+  want_spec = P("data", "model") if not tied else P("model", "data")
+  assert head[...].sharding.spec == mu_head[...].sharding.spec == want_spec
+  up = state["model"]["blocks"][0]["mlp"]["up"]["kernel"][...]
+  assert up.sharding.spec == P(None, "data")
+  # The fused head runs vocabulary-parallel (shard_map over the model axis).
+  assert ("shard_map" in jaxpr) == fused
