@@ -111,8 +111,8 @@ def make_mesh(axes: str | dict[str, int] | None = None, *, devices=None) -> Mesh
       axes[name] = len(devices) // known
   if math.prod(axes.values()) != len(devices):
     raise ValueError(
-      f"mesh {axes} has {math.prod(axes.values())} devices, but there are {len(devices)}"
-      " (pass devices= to use a subset)"
+      f"mesh {axes} has {math.prod(axes.values())} devices, but there are {len(devices)}: "
+      "the axis sizes must multiply to the device count (one size may be -1: the rest)"
     )
   return jax.make_mesh(
     tuple(axes.values()),
