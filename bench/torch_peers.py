@@ -48,6 +48,11 @@ def _torch():
   return torch, None
 
 
+def _loss_only(out):
+  """Some peer versions return ``(loss, extras...)``."""
+  return out[0] if isinstance(out, tuple) else out
+
+
 def peers(torch) -> tuple[dict, dict[str, str]]:
   """``({name: loss(h [N, D], W [V, D], labels [N]) -> scalar sum}, {name: why skipped})``."""
   import torch.nn.functional as F
@@ -68,12 +73,12 @@ def peers(torch) -> tuple[dict, dict[str, str]]:
     try:
       from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lf
 
-      fns["liger"] = lambda h, w, y: lf(h, w, y, ignore_index=IGNORE, reduction="sum")
+      fns["liger"] = lambda h, w, y: _loss_only(lf(h, w, y, ignore_index=IGNORE, reduction="sum"))
     except ImportError:
       from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
       liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
-      fns["liger"] = lambda h, w, y: liger(w, h, y)
+      fns["liger"] = lambda h, w, y: _loss_only(liger(w, h, y))
   except Exception as e:  # noqa: BLE001
     skipped["liger"] = f"liger_kernel not importable ({type(e).__name__}: {e})"
   try:
