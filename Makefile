@@ -27,7 +27,7 @@ unit: install
 
 notebooks: install
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(PY) -m pytest -q --nbmake --nbmake-timeout=600 -p no:doctest -p no:cacheprovider notebooks; \
+	  $(PY) -m pytest -q -o addopts="" --nbmake --nbmake-timeout=600 -p no:cacheprovider notebooks; \
 	else echo "no notebooks yet"; fi
 
 test: lint unit notebooks
