@@ -729,6 +729,15 @@ def _fmt(x, digits=3) -> str:
   return f"{x:.{digits}g}"
 
 
+def _ms(seconds: float) -> str:
+  """Milliseconds with 3-4 significant digits, never in exponent notation."""
+  x = seconds * 1e3
+  for bound, digits in ((100, 0), (10, 1), (1, 2)):
+    if x >= bound:
+      return f"{x:.{digits}f}"
+  return f"{x:.3g}"
+
+
 def markdown(groups: dict[tuple, list[dict]]) -> str:
   """The results as markdown: one table per head and device."""
   lines = []
@@ -779,7 +788,7 @@ def markdown(groups: dict[tuple, list[dict]]) -> str:
             cells += ["–", "–"]
             continue
           lo, hi = idx.get((name, p, "time_s", "p20", f)), idx.get((name, p, "time_s", "p80", f))
-          cells.append(f"{med * 1e3:.4g} ({lo * 1e3:.3g}–{hi * 1e3:.3g})")
+          cells.append(f"{_ms(med)} ({_ms(lo)}–{_ms(hi)})")
           if name == "optax":
             cells.append("1")
           elif paired:
