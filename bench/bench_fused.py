@@ -50,6 +50,15 @@ HEADS = {
   "cpu": (256, 32768),
 }
 PATHS = ("optax", "reference", "per_sample", "scalar", "tokamax")
+# Plot styles: overlapping curves (equal memory, for instance) stay visible.
+STYLE = {
+  "optax": dict(marker="o", linestyle="-", color="tab:blue"),
+  "reference": dict(marker="s", linestyle="--", color="tab:orange"),
+  "per_sample": dict(marker="^", linestyle="-", color="tab:green"),
+  "scalar": dict(marker="v", linestyle=":", color="tab:red"),
+  "tokamax": dict(marker="x", linestyle="-.", color="tab:purple"),
+}
+LABELS = {"tokamax": "tokamax (no mask: all positions)"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -326,7 +335,7 @@ def plot(rows: list[dict], path: str) -> None:
   for name in PATHS:
     pts = sorted((r["span_fraction"], r["ratio_vs_optax"]) for r in timed if r["path"] == name)
     if pts:
-      ax_t.plot(*zip(*pts, strict=True), marker="o", label=name)
+      ax_t.plot(*zip(*pts, strict=True), label=LABELS.get(name, name), **STYLE[name])
   ax_t.set_xlabel("span fraction (targets / positions)")
   ax_t.set_ylabel("fwd+bwd time / optax")
   if timed:
@@ -343,7 +352,7 @@ def plot(rows: list[dict], path: str) -> None:
   for name in PATHS:
     pts = sorted((r["vocab"], r["value"] / 2**30) for r in mem if r["path"] == name)
     if pts:
-      ax_m.plot(*zip(*pts, strict=True), marker="o", label=name)
+      ax_m.plot(*zip(*pts, strict=True), label=LABELS.get(name, name), **STYLE[name])
   ax_m.set_xlabel("vocabulary V")
   ax_m.set_ylabel("temp memory, fwd+bwd (GiB)")
   ax_m.set_yscale("log")

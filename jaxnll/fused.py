@@ -31,7 +31,10 @@ The kernels here therefore
 ``custom_vjp`` (forward: one matmul per target token; backward: three).
 :func:`linear_nll_loss` returns the scalar batch loss; its forward rule computes the gradients
 while each logits block is hot (the fused linear-cross-entropy trick), so forward + backward
-costs three matmuls over the target tokens, like the unfused path over all tokens.
+costs three matmuls over the target tokens (``schedule="one_pass"``, the default for f32
+weights), like the unfused path over all tokens, or four with only chunk-sized f32 buffers
+(``"two_pass"``, the default for 16-bit weights).  A gradient nobody asks for (a frozen head)
+costs no matmul in either entry.
 
 Reference: T. Xiao and J. Zhu, *Foundations of Large Language Models*, ch. 2-4; the chunked
 head follows Liger's fused linear cross-entropy, Cut Cross-Entropy (Wijmans et al., 2024) and
