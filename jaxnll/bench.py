@@ -886,8 +886,12 @@ def plot(key: tuple, rows: Sequence[dict], path: str) -> None:
     for n, b in mem:
       label = f" {b / 2**20:.3g} MiB" + (f" ({b / base:.2g}× optax)" if base else "")
       ax_m.text(b / 2**20, n, label, va="center", fontsize=7)
-    ax_m.set_xscale("log")
-    ax_m.set_xlim(right=max(b for _, b in mem) / 2**20 * 30)
+    top = max(b for _, b in mem) / 2**20
+    if top / (min(b for _, b in mem) / 2**20) > 20:
+      ax_m.set_xscale("log")
+      ax_m.set_xlim(right=top * 30)
+    else:
+      ax_m.set_xlim(0, top * 1.6)
   ax_m.set_xlabel("temp memory, fwd+bwd (MiB)")
   ax_m.grid(alpha=0.3, axis="x", which="both")
 
