@@ -477,6 +477,70 @@ def steps_of(n_impls: int, n_fractions: int, repeats: int, warmup: int) -> int:
   return 2 * n_impls + n_fractions * (1 + n_impls * (1 + warmup + repeats))
 
 
+def memory_case(case: Case, env: dict, *, impls: dict[str, Impl] | None = None) -> list[dict]:
+  """Compile-only records of ``case``: compile time and temp memory of every implementation,
+  lowered from shapes alone (nothing is allocated or run, so a full-size head fits a laptop).
+
+  Recorded with ``span_fraction`` empty and ``note="compile only"``; no check, no timing."""
+  impls = implementations(case) if impls is None else impls
+  dtype = jnp.dtype(case.dtype)
+  b, t, d, v = case.batch, case.length, case.hidden, case.vocab
+  args = (
+    jax.ShapeDtypeStruct((b, t, d), dtype),
+    jax.ShapeDtypeStruct((d, v), dtype),
+    jax.ShapeDtypeStruct((b, t), jnp.int32),
+    jax.ShapeDtypeStruct((b, t), jnp.bool_),
+  )
+  base = _case_fields(case, env)
+  rows = []
+  if "tokamax" in impls and tokamax_unavailable() is not None:
+    rows.append(_record(base, "tokamax", "", "status", "skipped", 1, note=tokamax_unavailable()))
+    impls = {k: x for k, x in impls.items() if k != "tokamax"}
+  for name, impl in impls.items():
+    fns = {"fwd": impl.loss, "fwd_bwd": fwd_bwd(impl.loss)} if impl.differentiable else {}
+    try:
+      for p, fn in fns.items():
+        _, seconds, temp = compile_fn(fn, args)
+        rows.append(_record(base, name, p, "compile_s", "value", seconds, "s", note="compile only"))
+        rows.append(_record(base, name, p, "temp_bytes", "value", temp, "B", note="compile only"))
+    except Exception as e:  # noqa: BLE001
+      rows.append(_record(base, name, "", "status", "failed", 1, note=f"compile: {_short(e)}"))
+      continue
+    if fns:
+      rows.append(_record(base, name, "", "status", "ok", 1, note="compile only"))
+  return rows
+
+
+def _case_fields(case: Case, env: dict) -> dict:
+  return dict(
+    env,
+    spec=case.spec.name,
+    model=case.spec.model,
+    batch=case.batch,
+    length=case.length,
+    tokens=case.tokens,
+    hidden=case.hidden,
+    vocab=case.vocab,
+    dtype=case.dtype,
+    token_chunk=case.token_chunk if case.token_chunk is not None else "",
+  )
+
+
+def _record(base, impl, p, metric, stat, value, unit="", fraction=None, targets=None, note=""):
+  return dict(
+    base,
+    span_fraction="" if fraction is None else fraction,
+    targets="" if targets is None else targets,
+    impl=impl,
+    **{"pass": p},
+    metric=metric,
+    stat=stat,
+    value=value,
+    unit=unit,
+    note=note,
+  )
+
+
 def bench_case(
   case: Case,
   env: dict,
@@ -493,35 +557,11 @@ def bench_case(
   progress = progress or _Progress(0, False)
   backend = env["backend"]
   rtol = tolerance(case.dtype, backend)
-  base = dict(
-    env,
-    spec=case.spec.name,
-    model=case.spec.model,
-    batch=case.batch,
-    length=case.length,
-    tokens=case.tokens,
-    hidden=case.hidden,
-    vocab=case.vocab,
-    dtype=case.dtype,
-    token_chunk=case.token_chunk if case.token_chunk is not None else "",
-  )
+  base = _case_fields(case, env)
   rows: list[dict] = []
 
-  def record(impl, p, metric, stat, value, unit="", fraction=None, targets=None, note=""):
-    rows.append(
-      dict(
-        base,
-        span_fraction="" if fraction is None else fraction,
-        targets="" if targets is None else targets,
-        impl=impl,
-        **{"pass": p},
-        metric=metric,
-        stat=stat,
-        value=value,
-        unit=unit,
-        note=note,
-      )
-    )
+  def record(*a, **k):
+    rows.append(_record(base, *a, **k))
 
   hidden, weight, targets = make_inputs(case, seed)
   mask0 = jnp.asarray(span_mask(case.batch, case.length, 1.0))
@@ -738,6 +778,31 @@ def _ms(seconds: float) -> str:
   return f"{x:.3g}"
 
 
+def _memory_table(rows: Sequence[dict], idx: dict) -> list[str]:
+  """Compile-only groups: temp memory and compile time, no timing."""
+  lines = [
+    "Compile only (`--memory-only`): nothing was run or timed.",
+    "",
+    "| implementation | temp MiB fwd | temp MiB fwd+bwd | × optax | compile s fwd+bwd |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  base = idx.get(("optax", "fwd_bwd", "temp_bytes", "value", None))
+  notes = []
+  for name in _impls_in(rows):
+    status = next((r for r in rows if r["impl"] == name and r["metric"] == "status"), None)
+    if status is not None and status["stat"] != "ok":
+      notes.append(f"- `{name}`: {status['stat']} — {status['note']}")
+      continue
+    fwd = idx.get((name, "fwd", "temp_bytes", "value", None))
+    both = idx.get((name, "fwd_bwd", "temp_bytes", "value", None))
+    if both is None:
+      continue
+    ratio = _fmt(both / base) if base else "–"
+    comp = _fmt(idx.get((name, "fwd_bwd", "compile_s", "value", None)))
+    lines.append(f"| {name} | {fwd / 2**20:.5g} | {both / 2**20:.5g} | {ratio} | {comp} |")
+  return lines + ([""] + notes if notes else [])
+
+
 def markdown(groups: dict[tuple, list[dict]]) -> str:
   """The results as markdown: one table per head and device."""
   lines = []
@@ -765,6 +830,9 @@ def markdown(groups: dict[tuple, list[dict]]) -> str:
         f"- run `{r['run_id']}` ({', '.join(impls)}): {r['date']}, jax {r['jax_version']}, "
         f"jaxnll {r['jaxnll_version']} at `{r['git_commit']}`"
       )
+    if not any(r["metric"] == "time_s" for r in rows):
+      lines += ["", *_memory_table(rows, idx), ""]
+      continue
     lines += [
       "",
       "| implementation | span | fwd+bwd ms (p20–p80) | × optax | fwd ms (p20–p80) | × optax "
@@ -963,6 +1031,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the dtype")
   p.add_argument("--tokens", type=_tokens, help="override B x T, e.g. 2x128")
   p.add_argument("--budget-s", type=float, help="start no new head after this many seconds")
+  p.add_argument(
+    "--memory-only",
+    action="store_true",
+    help="compile only, at the accelerator sizes (bf16, 4x2048 tokens) whatever the backend: "
+    "temp memory and compile time of every implementation, nothing run",
+  )
   p.add_argument("--no-report", action="store_true", help="do not write the table and plots")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -983,16 +1057,26 @@ def run(args: argparse.Namespace) -> int:
     fractions = tuple(float(x) for x in args.fractions.split(",") if x)
   repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
   warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+  if args.memory_only and not args.spec:
+    names = [n for n, s in SPECS.items() if s.accel is not None]
+  size_of = "gpu" if args.memory_only else backend
   cases = [
-    resolve(SPECS[n], backend=backend, quick=args.quick, dtype=args.dtype, tokens=args.tokens)
+    resolve(SPECS[n], backend=size_of, quick=args.quick, dtype=args.dtype, tokens=args.tokens)
     for n in names
   ]
   env = environment()
+  what = (
+    "compile only"
+    if args.memory_only
+    else f"span fractions {list(fractions)}, {repeats} repetitions"
+  )
   print(
     f"jaxnll bench: {env['device']}, jax {env['jax_version']}, commit {env['git_commit']}; "
-    f"{len(cases)} head(s), span fractions {list(fractions)}, {repeats} repetitions",
+    f"{len(cases)} head(s), {what}",
     flush=True,
   )
+  if args.memory_only:
+    return _run_memory(args, cases, env)
   all_impls = [implementations(c) for c in cases]
   if args.impl:
     unknown = set(args.impl) - set(all_impls[0])
@@ -1029,6 +1113,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"results appended to {os.path.join(args.out, 'bench.csv')} (and .jsonl)")
     print(f"table: {md}; plots: {', '.join(pngs)}")
   print(f"done in {time.perf_counter() - t_start:.0f} s")
+  return 1 if bad else 0
+
+
+def _run_memory(args: argparse.Namespace, cases: Sequence[Case], env: dict) -> int:
+  bad = 0
+  for case in cases:
+    rows = memory_case(case, env)
+    save(rows, args.out)
+    for r in rows:
+      if r["metric"] == "temp_bytes" and r["pass"] == "fwd_bwd":
+        print(f"{case.spec.name:10s} {r['impl']:20s} temp fwd+bwd {r['value'] / 2**20:10.1f} MiB")
+      if r["metric"] == "status" and r["stat"] == "failed":
+        bad += 1
+        print(f"{case.spec.name} {r['impl']}: {r['note']}")
+  if not args.no_report:
+    md, _ = report(args.out)
+    print(f"table: {md}")
   return 1 if bad else 0
 
 

@@ -105,6 +105,20 @@ def _dropped_first_target(h, w, y, m):
   return bench.optax_loss(h, w, y, m & ~first)
 
 
+def test_memory_only_compiles_at_accelerator_sizes(tiny_spec, tmp_path):
+  out = str(tmp_path)
+  assert bench.main(["--memory-only", "--spec", "tiny", "--tokens", "2x64", "--out", out]) == 0
+  records = bench.load(out)
+  assert not any(r["metric"] == "time_s" for r in records)
+  temp = {
+    r["impl"]: r["value"] for r in records if r["metric"] == "temp_bytes" and r["pass"] == "fwd_bwd"
+  }
+  assert {"optax", "naive", "jaxnll_fused", "jaxnll_fused_scalar"} <= set(temp)
+  assert {r["dtype"] for r in records} == {"bfloat16"}  # the accelerator dtype, on any backend
+  md = open(os.path.join(out, "bench.md")).read()
+  assert "Compile only" in md and "| jaxnll_fused |" in md
+
+
 def test_reference_check_catches_a_wrong_implementation():
   case = bench.resolve(TINY, backend="cpu")
   impls = bench.implementations(case)
