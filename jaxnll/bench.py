@@ -781,7 +781,9 @@ def _ms(seconds: float) -> str:
 def _memory_table(rows: Sequence[dict], idx: dict) -> list[str]:
   """Compile-only groups: temp memory and compile time, no timing."""
   lines = [
-    "Compile only (`--memory-only`): nothing was run or timed.",
+    "Compile only (`--memory-only`): nothing was run or timed. Buffers are those of this "
+    "device's compiler; XLA:CPU computes 16-bit matmuls in float32, so on a CPU the logits "
+    "paths hold float32 `[tokens, V]` copies that a GPU would not make.",
     "",
     "| implementation | temp MiB fwd | temp MiB fwd+bwd | × optax | compile s fwd+bwd |",
     "|---|---:|---:|---:|---:|",
