@@ -211,7 +211,11 @@ print(f"notebook ran in {time.time() - start:.1f} s")
 # logits in memory, the loss itself adds nothing. tokamax's op, on this CPU backend, needs 0.96-0.99x
 # optax. The fused paths need 0.211 GiB at every vocabulary size — 0.135x optax at 32k, 0.036x
 # at 128k and 0.018x (56 times less) at 256k: their temporaries depend on the chunk sizes and
-# the token count, not on `V`.
+# the token count, not on `V`. These are the buffers of this machine's compiler: XLA:CPU
+# computes 16-bit matmuls in float32, so on a CPU the logits paths hold float32 `[tokens, V]`
+# copies that a GPU compiler would not make — their absolute numbers are CPU numbers; the fused
+# paths' independence of `V` holds by construction (`jaxnll bench --memory-only` gives the same
+# table on an accelerator).
 #
 # **Time** (a shared 2-core CPU under heavy load — see the load average printed at the top —
 # so read the trend and the ranges, not the digits). optax and the logits paths compute every
