@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
+  from jaxnll.distill_train import add_arguments as add_distill_arguments
   from jaxnll.model import KINDS
   from jaxnll.train import LOSS_MODES, RunConfig
 
@@ -44,6 +45,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   _add_devices(p)
+  add_distill_arguments(p)
 
 
 def _add_devices(p: argparse.ArgumentParser) -> None:
@@ -76,6 +78,7 @@ def _init_devices(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
+  from jaxnll.distill_train import config_from_args as distill_config
   from jaxnll.model import default_config
   from jaxnll.train import RunConfig, fit
 
@@ -97,6 +100,7 @@ def _run_train(args: argparse.Namespace) -> int:
     data=args.data,
     eval_every=args.eval_every,
     table_rows=args.table_rows,
+    distill=distill_config(args),
   )
   fit(config, args.out, resume=args.resume, progress=not args.no_progress, mesh=args.mesh)
   return 0

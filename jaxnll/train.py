@@ -59,6 +59,7 @@ from jax.sharding import PartitionSpec as P
 from jaxnll import data as data_lib
 from jaxnll import metrics as metrics_lib
 from jaxnll import parallel
+from jaxnll.distill_train import make_distiller
 from jaxnll.model import ModelConfig, count_params, make_model
 from jaxnll.nll import segment_nll, selective_sequence_nll, sequence_nll
 from jaxnll.spans import shift_targets
@@ -227,24 +228,31 @@ def loss_fn(model: nnx.Module, batch: Batch, *, loss: str = "subsequence", fused
   return numerator, aux
 
 
-def accumulate_gradients(model: nnx.Module, batch: Batch, *, loss="subsequence", fused=False):
+def accumulate_gradients(
+  model: nnx.Module, batch: Batch, *, loss="subsequence", fused=False, objective=None
+):
   """Summed numerator gradients and loss terms over the micro-batch axis of ``batch``.
+
+  ``objective`` replaces :func:`loss_fn` (same signature and aux keys; e.g. the distillation
+  objective of :mod:`jaxnll.distill_train`).
 
   Returns:
     ``(grads, totals, per_sample)``: the gradient of ``Σ_k N_k`` (a ``Param`` state, not yet
-    divided), the scalar aux entries of :func:`loss_fn` summed over micro-batches, and
-    ``(sample_sums, sample_counts)`` ``[B, S]`` in the order of the un-split batch.
+    divided), the scalar aux entries of :func:`loss_fn` summed over micro-batches, and the
+    dict of its ``sample_*`` entries (``sample_sums``, ``sample_counts``, ...) ``[B, S]`` in
+    the order of the un-split batch.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  objective = loss_fn if objective is None else objective
 
   def micro(params, mb):
-    return loss_fn(nnx.merge(graphdef, params, rest), mb, loss=loss, fused=fused)
+    return objective(nnx.merge(graphdef, params, rest), mb, loss=loss, fused=fused)
 
   grad_fn = jax.grad(micro, has_aux=True)
 
   def one(mb):
     grads, aux = grad_fn(params, mb)
-    per = (aux.pop("sample_sums"), aux.pop("sample_counts"))
+    per = {k: aux.pop(k) for k in [k for k in aux if k.startswith("sample_")]}
     return (grads, aux), per
 
   def body(acc, mb):
@@ -270,13 +278,18 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def train_step_fn(graphdef, state, batch: Batch, *, loss: str = "subsequence", fused=False):
+def train_step_fn(
+  graphdef, state, batch: Batch, *, loss: str = "subsequence", fused=False, objective=None
+):
   """One optimizer step as a pure function of ``(graphdef, state, batch)``.
 
   Args:
     graphdef, state: ``nnx.split(trainer)`` of a :class:`Trainer`.
     batch: data dict with leaves ``[K, B/K, ...]`` (:func:`micro_batches`).
     loss, fused: as in :func:`loss_fn`.
+    objective: replaces :func:`loss_fn` (see :func:`accumulate_gradients`); when its aux has
+      ``objective_sum`` that (over ``denominator``) is the logged ``loss``, and ``kd_sum`` /
+      ``kd_count`` give ``kd_loss``.
 
   Returns:
     ``(new_state, metrics)``: ``metrics`` holds float32 scalars ``loss`` (the trained
@@ -287,8 +300,8 @@ def train_step_fn(graphdef, state, batch: Batch, *, loss: str = "subsequence", f
     skip counter.
   """
   trainer = nnx.merge(graphdef, state, copy=True)
-  grads, totals, (sample_sums, sample_counts) = accumulate_gradients(
-    trainer.model, batch, loss=loss, fused=fused
+  grads, totals, per_sample = accumulate_gradients(
+    trainer.model, batch, loss=loss, fused=fused, objective=objective
   )
   den = totals["denominator"]
   grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1.0), grads)
@@ -311,12 +324,15 @@ def train_step_fn(graphdef, state, batch: Batch, *, loss: str = "subsequence", f
     "tokens": totals["tokens"],
     "grad_norm": optax.tree.norm(grads),
     "finite": finite,
-    "sample_sums": sample_sums,
-    "sample_counts": sample_counts,
+    **per_sample,
   }
   if "full_sum" in totals:
     metrics["full_loss"] = _ratio(totals["full_sum"], totals["valid_count"])
   metrics["loss"] = metrics["full_loss"] if loss == "full" else metrics["target_loss"]
+  if "objective_sum" in totals:
+    metrics["loss"] = _ratio(totals["objective_sum"], den)
+  if "kd_sum" in totals:
+    metrics["kd_loss"] = _ratio(totals["kd_sum"], totals["kd_count"])
   return new_state, metrics
 
 
@@ -472,6 +488,8 @@ class RunConfig:
   eval_every: int = 100
   checkpoint_every: int = 200
   table_rows: int = 8
+  distill: dict[str, Any] | None = None
+  """Teacher distillation (:class:`jaxnll.distill_train.DistillConfig` as a dict), or None."""
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -585,6 +603,7 @@ def fit(
   heldout_examples = data_lib.drop_long(heldout_examples, spec.length)
   train_samples = data_lib.encode_all(train_examples, spec.length)
   heldout_samples = data_lib.encode_all(heldout_examples, spec.length)
+  distiller = make_distiller(config, train_examples, out_dir, log=log)
 
   mesh = mesh if isinstance(mesh, Mesh) else parallel.make_mesh(mesh)
   data_lib.check_rows(spec, accum=config.train.accum, devices=parallel.axis_size(mesh, "data"))
@@ -622,7 +641,13 @@ def fit(
   log(f"held-out target NLL at step {start}: {heldout_start:.4f} nats/token")
 
   jitted = jax.jit(
-    functools.partial(train_step_fn, graphdef, loss=config.train.loss, fused=fused),
+    functools.partial(
+      train_step_fn,
+      graphdef,
+      loss=config.train.loss,
+      fused=fused,
+      objective=None if distiller is None else distiller.objective,
+    ),
     donate_argnums=0,
     out_shardings=(shardings, NamedSharding(mesh, P())),  # metrics on every process
   )
@@ -655,7 +680,8 @@ def fit(
         first = False
       t0 = time.perf_counter()
       # Each process feeds its slice of the global batch.
-      batch = parallel.global_batch(micro_batches(item.batch, config.train.accum), mesh)
+      host = item.batch if distiller is None else distiller.prepare(item.batch)
+      batch = parallel.global_batch(micro_batches(host, config.train.accum), mesh)
       state, out = step_fn(state, batch)
       out = parallel.fetch(out)
       dt = time.perf_counter() - t0
@@ -668,6 +694,8 @@ def fit(
         seconds=dt,
         lr=float(schedule(step - 1)),
       )
+      if distiller is not None:
+        distiller.annotate(record, out, item.batch["sample_ids"])
       aggregate.add(out["sample_sums"], out["sample_counts"], item.batch["sample_ids"])
       if item.last_in_epoch:
         record["epoch_loss"] = aggregate.value()
