@@ -318,7 +318,7 @@ def test_scalar_entry_without_bias_and_f32_default_schedule():
   assert_close(got, want)
 
 
-@pytest.mark.parametrize("argnums", [0, 1, 2, (0, 2)])
+@pytest.mark.parametrize("argnums", [0, (1, 2)])
 def test_gradient_of_a_subset_of_inputs(argnums):
   """A frozen head (or hidden) skips its gradient matmul; the others are unchanged."""
   hidden, weight, bias, targets, mask = make(seed=17)
