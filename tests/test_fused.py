@@ -8,10 +8,13 @@ if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import chex  # noqa: E402
+import hypothesis.extra.numpy as hnp  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from jax.experimental import checkify  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -87,6 +90,27 @@ def test_matches_reference_for_chunks_that_do_and_dont_divide(token_chunk, vocab
     rtol=2e-6,
     atol=2e-6,
   )
+
+
+_HYP_FUSED = jax.jit(
+  jax.value_and_grad(
+    lambda h, w, b, y, m: jnp.sum(
+      linear_sequence_nll(h, w, y, m, bias=b, token_chunk=4, vocab_chunk=10)
+    ),
+    argnums=(0, 1, 2),
+  )
+)
+_HYP_REF = jax.jit(
+  jax.value_and_grad(lambda h, w, b, y, m: jnp.sum(ref_seq(h, w, b, y, m)), argnums=(0, 1, 2))
+)
+
+
+@given(hnp.arrays(np.bool_, (B, T)), st.integers(0, 2**16))
+def test_any_mask_matches_reference(mask, seed):
+  """Masks nobody thought of (fixed shapes: one compilation for all examples)."""
+  hidden, weight, bias, targets, _ = make(seed=seed % 7)
+  args = (hidden, weight, bias, targets, jnp.asarray(mask))
+  assert_close(_HYP_FUSED(*args), _HYP_REF(*args))
 
 
 def test_gradient_is_analytic_and_zero_outside_span():
