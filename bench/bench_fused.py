@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxnll
 from jaxnll.fused import linear_nll_loss, linear_sequence_nll
 
 # Named heads: (hidden size D, vocabulary V).  "cpu" is scaled to time on a laptop CPU.
@@ -292,26 +288,10 @@ def time_table(
 
 
 def environment() -> dict:
-  try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=os.path.dirname(os.path.abspath(__file__)),
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = "unknown"
-  dev = jax.devices()[0]
-  return dict(
-    device=f"{dev.platform}:{dev.device_kind}",
-    cpu=platform.processor() or platform.machine(),
-    cpu_count=os.cpu_count(),
-    jax_version=jax.__version__,
-    jaxnll_version=jaxnll.__version__,
-    git_commit=commit,
-    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  )
+  """The columns every record carries (device, versions, commit, date): jaxnll.bench's."""
+  from jaxnll import bench
+
+  return bench.environment()
 
 
 def save(rows: list[dict], path: str) -> None:

@@ -22,11 +22,8 @@ Results are appended to ``bench/results/parallel.json`` (long format, one record
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 
 
@@ -104,26 +101,10 @@ def memory(path: str, shards: int, batch: int, length: int, head: str, dtype: st
 
 
 def environment() -> dict:
-  import jax
+  """The columns every record carries (device, versions, commit, date): jaxnll.bench's."""
+  from jaxnll import bench
 
-  try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=os.path.dirname(os.path.abspath(__file__)),
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = "unknown"
-  dev = jax.devices()[0]
-  return dict(
-    device=f"{dev.platform}:{dev.device_kind}",
-    cpu=platform.processor() or platform.machine(),
-    jax_version=jax.__version__,
-    git_commit=commit,
-    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  )
+  return bench.environment()
 
 
 def run(args: argparse.Namespace) -> int:

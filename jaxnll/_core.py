@@ -209,6 +209,34 @@ def check_choice(name: str, value, choices: Sequence[str]) -> None:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_span_values(name: str, rows, targets, span_mask, vocab: int) -> None:
+  """Run-time checks for ``checkify``: every target id inside the span lies in ``[0, vocab)``
+  and ``rows[..., :]`` (the logits or hidden states) is finite at every position inside it.
+
+  Positions outside every span are not checked: they never reach values or gradients.
+  """
+  from jax.experimental import checkify
+
+  inside = mask_to_bool(jnp.asarray(span_mask)).reshape(-1)
+  targets = jnp.asarray(targets).reshape(-1)
+  bad_target = inside & ~target_in_range(targets, vocab)
+  first = jnp.argmax(bad_target)
+  checkify.check(
+    ~jnp.any(bad_target),
+    "targets hold {value} at flat position {pos} inside the span, outside [0, {vocab})",
+    value=targets[first],
+    pos=first,
+    vocab=jnp.asarray(vocab),
+  )
+  finite = jnp.all(jnp.isfinite(rows), axis=-1).reshape(-1)
+  bad_rows = inside & ~finite
+  checkify.check(
+    ~jnp.any(bad_rows),
+    name + " is not finite at flat position {pos} inside the span",
+    pos=jnp.argmax(bad_rows),
+  )
+
+
 def mask_to_weights(span_mask: jax.Array) -> jax.Array:
   """A bool mask or float weights as float32 weights."""
   return span_mask.astype(F32)

@@ -843,26 +843,8 @@ def check_inputs(
   non-finite hidden state at a position inside the span.  Positions outside every span are
   not checked: they never reach values or gradients.
   """
-  from jax.experimental import checkify
-
   vocab = weight.shape[1] if vocab_size is None else vocab_size
-  inside = _core.mask_to_bool(jnp.asarray(span_mask))
-  targets = jnp.asarray(targets)
-  bad_target = (inside & ~_core.target_in_range(targets, vocab)).reshape(-1)
-  first = jnp.argmax(bad_target)
-  checkify.check(
-    ~jnp.any(bad_target),
-    "targets hold {value} at flat position {pos} inside the span, outside [0, {vocab})",
-    value=targets.reshape(-1)[first],
-    pos=first,
-    vocab=jnp.asarray(vocab),
-  )
-  bad_hidden = (inside & ~jnp.all(jnp.isfinite(hidden), axis=-1)).reshape(-1)
-  checkify.check(
-    ~jnp.any(bad_hidden),
-    "hidden is not finite at flat position {pos} inside the span",
-    pos=jnp.argmax(bad_hidden),
-  )
+  _core.check_span_values("hidden", hidden, targets, span_mask, vocab)
 
 
 def checked(loss_fn):

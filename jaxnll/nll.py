@@ -467,24 +467,7 @@ def check_inputs(
   Flags a target id outside ``[0, V)`` and non-finite logits at a position inside the span.
   Positions outside every span are not checked: they never reach values or gradients.
   """
-  vocab = jnp.shape(logits)[-1]
-  inside = _core.mask_to_bool(jnp.asarray(span_mask))
-  targets = jnp.asarray(targets)
-  bad_target = inside & ~_core.target_in_range(targets, vocab)
-  first = jnp.argmax(bad_target.reshape(-1))
-  checkify.check(
-    ~jnp.any(bad_target),
-    "targets hold {value} at flat position {pos} inside the span, outside [0, {vocab})",
-    value=targets.reshape(-1)[first],
-    pos=first,
-    vocab=jnp.asarray(vocab),
-  )
-  bad_logits = inside & ~jnp.all(jnp.isfinite(logits), axis=-1)
-  checkify.check(
-    ~jnp.any(bad_logits),
-    "logits are not finite at flat position {pos} inside the span",
-    pos=jnp.argmax(bad_logits.reshape(-1)),
-  )
+  _core.check_span_values("logits", logits, targets, span_mask, jnp.shape(logits)[-1])
 
 
 def checked(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
