@@ -134,21 +134,8 @@ def bench_case(torch, case: bench.Case, env: dict, *, fractions, repeats: int, w
   )
   rows = []
 
-  def record(impl, p, metric, stat, value, unit="", fraction=None, targets=None, note=""):
-    rows.append(
-      dict(
-        base,
-        span_fraction="" if fraction is None else fraction,
-        targets="" if targets is None else targets,
-        impl=impl,
-        **{"pass": p},
-        metric=metric,
-        stat=stat,
-        value=value,
-        unit=unit,
-        note=note,
-      )
-    )
+  def record(*args, **kwargs):
+    rows.append(bench._record(base, *args, **kwargs))
 
   def sync_time(f) -> float:
     torch.cuda.synchronize()
