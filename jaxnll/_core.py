@@ -237,6 +237,34 @@ def check_span_values(name: str, rows, targets, span_mask, vocab: int) -> None:
   )
 
 
+def check_segments(segment_ids, num_segments, like_name: str, like) -> None:
+  """``segment_ids`` is an integer array shaped like ``like``; ``num_segments`` a positive int."""
+  if not isinstance(num_segments, int) or isinstance(num_segments, bool) or num_segments < 1:
+    raise ValueError(f"num_segments must be a positive Python int, got {num_segments!r}")
+  check_integer("segment_ids", segment_ids)
+  if np.shape(segment_ids) != np.shape(like):
+    raise ValueError(
+      f"segment_ids must have the shape of {like_name}, got {like_name} {np.shape(like)} "
+      f"and segment_ids {np.shape(segment_ids)}"
+    )
+
+
+def reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reduction: str):
+  """Per-segment sum (or weighted mean, 0 when empty) of token losses ``[B, T]`` -> ``[B, S]``.
+
+  Segment ``s`` (ids ``1..num_segments``; 0 is padding) lands in column ``s - 1``.
+  """
+  onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(F32)
+  mask = mask & (segment_ids > 0)
+  contrib = jnp.where(mask, tok * weights, 0.0)
+  sums = jnp.einsum("bt,bts->bs", contrib, onehot, precision="highest")
+  if reduction == "sum":
+    return sums
+  counts = jnp.einsum("bt,bts->bs", jnp.where(mask, weights, 0.0), onehot, precision="highest")
+  nonzero = counts != 0
+  return jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
+
+
 def mask_to_weights(span_mask: jax.Array) -> jax.Array:
   """A bool mask or float weights as float32 weights."""
   return span_mask.astype(F32)

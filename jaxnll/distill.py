@@ -263,27 +263,13 @@ def segment_distill_cross_entropy(
   temperature = _check_temperature(temperature)
   _core.check_choice("reduction", reduction, REDUCTIONS)
   _core.check_choice("kind", kind, KINDS)
-  if not isinstance(num_segments, int) or num_segments < 1:
-    raise ValueError(f"num_segments must be a positive Python int, got {num_segments!r}")
-  _core.check_integer("segment_ids", segment_ids)
-  if jnp.shape(segment_ids) != jnp.shape(span_mask):
-    raise ValueError(
-      f"segment_ids must have the shape of span_mask, got span_mask {jnp.shape(span_mask)} "
-      f"and segment_ids {jnp.shape(segment_ids)}"
-    )
+  _core.check_segments(segment_ids, num_segments, "span_mask", span_mask)
   span_mask, segment_ids = jnp.asarray(span_mask), jnp.asarray(segment_ids)
   mask = _core.mask_to_bool(span_mask) & (segment_ids > 0)
   weights = _core.mask_to_weights(span_mask)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
-  onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(F32)  # [B, T, S]
-  contrib = jnp.where(mask, tok * weights, 0.0)
-  sums = jnp.einsum("bt,bts->bs", contrib, onehot, precision="highest")
-  if reduction == "sum":
-    return sums
-  counts = jnp.einsum("bt,bts->bs", jnp.where(mask, weights, 0.0), onehot, precision="highest")
-  nonzero = counts != 0
-  return jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
+  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
 
 # ----------------------------------------------------------------------------- checked path

@@ -369,28 +369,10 @@ def segment_nll(
     float32 ``[B, num_segments]``.
   """
   _core.check_choice("reduction", reduction, REDUCTIONS)
-  if not isinstance(num_segments, int) or num_segments < 1:
-    raise ValueError(f"num_segments must be a positive Python int, got {num_segments!r}")
-  _core.check_integer("segment_ids", segment_ids)
-  if jnp.shape(segment_ids) != jnp.shape(targets):
-    raise ValueError(
-      f"segment_ids must have the shape of targets, got targets {jnp.shape(targets)} "
-      f"and segment_ids {jnp.shape(segment_ids)}"
-    )
-  segment_ids = jnp.asarray(segment_ids)
-  in_segment = segment_ids > 0
+  _core.check_segments(segment_ids, num_segments, "targets", targets)
   tok, weights, mask = _sequence_parts(logits, targets, span_mask, **token_opts)
-  mask = mask & in_segment
-  onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1)  # [B, T, S]
-  contrib = jnp.where(mask, tok * weights, 0.0)
-  sums = jnp.einsum("bt,bts->bs", contrib, onehot.astype(F32), precision="highest")
-  if reduction == "sum":
-    return sums
-  counts = jnp.einsum(
-    "bt,bts->bs", jnp.where(mask, weights, 0.0), onehot.astype(F32), precision="highest"
-  )
-  nonzero = counts != 0
-  return jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
+  segment_ids = jnp.asarray(segment_ids)
+  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
 
 # ----------------------------------------------------------------------------- batch reduction
