@@ -10,7 +10,7 @@ Two measurements, side by side in one process:
   ``t_candidate / t_optax``.  Every path is checked against the reference before it is timed.
 
 Paths: ``optax`` (``softmax_cross_entropy_with_integer_labels`` on ``hidden @ weight``, masked
-sum), ``reference`` (``linear_sequence_nll(implementation="reference")``: materialised logits +
+sum), ``reference`` (``linear_sequence_nll(implementation="xla")``: materialised logits +
 ``jaxnll.sequence_nll``), ``per_sample`` (``linear_sequence_nll``), ``scalar``
 (``linear_nll_loss``) and, where it imports, ``tokamax``
 (``tokamax.linear_softmax_cross_entropy_loss``, which takes no mask: it always computes every
@@ -109,7 +109,7 @@ def loss_fns(token_chunk=None, vocab_chunk=None) -> dict[str, Callable]:
   fns = {
     "optax": _optax_loss,
     "reference": lambda h, w, y, m: jnp.sum(
-      linear_sequence_nll(h, w, y, m, implementation="reference")
+      linear_sequence_nll(h, w, y, m, implementation="xla")
     ),
     "per_sample": lambda h, w, y, m: jnp.sum(linear_sequence_nll(h, w, y, m, **chunks)),
     "scalar": lambda h, w, y, m: linear_nll_loss(h, w, y, m, normalize="sum", **chunks)[0],

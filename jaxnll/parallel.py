@@ -292,7 +292,7 @@ def linear_sequence_nll(
 def _fused_entry(
   kind, hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options
 ):
-  fused_lib._check(hidden, weight, targets, span_mask, bias)
+  fused_lib.api._check(hidden, weight, targets, span_mask, bias)
   data_axis, model_axis = _axes(mesh, data_axis, model_axis)
   _check_batch(mesh, data_axis, np.shape(hidden)[0])
   shards = axis_size(mesh, model_axis)

@@ -180,9 +180,9 @@ def test_float_weights_mask(reduction):
   assert_close(got, want)
 
 
-def test_implementation_reference_is_jaxnll_sequence_nll():
+def test_implementation_xla_is_jaxnll_sequence_nll():
   hidden, weight, bias, targets, mask = make(seed=5)
-  got = linear_sequence_nll(hidden, weight, targets, mask, bias=bias, implementation="reference")
+  got = linear_sequence_nll(hidden, weight, targets, mask, bias=bias, implementation="xla")
   want = jaxnll.sequence_nll(hidden @ weight + bias, targets, mask)
   np.testing.assert_array_equal(got, want)
 
@@ -326,7 +326,7 @@ def test_scalar_entry_aux_is_differentiable_and_primal_needs_no_grads(schedule):
 
 def test_scalar_entry_reference_implementation():
   hidden, weight, bias, targets, mask = make(seed=12)
-  got = linear_nll_loss(hidden, weight, targets, mask, bias=bias, implementation="reference")
+  got = linear_nll_loss(hidden, weight, targets, mask, bias=bias, implementation="xla")
   sums, counts = jaxnll.nll.sequence_nll_and_count(hidden @ weight + bias, targets, mask)
   np.testing.assert_array_equal(got[0], jaxnll.batch_loss(sums, counts))
   np.testing.assert_array_equal(got[1], sums)
@@ -436,8 +436,8 @@ def test_shard_map_with_batch_sharded():
 def test_compaction_puts_targets_first_and_counts_chunks():
   hidden, weight, bias, targets, _ = make(seed=16)
   mask = jnp.zeros((B, T), bool).at[0, 5].set(True).at[2, 1:4].set(True)
-  plan = fused._Plan(fused.TokenOptions(), token_chunk=2, vocab_chunk=8)
-  bt = fused._Batch(plan, hidden, weight, bias, targets, mask)
+  plan = fused.compact.Plan(fused.compact.TokenOptions(), token_chunk=2, vocab_chunk=8)
+  bt = fused.compact.Compacted(plan, hidden, weight, bias, targets, mask)
   np.testing.assert_array_equal(bt.order[:4], [5, 2 * T + 1, 2 * T + 2, 2 * T + 3])
   assert int(bt.num_chunks) == 2  # 4 targets in chunks of 2: the other 9 chunks never run
   np.testing.assert_array_equal(bt.valid.sum(), 4)
@@ -446,11 +446,11 @@ def test_compaction_puts_targets_first_and_counts_chunks():
 def test_default_chunks():
   llama = jax.ShapeDtypeStruct((4096, 128256), jnp.bfloat16)
   # 16-bit weights: the gradient pass writes the weight gradient in wider pieces.
-  assert fused._chunks(None, None, 16384, llama) == (512, 2048, 4096)
-  assert fused._chunks(None, None, 100, llama.update(dtype=jnp.float32)) == (100, 2048, 2048)
-  assert fused._chunks(64, 1000, 16384, llama) == (64, 1000, 1000)  # explicit: as given
+  assert fused.api._chunks(None, None, 16384, llama) == (512, 2048, 4096)
+  assert fused.api._chunks(None, None, 100, llama.update(dtype=jnp.float32)) == (100, 2048, 2048)
+  assert fused.api._chunks(64, 1000, 16384, llama) == (64, 1000, 1000)  # explicit: as given
   small = jax.ShapeDtypeStruct((256, 3000), jnp.bfloat16)
-  assert fused._chunks(None, None, 10, small) == (10, 2048, 3000)
+  assert fused.api._chunks(None, None, 10, small) == (10, 2048, 3000)
 
 
 def test_memory_is_a_fraction_of_the_materialised_path():
@@ -467,7 +467,7 @@ def test_memory_is_a_fraction_of_the_materialised_path():
     return jax.jit(step).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
   fused_bytes = temp(lambda *a: linear_sequence_nll(*a, token_chunk=128, vocab_chunk=1024))
-  ref_bytes = temp(lambda *a: linear_sequence_nll(*a, implementation="reference"))
+  ref_bytes = temp(lambda *a: linear_sequence_nll(*a, implementation="xla"))
   logits_bytes = b * t * v * 4
   assert fused_bytes < logits_bytes / 4 < ref_bytes
 

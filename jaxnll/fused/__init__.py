@@ -1,0 +1,14 @@
+"""The language-model head fused with the sub-sequence loss: no ``[B, T, V]`` logits.
+
+One op folder: :mod:`~jaxnll.fused.api` holds the public entries, their argument checks and
+the ``implementation=`` dispatch; :mod:`~jaxnll.fused.compact` the span compaction every
+implementation shares; one module per implementation (:mod:`~jaxnll.fused.chunked`).
+"""
+
+from jaxnll.fused.api import DEFAULT_TOKEN_CHUNK as DEFAULT_TOKEN_CHUNK
+from jaxnll.fused.api import DEFAULT_VOCAB_CHUNK as DEFAULT_VOCAB_CHUNK
+from jaxnll.fused.api import IMPLEMENTATIONS as IMPLEMENTATIONS
+from jaxnll.fused.api import check_inputs as check_inputs
+from jaxnll.fused.api import checked as checked
+from jaxnll.fused.api import linear_nll_loss as linear_nll_loss
+from jaxnll.fused.api import linear_sequence_nll as linear_sequence_nll

@@ -1,0 +1,190 @@
+"""The ``"chunked"`` implementation: blocks of target tokens × vocabulary columns in XLA loops.
+
+Every block is a ``[C, K]`` tile of logits (``C`` target tokens by ``K`` vocabulary columns);
+the forward keeps an online log-sum-exp over the vocabulary chunks, the gradient pass
+recomputes each tile.  Only ``[C, K]`` and ``[D, K]`` f32 buffers are live, which suits a CPU
+(and any backend short of memory); the token loops run ``ceil(n_targets / C)`` chunks.
+
+The three passes share one interface with every implementation of :mod:`jaxnll.fused`:
+
+* ``stats_pass(bt) -> (lse_c, loss_c)``: per compacted position, float32;
+* ``grad_pass(bt, scale_c, lse_c, need) -> (dh_c, dweight, dbias)``: gradients of
+  ``Σ scale·ℓ`` by recomputation;
+* ``one_pass(bt, scale_c, need) -> (lse_c, loss_c, dh_c, dweight, dbias)``: loss and gradients
+  with each logits block computed once.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnll import _core
+from jaxnll._core import F32
+from jaxnll.fused.compact import Compacted, dot
+
+
+def _over_vocab(body, carry, vocab: int, chunk: int):
+  """Runs ``body(start, width, carry)`` over vocabulary chunks: a loop of full chunks and the
+  remainder as one narrower chunk (static widths, no padded copy of the weight)."""
+  full, tail = divmod(vocab, chunk)
+  # The narrow chunk goes first so that the loop's result is the final value: a buffer
+  # updated after the loop (the weight gradient) would be copied once more.
+  if tail:
+    carry = body(full * chunk, tail, carry)
+  if full == 1:
+    carry = body(0, chunk, carry)
+  elif full > 1:
+    carry = lax.fori_loop(0, full, lambda j, c: body(j * chunk, chunk, c), carry)
+  return carry
+
+
+def stats_pass(bt: Compacted):
+  """Forward over target chunks: ``(lse, loss)`` per compacted position, float32.
+
+  The log-sum-exp is online over vocabulary chunks, so only a ``[C, K]`` block is live.
+  """
+  opts, rows = bt.opts, bt.chunk
+
+  def token_body(i, carry):
+    lse_c, loss_c = carry
+    h = bt.rows(i)
+
+    def vocab_body(start, width, inner):
+      m, s, zsum = inner
+      z = bt.logits(h, bt.columns(start, width), start, width)
+      real = bt.real(start, width)
+      if real is not None:  # padding columns of a sharded vocabulary drop out
+        z = jnp.where(real, z, jnp.finfo(F32).min)
+      m_new = jnp.maximum(m, jnp.max(z, axis=1))
+      e = jnp.exp(z - m_new[:, None])
+      s = s * jnp.exp(m - m_new) + jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1)
+      if opts.label_smoothing:
+        zsum = zsum + jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
+      return m_new, s, zsum
+
+    init = (bt.full((rows,), F32, jnp.finfo(F32).min), bt.full((rows,), F32))
+    m, s, zsum = _over_vocab(vocab_body, init + (init[1],), bt.cols, bt.plan.vocab_chunk)
+    lse, zsum = bt.combine(m, s, zsum if opts.label_smoothing else None)
+    zy = bt.target_logit(h, bt.part(bt.targets, i))
+    loss = bt.token_loss(lse, zy, zsum, bt.part(bt.valid, i))
+    at = (i * rows,)
+    return lax.dynamic_update_slice(lse_c, lse, at), lax.dynamic_update_slice(loss_c, loss, at)
+
+  zeros = bt.full(bt.valid.shape, F32, rows=True)
+  return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros))
+
+
+def grad_pass(bt: Compacted, scale_c, lse_c, need=(True, True, True)):
+  """Gradients of ``Σ scale·ℓ`` by recomputation: vocabulary chunks outside, target chunks
+  inside, so each weight-gradient chunk is summed over all tokens in an f32 ``[D, K]`` buffer
+  and cast once.  ``need`` (hidden, weight, bias): a gradient nobody asked for costs no
+  matmul (a frozen head saves a third of the work).
+
+  Returns ``(dh_c [padded, D] f32, dweight in weight dtype, dbias in bias dtype)``, ``None``
+  for what is not needed.
+  """
+  rows = bt.chunk
+  weight, bias = bt.weight, bt.bias
+  need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
+
+  def vocab_body(start, width, carry):
+    dh_c, dw, db = carry
+    w = bt.columns(start, width)
+
+    def token_body(i, inner):
+      dw_k, db_k, dh_c = inner
+      h = bt.rows(i)
+      z = bt.logits(h, w, start, width)
+      g = bt.grad_block(z, i, start, bt.part(lse_c, i), bt.part(scale_c, i))
+      gq = g.astype(bt.cdt)
+      if need_w:
+        dw_k = dw_k + dot(h, gq, (0, 0))
+      if need_b:
+        db_k = db_k + jnp.sum(g, axis=0)
+      if need_h:
+        dh = lax.dynamic_slice_in_dim(dh_c, i * rows, rows) + dot(gq, w, (1, 1))
+        dh_c = lax.dynamic_update_slice(dh_c, dh, (i * rows, 0))
+      return dw_k, db_k, dh_c
+
+    dw_k = bt.full((weight.shape[0], width), F32) if need_w else None
+    db_k = bt.full((width,), F32) if need_b else None
+    dw_k, db_k, dh_c = lax.fori_loop(0, bt.num_chunks, token_body, (dw_k, db_k, dh_c))
+    if need_w:
+      dw = lax.dynamic_update_slice(dw, dw_k.astype(dw.dtype), (0, start))
+    if need_b:
+      db = lax.dynamic_update_slice(db, db_k.astype(db.dtype), (start,))
+    return dh_c, dw, db
+
+  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
+  dw = bt.full(weight.shape, weight.dtype) if need_w else None
+  db = bt.full(bias.shape, bias.dtype) if need_b else None
+  return _over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.grad_chunk)
+
+
+def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
+  """Loss and gradients of ``Σ scale·ℓ`` with each logits block computed once.
+
+  Target chunks outside; a whole ``[C, V]`` f32 row block per chunk (its log-sum-exp is needed
+  before any gradient), the gradient matmuls over vocabulary chunks of it.  The weight
+  gradient is summed over token chunks in one f32 ``[D, V]`` buffer — the result itself for
+  f32 weights.
+
+  Returns ``(lse_c, loss_c, dh_c [padded, D] f32, dweight f32, dbias f32)``, ``None`` for
+  a gradient not in ``need`` (hidden, weight, bias).
+  """
+  rows, cols, opts = bt.chunk, bt.cols, bt.opts
+  need_h, need_w, need_b = need[0], need[1], need[2] and bt.bias is not None
+
+  def token_body(i, carry):
+    lse_c, loss_c, dh_c, dw, db = carry
+    h = bt.rows(i)
+    y, ok, scale = bt.part(bt.targets, i), bt.part(bt.valid, i), bt.part(scale_c, i)
+    z = bt.logits(h, bt.columns(0, cols), 0, cols)  # [C, V] f32 (the local columns)
+    real = bt.real(0, cols)
+    zr = z if real is None else jnp.where(real, z, jnp.finfo(F32).min)
+    m = jnp.max(zr, axis=1)
+    e = jnp.exp(zr - m[:, None])
+    zsum = None
+    if opts.label_smoothing:
+      zsum = jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
+    lse, zsum = bt.combine(m, jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1), zsum)
+    local = y - bt.offset
+    here = (local >= 0) & (local < cols)
+    zy = jnp.take_along_axis(z, jnp.where(here, local, 0)[:, None], axis=1)[:, 0]
+    zy = _core.all_sum(jnp.where(here, zy, 0.0), opts)
+    zy = jnp.where(_core.target_in_range(y, bt.vocab), zy, jnp.nan)
+    loss = bt.token_loss(lse, zy, zsum, ok)
+
+    def vocab_body(start, width, inner):
+      dh, dw, db = inner
+      g = bt.grad_block(lax.dynamic_slice_in_dim(z, start, width, axis=1), i, start, lse, scale)
+      gq = g.astype(bt.cdt)
+      if need_h:
+        dh = dh + dot(gq, bt.columns(start, width), (1, 1))
+      if need_w:
+        dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=1) + dot(h, gq, (0, 0))
+        dw = lax.dynamic_update_slice(dw, dw_k, (0, start))
+      if need_b:
+        db_k = lax.dynamic_slice_in_dim(db, start, width) + jnp.sum(g, axis=0)
+        db = lax.dynamic_update_slice(db, db_k, (start,))
+      return dh, dw, db
+
+    dh = bt.full((rows, bt.hidden.shape[1]), F32) if need_h else None
+    dh, dw, db = _over_vocab(vocab_body, (dh, dw, db), cols, bt.plan.vocab_chunk)
+    at = i * rows
+    if need_h:
+      dh_c = lax.dynamic_update_slice(dh_c, dh, (at, 0))
+    return (
+      lax.dynamic_update_slice(lse_c, lse, (at,)),
+      lax.dynamic_update_slice(loss_c, loss, (at,)),
+      dh_c,
+      dw,
+      db,
+    )
+
+  zeros = bt.full(bt.valid.shape, F32, rows=True)
+  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
+  dw = bt.full(bt.weight.shape, F32) if need_w else None
+  db = bt.full(bt.bias.shape, F32) if need_b else None
+  return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros, dh_c, dw, db))

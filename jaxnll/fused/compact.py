@@ -1,0 +1,254 @@
+"""Span compaction shared by every fused implementation.
+
+A stable sort of the span mask over the flattened ``N = B·T`` positions lists every target
+position first, with static shapes; :class:`Compacted` holds one call's operands in that order
+together with the per-chunk views (hidden rows, weight columns, capped logits, the target
+logit, per-token gradients of the loss) that the implementations build their loops from, and
+the way back to ``[B, T]``.  Context positions are never read: rows past the last target are
+zero, so NaN/inf there reaches no value or gradient.
+
+Dimension letters: ``B`` batch, ``T`` sequence length, ``D`` hidden size, ``V`` vocabulary,
+``N = B·T`` flattened positions, ``C`` token chunk, ``K`` vocabulary chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnll import _core
+from jaxnll._core import F32, TokenOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static configuration of one call (hashable: a ``nondiff_argnums`` argument)."""
+
+  opts: TokenOptions
+  token_chunk: int
+  vocab_chunk: int
+  reduction: str = "sum"
+  normalize: str = "tokens"
+  one_pass: bool = False
+  grad_vocab_chunk: int = 0  # the gradient pass's vocabulary chunk (0: vocab_chunk)
+  implementation: str = "chunked"
+
+  @property
+  def grad_chunk(self) -> int:
+    return self.grad_vocab_chunk or self.vocab_chunk
+
+
+def in_loop(x: jax.Array, tie) -> jax.Array:
+  """``x`` as read by one loop iteration (``tie``: something that changes every iteration).
+
+  XLA's CPU backend has no bf16/f16 slices or gathers: it converts their operand to float32
+  and, the operand being loop-invariant, hoists that conversion out of the loop — a float32
+  copy of the *whole* head weight (2 GiB at a 128k vocabulary), the very buffer chunking
+  avoids.  Tying the array to the iteration through an optimisation barrier keeps the
+  conversion fused into the chunk-sized slice.  A no-op for 32-bit arrays and elsewhere.
+  """
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+    x, _ = lax.optimization_barrier((x, tie))
+  return x
+
+
+def dot(a, b, contract):
+  """``a · b`` contracting ``contract = (dim_a, dim_b)``, accumulated in float32."""
+  return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=F32)
+
+
+def varying_axes(x) -> frozenset:
+  """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  axes = getattr(aval, "vma", None)
+  if axes is None:
+    axes = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+  return frozenset(axes)
+
+
+def vary_alike(hidden, weight, bias, targets, span_mask, *, vocab_axis=None):
+  """Under shard_map, marks every array as varying over the axes any of them varies over — as
+  a mixed ``hidden @ weight`` would.  The ``custom_vjp`` then returns a varying weight
+  gradient, and the transpose of this cast sums it over the mesh (like the unfused path).
+
+  The vocabulary axis is the exception: ``hidden``, ``targets`` and ``span_mask`` stay as they
+  are over it (the kernel sums the hidden gradient over the vocabulary shards itself, in
+  float32), so the per-sample results come out replicated over it, as from the logits path.
+  """
+  arrays = (hidden, weight, bias, targets, span_mask)
+  axes = frozenset().union(*(varying_axes(x) for x in arrays if x is not None))
+  out = []
+  for k, x in enumerate(arrays):
+    want = axes if k in (1, 2) or vocab_axis is None else axes - {vocab_axis}
+    missing = () if x is None else tuple(sorted(want - varying_axes(x)))
+    out.append(lax.pcast(x, missing, to="varying") if missing else x)
+  return out
+
+
+class Compacted:
+  """One call's operands with the target positions compacted to the front.
+
+  A stable sort of the span mask over the flattened ``N = B·T`` positions lists every target
+  first (static shapes); ``num_chunks = ceil(n_targets / C)`` bounds the token loops at run
+  time, so context positions cost nothing.  Hidden rows are gathered a chunk at a time: no
+  compacted copy of ``hidden``.
+  """
+
+  def __init__(self, plan: Plan, hidden, weight, bias, targets, span_mask):
+    b, t, d = hidden.shape
+    n = b * t
+    c = plan.token_chunk
+    padded = -(-n // c) * c
+    self.plan, self.opts, self.chunk = plan, plan.opts, c
+    self.hidden = hidden.reshape(n, d)
+    self.weight, self.bias = weight, bias
+    # ``cols`` local vocabulary columns holding ids ``offset + [0, cols)``; ``vocab`` is the
+    # true vocabulary (all shards, without padding) that the loss formulas use.
+    self.cols = weight.shape[1]
+    self.offset, self.vocab, self.padded = _core.vocab_layout(self.cols, plan.opts)
+    self.cdt = jnp.result_type(hidden.dtype, weight.dtype)
+    flat = _core.mask_to_bool(span_mask).reshape(n)
+    # Stable, so targets keep their (sample-major) order.
+    order = jnp.argsort(jnp.logical_not(flat).astype(jnp.int8), stable=True).astype(jnp.int32)
+    count = jnp.sum(flat, dtype=jnp.int32)
+    self.num_chunks = (count + c - 1) // c
+    self.order = jnp.pad(order, (0, padded - n))
+    self.valid = jnp.arange(padded, dtype=jnp.int32) < count
+    # inverse[p]: where position p sits in the compacted order.
+    self.inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    self.targets = jnp.take(targets.reshape(n).astype(jnp.int32), self.order)
+    # Inside shard_map, loop carries must vary over the same mesh axes as what they
+    # accumulate: everything here depends on all the inputs.
+    args = (hidden, weight, bias, targets, span_mask)
+    self.vma = frozenset().union(*(varying_axes(x) for x in args if x is not None))
+    # Per-token statistics are combined over the vocabulary shards: they vary over every axis
+    # but the vocabulary's (unless the targets or the mask do).
+    axis = plan.opts.vocab_axis
+    self.row_vma = (self.vma - {axis}) | varying_axes(targets) | varying_axes(span_mask)
+    self.sum_hidden_grad = axis is not None and axis not in varying_axes(hidden)
+
+  def full(self, shape, dtype, value=0, *, rows=False):
+    """A loop-carry initial value (varying over the inputs' mesh axes under shard_map);
+    ``rows``: a per-token statistic, replicated over the vocabulary shards."""
+    x = jnp.full(shape, value, dtype)
+    vma = self.row_vma if rows else self.vma
+    return lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x
+
+  # -- per-chunk views
+  def part(self, x, i):
+    """Chunk ``i`` of a compacted array."""
+    return lax.dynamic_slice_in_dim(x, i * self.chunk, self.chunk)
+
+  def rows(self, i):
+    """Hidden states of target chunk ``i`` ``[C, D]`` in the matmul dtype; rows past the last
+    target are zero, so nothing at a context position (NaN included) is ever used."""
+    ids = self.part(self.order, i)
+    h = jnp.take(in_loop(self.hidden, ids), ids, axis=0)
+    return jnp.where(self.part(self.valid, i)[:, None], h, jnp.zeros((), h.dtype)).astype(self.cdt)
+
+  def columns(self, start, width):
+    """Weight chunk ``[D, width]`` in the matmul dtype."""
+    w = lax.dynamic_slice_in_dim(in_loop(self.weight, start), start, width, axis=1)
+    return w.astype(self.cdt)
+
+  def logits(self, h, w, start, width):
+    """Capped float32 logits ``[C, width]`` of local columns ``start + [0, width)``."""
+    z = dot(h, w, (1, 0))
+    if self.bias is not None:
+      z = z + lax.dynamic_slice_in_dim(self.bias, start, width).astype(F32)
+    return _core.softcap(z, self.opts)
+
+  def real(self, start, width):
+    """bool ``[width]``: which of local columns ``start + [0, width)`` are real tokens, or
+    None when no column can be padding."""
+    if not self.padded:
+      return None
+    return _core.real_columns(width, self.offset + start, self.vocab)
+
+  def target_logit(self, h, y):
+    """Capped ``h · weight[:, y] (+ bias[y])``: a gather, not a scan of the vocabulary (the
+    shard holding ``y`` contributes it).  NaN where ``y`` is outside ``[0, V)``."""
+    local = y - self.offset
+    here = (local >= 0) & (local < self.cols)
+    safe = jnp.where(here, local, 0)
+    cols = jnp.take(in_loop(self.weight, safe), safe, axis=1).astype(F32)  # [D, C]
+    z = jnp.sum(h.astype(F32) * cols.T, axis=1)
+    if self.bias is not None:
+      z = z + jnp.take(self.bias, safe).astype(F32)
+    z = _core.all_sum(jnp.where(here, _core.softcap(z, self.opts), 0.0), self.opts)
+    return jnp.where(_core.target_in_range(y, self.vocab), z, jnp.nan)
+
+  def combine(self, m, s, zsum):
+    """Per-token ``(lse, zsum)`` from each shard's running max ``m``, sum of ``exp(z - m)``
+    ``s`` and logit sum (one collective each; the identity without a vocabulary axis)."""
+    top = _core.all_max(m, self.opts)
+    lse = top + jnp.log(_core.all_sum(s * jnp.exp(m - top), self.opts))
+    return lse, (None if zsum is None else _core.all_sum(zsum, self.opts))
+
+  def token_loss(self, lse, zy, zsum, ok):
+    loss = _core.loss_from_stats(lse, zy, zsum, self.vocab, self.opts)
+    return jnp.where(ok, loss, 0.0)
+
+  def grad_block(self, z, i, start, lse, scale):
+    """``scale · ∂ℓ/∂x`` for logits block ``z`` of chunk ``i`` (f32, zero past the targets)."""
+    y, ok = self.part(self.targets, i), self.part(self.valid, i)
+    g = _core.grad_logits(z, lse, y, self.offset + start, self.vocab, self.opts)
+    keep = ok[:, None]
+    real = self.real(start, z.shape[1])
+    if real is not None:
+      keep = keep & real
+    return jnp.where(keep, g * scale[:, None], 0.0)
+
+  # -- back to [B, T]
+  def uncompact(self, x):
+    """Compacted ``x[padded, ...]`` in position order ``[N, ...]``; non-target positions read
+    the tail of ``x``, which the passes leave at zero."""
+    return jnp.take(x, self.inverse, axis=0)
+
+  def compact(self, x):
+    """``x[N]`` in compacted order, zero past the last target."""
+    return jnp.where(self.valid, jnp.take(x, self.order), jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------- passes
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def per_sample(bt: Compacted, loss_c, span_mask):
+  """Per-sample sums ``Σ_t w_t ℓ_t`` from compacted per-token losses (float32 ``[B]``)."""
+  loss = bt.uncompact(loss_c).reshape(span_mask.shape)
+  mask = _core.mask_to_bool(span_mask)
+  weights = _core.mask_to_weights(span_mask)
+  return jnp.sum(jnp.where(mask, loss * weights, 0.0), axis=1, dtype=F32)
+
+
+def counts(span_mask):
+  return jnp.sum(_core.mask_to_weights(span_mask), axis=1, dtype=F32)
+
+
+def safe_inverse(x):
+  nonzero = x != 0
+  return jnp.where(nonzero, 1.0 / jnp.where(nonzero, x, 1.0), 0.0)
+
+
+def compact_scale(bt: Compacted, per_sample, span_mask):
+  """Per-token loss weights ``per_sample[b] · w_{b,t}`` in compacted order (float32)."""
+  return bt.compact((per_sample[:, None] * _core.mask_to_weights(span_mask)).reshape(-1))
+
+
+def finish_grads(bt: Compacted, dh_c, dw, db, hidden, weight, bias):
+  """Compacted f32 results as gradients in the inputs' layout and dtypes (``None`` stays)."""
+  if dh_c is not None and bt.sum_hidden_grad:
+    # Each vocabulary shard holds its part of ``∂/∂hidden``; summed in float32 (a hidden that
+    # already varies over the vocabulary axis gets its own part, as JAX's autodiff would).
+    dh_c = jax.lax.psum(dh_c, bt.opts.vocab_axis)
+  dh = None if dh_c is None else bt.uncompact(dh_c).reshape(hidden.shape).astype(hidden.dtype)
+  dw = None if dw is None else dw.astype(weight.dtype)
+  return dh, dw, (None if db is None else db.astype(bias.dtype))
+
+
+# ----------------------------------------------------------------------------- per-sample entry
