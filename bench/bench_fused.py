@@ -108,9 +108,7 @@ def loss_fns(token_chunk=None, vocab_chunk=None) -> dict[str, Callable]:
   chunks = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk)
   fns = {
     "optax": _optax_loss,
-    "reference": lambda h, w, y, m: jnp.sum(
-      linear_sequence_nll(h, w, y, m, implementation="xla")
-    ),
+    "reference": lambda h, w, y, m: jnp.sum(linear_sequence_nll(h, w, y, m, implementation="xla")),
     "per_sample": lambda h, w, y, m: jnp.sum(linear_sequence_nll(h, w, y, m, **chunks)),
     "scalar": lambda h, w, y, m: linear_nll_loss(h, w, y, m, normalize="sum", **chunks)[0],
   }
