@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-  from jaxnll.distill_train import add_arguments as add_distill_arguments
-  from jaxnll.model import KINDS
-  from jaxnll.train import LOSS_MODES, RunConfig
+  from jaxnll.train.model import KINDS
+  from jaxnll.train.objectives import LOSS_MODES
+  from jaxnll.train.run import RunConfig
+  from jaxnll.train.teacher import add_arguments as add_distill_arguments
 
   d = RunConfig()
   p.add_argument("--data", help="JSONL file of prompt/response or chat records (default: embedded)")
@@ -51,7 +52,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _add_devices(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group(
     "devices and processes",
-    "Where the run lives (see jaxnll.parallel). Several processes: start the same command on "
+    "Where the run lives (see jaxnll.train.runtime). Several processes: start the same command on "
     "each host with its own --process-id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
     "JAX_PROCESS_ID; or --distributed on a TPU slice / SLURM job, where JAX finds them itself).",
   )
@@ -71,16 +72,17 @@ def _add_devices(p: argparse.ArgumentParser) -> None:
 
 
 def _init_devices(args: argparse.Namespace) -> None:
-  from jaxnll import parallel
+  from jaxnll.train import runtime
 
-  parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+  runtime.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
 
 
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
-  from jaxnll.distill_train import config_from_args as distill_config
-  from jaxnll.model import default_config
-  from jaxnll.train import RunConfig, fit
+  from jaxnll.train.loop import fit
+  from jaxnll.train.model import default_config
+  from jaxnll.train.run import RunConfig
+  from jaxnll.train.teacher import config_from_args as distill_config
 
   d = RunConfig()
   sizes = {"d_model": args.d_model, "num_layers": args.layers}
@@ -113,8 +115,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-  from jaxnll.metrics import write_csv
-  from jaxnll.train import evaluate_run
+  from jaxnll.train.loop import evaluate_run
+  from jaxnll.train.metrics import write_csv
 
   rows = evaluate_run(args.run, args.data)
   write_csv(rows, args.out)

@@ -49,8 +49,9 @@ import optax
 from flax import nnx
 
 import jaxnll
-from jaxnll import data, nll
-from jaxnll.model import ModelConfig, make_model
+from jaxnll import nll
+from jaxnll.train import data
+from jaxnll.train.model import ModelConfig, make_model
 
 start = time.time()
 np.set_printoptions(precision=3, suppress=True)

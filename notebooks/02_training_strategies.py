@@ -45,8 +45,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jaxnll
-from jaxnll import data, metrics, nll, train
-from jaxnll.model import ModelConfig, count_params
+from jaxnll import nll, train
+from jaxnll.train import data, metrics
+from jaxnll.train.model import ModelConfig, count_params
 
 start = time.time()
 print("jax", jax.__version__, "on", jax.devices()[0].platform)
@@ -110,7 +111,7 @@ for name, (loss, context_gradient) in strategies.items():
   for step in range(1, STEPS + 1):
     batch = next(stream).batch
     seen += int((batch["sample_ids"] >= 0).sum())
-    out = train.train_step(trainer, train.micro_batches(batch, 1), loss=loss)
+    out = train.train_step(trainer, train.micro_batches(batch, 1), objective=train.SFT(loss))
     log["loss"].append(float(out["loss"]))
     log["target_loss"].append(float(out["target_loss"]))
     if step % EVAL_EVERY == 0:

@@ -45,8 +45,9 @@ import optax
 from flax import nnx
 
 import jaxnll
-from jaxnll import data, metrics, nll, train
-from jaxnll.model import ModelConfig, count_params, make_model
+from jaxnll import nll, train
+from jaxnll.train import data, metrics
+from jaxnll.train.model import ModelConfig, count_params, make_model
 
 start = time.time()
 print("jax", jax.__version__, "on", jax.devices()[0].platform)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from jaxnll import cli
-from jaxnll import data as data_lib
+from jaxnll.train import data as data_lib
 
 TINY = ["--d-model", "16", "--layers", "1", "--batch-size", "16", "--no-progress"]
 

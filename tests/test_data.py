@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from jaxnll import data
-from jaxnll.data import BatchSpec, DataError, Example, Message
+from jaxnll.train import data
+from jaxnll.train.data import BatchSpec, DataError, Example, Message
 
 
 def test_embedded_set_is_deterministic_and_split():

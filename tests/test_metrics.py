@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxnll import metrics
+from jaxnll.train import metrics
 
 
 def test_metric_a_is_per_sample_and_metric_b_the_token_mean():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxnll import model as model_lib
-from jaxnll.model import ModelConfig, count_params, default_config, make_model
+from jaxnll.train import model as model_lib
+from jaxnll.train.model import ModelConfig, count_params, default_config, make_model
 
 TINY = ModelConfig(d_model=16, num_layers=2, num_heads=2, d_ff=32, vocab_size=40)
 TINY_LSTM = dataclasses.replace(TINY, kind="lstm")

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from jaxnll import cli, parallel, train
-from jaxnll import data as data_lib
+from jaxnll.train import data as data_lib
+from jaxnll.train import loop, runtime
 
 TIMEOUT_S = 120  # a guard against a hung collective; the test takes far less
 ARGS = [
@@ -101,9 +102,9 @@ def test_two_processes_give_the_single_process_losses(tmp_path):
   restored = []
   for run_dir, mesh in ((multi, parallel.make_mesh("data=4,model=2")), (single, one)):
     trainer = train.build_trainer(config)
-    parallel.annotate_partitioning(trainer, mesh)
+    runtime.annotate_partitioning(trainer, mesh)
     _, state = nnx.split(trainer)
-    target = parallel.abstract(state, parallel.state_shardings(state, mesh))
+    target = runtime.abstract(state, runtime.state_shardings(state, mesh))
     step, state = train.restore_state(os.path.join(run_dir, "checkpoints"), target)
     assert step == 3
     restored.append(state)
@@ -116,10 +117,10 @@ def test_two_processes_give_the_single_process_losses(tmp_path):
 def _config(args):
   """The RunConfig that `jaxnll train` builds from ``args`` (same code path as the CLI)."""
   captured = {}
-  real_fit = train.fit
+  real_fit = loop.fit
   try:
-    train.fit = lambda config, *a, **k: captured.setdefault("config", config)
+    loop.fit = lambda config, *a, **k: captured.setdefault("config", config)
     cli._run_train(args)
   finally:
-    train.fit = real_fit
+    loop.fit = real_fit
   return captured["config"]

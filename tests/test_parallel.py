@@ -175,7 +175,7 @@ def test_bad_mesh_arguments_are_clear_errors():
 
 
 def _train_batches(n=2):
-  from jaxnll import data as data_lib
+  from jaxnll.train import data as data_lib
 
   spec = data_lib.BatchSpec(rows=8, length=64, pack=True, segments=8)
   examples = [e for e in data_lib.embedded_examples("train") if len(data_lib.encode(e)[0]) <= 64]
@@ -191,22 +191,23 @@ def _train(mesh, *, fused, tied, accum, batches):
   from jax.sharding import NamedSharding
 
   from jaxnll import train
-  from jaxnll.model import ModelConfig, make_model
+  from jaxnll.train import runtime
+  from jaxnll.train.model import ModelConfig, make_model
 
   config = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, tie_embeddings=tied)
   trainer = train.Trainer(make_model(config), optax.adamw(1e-2))
-  parallel.annotate_partitioning(trainer, mesh, min_size=256)
+  runtime.annotate_partitioning(trainer, mesh, min_size=256)
   graphdef, state = nnx.split(trainer)
-  shardings = parallel.state_shardings(state, mesh)
-  state = parallel.place(state, shardings)
+  shardings = runtime.state_shardings(state, mesh)
+  state = runtime.place(state, shardings)
   step = jax.jit(
-    functools.partial(train.train_step_fn, graphdef, fused=fused),
+    functools.partial(train.train_step_fn, graphdef, objective=train.SFT(fused=fused)),
     out_shardings=(shardings, NamedSharding(mesh, P())),
   )
   losses, jaxpr = [], None
   with jax.set_mesh(mesh):
     for b in batches:
-      b = parallel.global_batch(train.micro_batches(b, accum), mesh)
+      b = runtime.global_batch(train.micro_batches(b, accum), mesh)
       jaxpr = jaxpr or str(jax.make_jaxpr(step)(state, b))
       state, out = step(state, b)
       losses.append(float(out["loss"]))

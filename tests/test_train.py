@@ -11,10 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxnll import data as data_lib
 from jaxnll import train
-from jaxnll.model import ModelConfig, make_model
 from jaxnll.spans import shift_targets
+from jaxnll.train import data as data_lib
+from jaxnll.train.model import ModelConfig, make_model
 
 TINY = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32)
 SPEC = data_lib.BatchSpec(rows=8, length=64, pack=True, segments=8)
@@ -38,7 +38,7 @@ def _split(model_config=TINY, tx=None, seed=0):
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("loss", "fused"))
 def _step(graphdef, state, batch, loss="subsequence", fused=False):
-  return train.train_step_fn(graphdef, state, batch, loss=loss, fused=fused)
+  return train.train_step_fn(graphdef, state, batch, objective=train.SFT(loss, fused))
 
 
 def _params(state):
@@ -97,7 +97,7 @@ def test_accumulation_uses_the_global_token_mean():
     new, out = _step(graphdef, state, train.micro_batches(batch, accum))
     results[accum] = new, out
     assert float(out["loss"]) == pytest.approx(2.6, abs=1e-5)
-    assert out["target_tokens"] == 10
+    assert out["target_count"] == 10
     np.testing.assert_allclose(out["sample_sums"][:, 0], [2.0, 24.0], rtol=1e-5)
     np.testing.assert_array_equal(out["sample_counts"][:, 0], [2, 8])
   # Averaging the two micro-batch means would have given (1 + 3) / 2 = 2.0.

@@ -109,7 +109,7 @@ def step_record(*, step, epoch, out, sample_ids, seconds, lr) -> dict[str, Any]:
     "epoch": int(epoch),
     "loss": float(out["loss"]),
     "target_loss": float(out["target_loss"]),
-    "target_tokens": int(out["target_tokens"]),
+    "target_tokens": int(out["target_count"]),
     "tokens": int(out["tokens"]),
     "tokens_per_s": round(tokens_per_second(float(out["tokens"]), seconds), 1),
     "grad_norm": float(out["grad_norm"]),

@@ -43,7 +43,7 @@ class ModelConfig:
 
   Attributes:
     kind: ``"transformer"`` or ``"lstm"``.
-    vocab_size: ``V``; the byte tokenizer of :mod:`jaxnll.data` needs 264.
+    vocab_size: ``V``; the byte tokenizer of :mod:`jaxnll.train.data` needs 264.
     d_model: ``D``, the residual width (the LSTM's embedding and hidden width).
     num_layers: decoder blocks, or stacked LSTM layers.
     num_heads: attention heads (transformer); ``d_model`` must be divisible by it.

@@ -1,4 +1,4 @@
-"""Tests for jaxnll/distill_train.py: the objective, teacher answers, `jaxnll train --teacher`."""
+"""Tests for jaxnll/train/teacher.py: the objective, teacher answers, `jaxnll train --teacher`."""
 
 import dataclasses
 import json
@@ -11,11 +11,12 @@ import pytest
 from flax import nnx
 
 import jaxnll
-from jaxnll import cli, distill_train, train
-from jaxnll import data as data_lib
-from jaxnll.distill_train import DistillConfig
-from jaxnll.model import ModelConfig, make_model
+from jaxnll import cli, train
 from jaxnll.spans import shift_targets
+from jaxnll.train import data as data_lib
+from jaxnll.train import teacher as distill_train
+from jaxnll.train.model import ModelConfig, make_model
+from jaxnll.train.teacher import DistillConfig
 
 TINY = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32)
 SPEC = data_lib.BatchSpec(rows=6, length=64, pack=True, segments=4)
@@ -45,11 +46,9 @@ def test_alpha_zero_is_the_plain_training_loss():
   model = make_model(TINY, seed=0)
   teacher_logits = make_model(TINY, seed=1)(batch["tokens"], segment_ids=batch["segment_ids"])
   kd_batch = {**batch, "teacher_logits": teacher_logits}
-  obj = lambda m, b: distill_train.objective(  # noqa: E731
-    m, b, loss="subsequence", fused=False, config=_config(kd_weight=0.0, temperature=3.0)
-  )
+  obj = distill_train.Distill(_config(kd_weight=0.0, temperature=3.0))
   (num, aux), g = _grads(obj, model, kd_batch)
-  (num_ref, aux_ref), g_ref = _grads(lambda m, b: train.loss_fn(m, b), model, batch)
+  (num_ref, aux_ref), g_ref = _grads(lambda m, b: train.SFT()(m, b), model, batch)
   np.testing.assert_allclose(num, num_ref, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -63,12 +62,8 @@ def test_token_objective_is_mixed_nll_and_tau_squared_kd():
   lay = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
   teacher_logits = teacher(batch["tokens"], **lay)
   alpha, tau = 0.6, 2.0
-  num, aux = distill_train.objective(
-    model,
-    {**batch, "teacher_logits": teacher_logits},
-    loss="subsequence",
-    fused=False,
-    config=_config(kd_weight=alpha, temperature=tau),
+  num, aux = distill_train.Distill(_config(kd_weight=alpha, temperature=tau))(
+    model, {**batch, "teacher_logits": teacher_logits}
   )
   targets, mask = shift_targets(batch["tokens"], batch["span_mask"], batch["segment_ids"])
   logits = model(batch["tokens"], **lay)
@@ -84,9 +79,7 @@ def test_token_objective_is_mixed_nll_and_tau_squared_kd():
     np.testing.assert_allclose(aux["sample_kd_sums"][:, s], want, rtol=1e-5, atol=1e-5)
   # The teacher gets no gradient even if it is differentiated through.
   g = jax.grad(
-    lambda t: distill_train.objective(
-      model, {**batch, "teacher_logits": t}, loss="subsequence", fused=False, config=_config()
-    )[0]
+    lambda t: distill_train.Distill(_config())(model, {**batch, "teacher_logits": t})[0]
   )(teacher_logits)
   np.testing.assert_array_equal(g, 0.0)
 
@@ -105,9 +98,7 @@ def test_sequence_objective_is_the_nll_of_the_teacher_answers():
   }
   model = make_model(TINY, seed=0)
   alpha = 0.25
-  num, aux = distill_train.objective(
-    model, full, loss="subsequence", fused=False, config=_config(kd="sequence", kd_weight=alpha)
-  )
+  num, aux = distill_train.Distill(_config(kd="sequence", kd_weight=alpha))(model, full)
   kd_targets, kd_mask = shift_targets(kd["tokens"], kd["span_mask"], kd["segment_ids"])
   kd_nll = jaxnll.sequence_nll(
     model(kd["tokens"], segment_ids=kd["segment_ids"]), kd_targets, kd_mask

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -48,10 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnll import data as data_lib
 from jaxnll.distill import segment_distill_cross_entropy
 from jaxnll.nll import segment_nll
 from jaxnll.spans import shift_targets
+from jaxnll.train import data as data_lib
+from jaxnll.train import generate
+from jaxnll.train.model import count_params
+from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux, segment_counts
+from jaxnll.train.run import RunConfig, build_trainer, restore_state
 
 F32 = jnp.float32
 KD_MODES = ("token", "sequence")
@@ -101,66 +104,60 @@ class DistillConfig:
 # ----------------------------------------------------------------------------- the objective
 
 
-def objective(model: nnx.Module, batch: Batch, *, loss: str, fused: bool, config: DistillConfig):
+@dataclasses.dataclass(frozen=True)
+class Distill(Objective):
   """The numerator of ``(1 - α)·NLL + α·KD`` for one micro-batch, and its aux.
 
-  A drop-in for :func:`jaxnll.train.loss_fn` (same signature once ``config`` is bound, same
-  aux keys) that also reports ``objective_sum`` (the value of the numerator), ``kd_sum`` /
-  ``kd_count`` and the per-sample ``sample_kd_sums`` / ``sample_kd_counts`` ``[B, S]``.
-  ``denominator`` is ``(1 - α)·target_count + α·kd_count``.  ``loss`` must be
-  ``"subsequence"`` and ``fused`` False (checked by :class:`Distiller`).
+  An objective of :mod:`jaxnll.train.objectives` (same entries as
+  :class:`~jaxnll.train.objectives.SFT`) that also reports ``kd_sum`` / ``kd_count`` (logged
+  as ``kd_loss``) and the per-sample ``sample_kd_sums`` / ``sample_kd_counts`` ``[B, S]``.
+  ``denominator`` is ``(1 - α)·target_count + α·kd_count``.  Reads ``batch["teacher_logits"]``
+  (token mode) or the ``kd_*`` batch of teacher answers (sequence mode), which
+  :class:`Distiller` adds on the host.
   """
-  del loss, fused
-  tokens, span, seg = batch["tokens"], batch["span_mask"], batch["segment_ids"]
-  num_segments = batch["sample_ids"].shape[-1]
-  targets, target_mask = shift_targets(tokens, span, seg)
-  _, valid_mask = shift_targets(tokens, seg > 0, seg)
-  logits = model(tokens, segment_ids=seg, positions=batch["positions"], span_mask=target_mask)
-  nll = segment_nll(logits, targets, target_mask, seg, num_segments=num_segments)
-  counts = _segment_counts(target_mask, seg, num_segments)
-  alpha = config.kd_weight
-  if config.kd == "token":
-    kd = segment_distill_cross_entropy(
-      logits,
-      batch["teacher_logits"],
-      target_mask,
-      seg,
-      num_segments=num_segments,
-      temperature=config.temperature,
-    )
-    kd_counts, scale = counts, config.temperature**2
-  else:
-    kd_tokens, kd_seg = batch["kd_tokens"], batch["kd_segment_ids"]
-    kd_targets, kd_mask = shift_targets(kd_tokens, batch["kd_span_mask"], kd_seg)
-    kd_logits = model(
-      kd_tokens, segment_ids=kd_seg, positions=batch["kd_positions"], span_mask=kd_mask
-    )
-    kd = segment_nll(kd_logits, kd_targets, kd_mask, kd_seg, num_segments=num_segments)
-    kd_counts, scale = _segment_counts(kd_mask, kd_seg, num_segments), 1.0
-  numerator = (1.0 - alpha) * jnp.sum(nll) + (alpha * scale) * jnp.sum(kd)
-  sg = jax.lax.stop_gradient
-  target_count = jnp.sum(target_mask, dtype=F32)
-  kd_count = jnp.sum(kd_counts)
-  aux = {
-    "sample_sums": sg(nll),
-    "sample_counts": counts,
-    "sample_kd_sums": sg(kd),
-    "sample_kd_counts": kd_counts,
-    "target_sum": jnp.sum(sg(nll)),
-    "target_count": target_count,
-    "valid_count": jnp.sum(valid_mask, dtype=F32),
-    "tokens": jnp.sum(seg > 0, dtype=F32),
-    "kd_sum": jnp.sum(sg(kd)),
-    "kd_count": kd_count,
-    "objective_sum": sg(numerator),
-    "denominator": (1.0 - alpha) * target_count + alpha * kd_count,
-  }
-  return numerator, aux
 
+  config: DistillConfig
 
-def _segment_counts(mask, segment_ids, num_segments):
-  onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1)
-  return jnp.sum(jnp.where(onehot, mask[..., None].astype(F32), 0.0), axis=1)
+  def __call__(self, model: nnx.Module, batch: Batch):
+    config = self.config
+    targets, target_mask, valid_mask, num_segments = batch_masks(batch)
+    seg = batch["segment_ids"]
+    logits = model(
+      batch["tokens"], segment_ids=seg, positions=batch["positions"], span_mask=target_mask
+    )
+    nll = segment_nll(logits, targets, target_mask, seg, num_segments=num_segments)
+    counts = segment_counts(target_mask, seg, num_segments)
+    alpha = config.kd_weight
+    if config.kd == "token":
+      kd = segment_distill_cross_entropy(
+        logits,
+        batch["teacher_logits"],
+        target_mask,
+        seg,
+        num_segments=num_segments,
+        temperature=config.temperature,
+      )
+      kd_counts, scale = counts, config.temperature**2
+    else:
+      kd_tokens, kd_seg = batch["kd_tokens"], batch["kd_segment_ids"]
+      kd_targets, kd_mask = shift_targets(kd_tokens, batch["kd_span_mask"], kd_seg)
+      kd_logits = model(
+        kd_tokens, segment_ids=kd_seg, positions=batch["kd_positions"], span_mask=kd_mask
+      )
+      kd = segment_nll(kd_logits, kd_targets, kd_mask, kd_seg, num_segments=num_segments)
+      kd_counts, scale = segment_counts(kd_mask, kd_seg, num_segments), 1.0
+    numerator = (1.0 - alpha) * jnp.sum(nll) + (alpha * scale) * jnp.sum(kd)
+    sg = jax.lax.stop_gradient
+    aux = common_aux(batch, target_mask, valid_mask, sg(nll), num_segments)
+    kd_count = jnp.sum(kd_counts)
+    aux.update(
+      sample_kd_sums=sg(kd),
+      sample_kd_counts=kd_counts,
+      kd_sum=jnp.sum(sg(kd)),
+      kd_count=kd_count,
+      denominator=(1.0 - alpha) * aux["target_count"] + alpha * kd_count,
+    )
+    return numerator, aux
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -168,50 +165,21 @@ def _segment_counts(mask, segment_ids, num_segments):
 
 def load_teacher(run_dir: str):
   """The trained model of ``run_dir`` (latest checkpoint): ``(model, run_config, step)``."""
-  from jaxnll import train
-
   config_path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(
       f"--teacher {run_dir}: no config.json there (a run directory written by `jaxnll train`)"
     )
   with open(config_path) as f:
-    run = train.RunConfig.from_dict(json.load(f))
-  graphdef, state = nnx.split(train.build_trainer(run))
-  step, state = train.restore_state(os.path.join(run_dir, "checkpoints"), state)
+    run = RunConfig.from_dict(json.load(f))
+  graphdef, state = nnx.split(build_trainer(run))
+  step, state = restore_state(os.path.join(run_dir, "checkpoints"), state)
   return nnx.merge(graphdef, state).model, run, step
 
 
 @nnx.jit
 def _forward(model, tokens, segment_ids, positions):
   return model(tokens, segment_ids=segment_ids, positions=positions)
-
-
-@functools.partial(nnx.jit, static_argnames=("max_new",))
-def _greedy_ids(model, tokens, lengths, *, max_new: int):
-  """Greedy continuation of each row's first ``lengths`` tokens, until EOS or ``max_new``."""
-  rows, length = tokens.shape
-
-  def cond(carry):
-    i, _, _, done = carry
-    return (i < max_new) & ~jnp.all(done)
-
-  def body(carry):
-    i, tokens, lengths, done = carry
-    logits = model(tokens)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    nxt = jnp.argmax(last, axis=-1).astype(tokens.dtype)
-    write = ~done & (lengths < length)
-    at = jnp.minimum(lengths, length - 1)
-    old = tokens[jnp.arange(rows), at]
-    tokens = tokens.at[jnp.arange(rows), at].set(jnp.where(write, nxt, old))
-    lengths = lengths + write
-    done = done | (write & (nxt == data_lib.EOS)) | (lengths >= length)
-    return i + 1, tokens, lengths, done
-
-  done = lengths >= length
-  _, tokens, lengths, _ = jax.lax.while_loop(cond, body, (0, tokens, lengths, done))
-  return tokens, lengths
 
 
 def teacher_answers(
@@ -229,15 +197,10 @@ def teacher_answers(
     chunk = order[start : start + rows]
     longest = max(len(prompts[i]) for i in chunk)
     width = min(length, -(-(longest + max_new) // 8) * 8)
-    tokens = np.full((rows, width), data_lib.PAD, np.int32)
-    lengths = np.ones((rows,), np.int32)
+    tokens, lengths = generate.prompt_rows([prompts[i] for i in chunk], width, rows)
+    out, end = jax.device_get(generate.greedy(model, tokens, lengths, max_new=max_new))
     for r, i in enumerate(chunk):
-      tokens[r, : len(prompts[i])] = prompts[i]
-      lengths[r] = len(prompts[i])
-    out, end = jax.device_get(_greedy_ids(model, tokens, lengths, max_new=max_new))
-    for r, i in enumerate(chunk):
-      ids = [int(x) for x in out[r, len(prompts[i]) : end[r]]]
-      answers[i] = ids[: ids.index(data_lib.EOS)] if data_lib.EOS in ids else ids
+      answers[i] = generate.answer_ids(out[r], len(prompts[i]), end[r])
   return answers
 
 
@@ -255,10 +218,10 @@ def answer_sample(example: data_lib.Example, answer: Sequence[int], length: int)
 # ----------------------------------------------------------------------------- the run glue
 
 
-class Distiller:
-  """What :func:`jaxnll.train.fit` needs to train a student from a teacher.
+class Distiller(Task):
+  """What :func:`jaxnll.train.loop.fit` needs to train a student from a teacher.
 
-  * :attr:`objective` replaces :func:`jaxnll.train.loss_fn` in the train step;
+  * :attr:`objective` (a :class:`Distill`) is what the train step differentiates;
   * :meth:`prepare` adds the teacher's part to each host batch (teacher logits, or the
     batch of teacher answers) before it is split into micro-batches;
   * :meth:`annotate` adds the distillation figures to a ``metrics.jsonl`` record.
@@ -285,6 +248,7 @@ class Distiller:
       raise ValueError("distillation runs in a single process (any device mesh there)")
     if config.kd == "sequence" and run.batch.pack:
       raise ValueError("--kd sequence needs unpacked batches (one sample per row): drop --pack")
+    super().__init__(Distill(config))
     self.config = config
     self.teacher, teacher_run, step = load_teacher(config.teacher)
     if teacher_run.model.vocab_size != run.model.vocab_size:
@@ -292,14 +256,11 @@ class Distiller:
         f"teacher vocabulary ({teacher_run.model.vocab_size}) differs from the student's "
         f"({run.model.vocab_size})"
       )
-    from jaxnll.model import count_params
-
     log(
       f"teacher: {teacher_run.model.kind} with {count_params(self.teacher):,} parameters "
       f"from {config.teacher} (step {step}); kd={config.kd}, α={config.kd_weight}"
       + (f", τ={config.temperature}" if config.kd == "token" else "")
     )
-    self.objective = functools.partial(objective, config=config)
     self.length = run.batch.length
     self.answers: list[tuple[np.ndarray, np.ndarray]] = []
     if config.kd == "sequence":
@@ -335,7 +296,7 @@ class Distiller:
     log(f"teacher answers match the reference on {same}/{len(examples)} training prompts")
     return answers
 
-  def prepare(self, batch: Batch) -> Batch:
+  def prepare(self, batch: Batch, model=None, step: int = 0) -> Batch:
     """``batch`` with the teacher's logits, or the aligned batch of teacher answers."""
     if self.config.kd == "token":
       logits = _forward(self.teacher, batch["tokens"], batch["segment_ids"], batch["positions"])
@@ -349,8 +310,7 @@ class Distiller:
       **{f"kd_{k}": kd[k] for k in ("tokens", "span_mask", "segment_ids", "positions")},
     }
 
-  @staticmethod
-  def annotate(record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
+  def annotate(self, record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
     """Adds ``kd_loss`` and the per-sample ``sample_kd`` / ``sample_kd_tokens`` to a record."""
     keep = np.asarray(sample_ids) >= 0
     record["kd_loss"] = float(out["kd_loss"])
@@ -359,8 +319,9 @@ class Distiller:
     return record
 
 
-def make_distiller(run, train_examples, out_dir: str, *, log=print) -> Distiller | None:
-  """The :class:`Distiller` of a run whose ``run.distill`` is set, else ``None``."""
+def make_task(run, train_examples, out_dir: str, *, log=print) -> Distiller | None:
+  """The :class:`Distiller` of a run whose ``run.distill`` is set, else ``None`` (a task
+  builder of :data:`jaxnll.train.loop.TASK_BUILDERS`)."""
   if getattr(run, "distill", None) is None:
     return None
   return Distiller(DistillConfig.from_dict(run.distill), run, train_examples, out_dir, log=log)
