@@ -23,8 +23,12 @@ Modules: ``specs`` (the head table), ``impls`` (what is compared), ``harness`` (
 """
 
 from jaxnll.bench.cli import add_arguments as add_arguments
+from jaxnll.bench.cli import case_of as case_of
+from jaxnll.bench.cli import failures as failures
+from jaxnll.bench.cli import fractions_arg as fractions_arg
 from jaxnll.bench.cli import main as main
 from jaxnll.bench.cli import run as run
+from jaxnll.bench.cli import script_parser as script_parser
 from jaxnll.bench.harness import PASSES as PASSES
 from jaxnll.bench.harness import Progress as Progress
 from jaxnll.bench.harness import bench_case as bench_case
@@ -39,6 +43,7 @@ from jaxnll.bench.harness import relative_error as relative_error
 from jaxnll.bench.harness import summarize as summarize
 from jaxnll.bench.harness import timed as timed
 from jaxnll.bench.harness import tolerance as tolerance
+from jaxnll.bench.harness import within_budget as within_budget
 from jaxnll.bench.impls import DISTILL as DISTILL
 from jaxnll.bench.impls import HEAD as HEAD
 from jaxnll.bench.impls import LOGITS as LOGITS
@@ -51,6 +56,7 @@ from jaxnll.bench.impls import logits_implementations as logits_implementations
 from jaxnll.bench.impls import make_inputs as make_inputs
 from jaxnll.bench.impls import naive_loss as naive_loss
 from jaxnll.bench.impls import optax_loss as optax_loss
+from jaxnll.bench.impls import parallel_args as parallel_args
 from jaxnll.bench.impls import parallel_implementations as parallel_implementations
 from jaxnll.bench.impls import reference_loss as reference_loss
 from jaxnll.bench.impls import tokamax_loss as tokamax_loss
@@ -69,6 +75,7 @@ from jaxnll.bench.report import markdown as markdown
 from jaxnll.bench.report import plot as plot
 from jaxnll.bench.report import plot_curves as plot_curves
 from jaxnll.bench.report import report as report
+from jaxnll.bench.report import summary as summary
 from jaxnll.bench.specs import FRACTIONS as FRACTIONS
 from jaxnll.bench.specs import QUICK_FRACTIONS as QUICK_FRACTIONS
 from jaxnll.bench.specs import QUICK_SPEC as QUICK_SPEC
@@ -79,4 +86,5 @@ from jaxnll.bench.specs import Spec as Spec
 from jaxnll.bench.specs import is_accelerator as is_accelerator
 from jaxnll.bench.specs import resolve as resolve
 from jaxnll.bench.specs import span_mask as span_mask
+from jaxnll.bench.specs import tokens_arg as tokens_arg
 from jaxnll.bench.specs import with_vocab as with_vocab

@@ -12,7 +12,7 @@ import jax
 
 from jaxnll.bench import harness, records
 from jaxnll.bench.impls import SUITE, implementations
-from jaxnll.bench.report import report
+from jaxnll.bench.report import report, summary
 from jaxnll.bench.specs import (
   FRACTIONS,
   QUICK_FRACTIONS,
@@ -23,6 +23,26 @@ from jaxnll.bench.specs import (
   resolve,
   tokens_arg,
 )
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def script_parser(
+  doc: str, *, spec: str, tokens: tuple[int, int], dtype: str = "bfloat16"
+) -> argparse.ArgumentParser:
+  """The options every script in ``bench/`` shares: results directory, head, tokens, dtype
+  (read back by :func:`case_of`)."""
+  p = argparse.ArgumentParser(description=doc.split("\n")[0])
+  p.add_argument("--out", default="bench/results", help="results directory (default: %(default)s)")
+  p.add_argument("--spec", default=spec, choices=sorted(SPECS), help="head (default: %(default)s)")
+  p.add_argument("--tokens", type=tokens_arg, default=tokens, help="B x T, e.g. 8x512")
+  p.add_argument("--dtype", default=dtype, choices=DTYPES, help="default: %(default)s")
+  return p
+
+
+def case_of(args: argparse.Namespace) -> Case:
+  """The :class:`Case` of a :func:`script_parser`'s arguments (the library's chunks)."""
+  return Case(SPECS[args.spec], *args.tokens, args.dtype)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--fractions", help="span fractions, comma separated (default: 1,0.5,0.25)")
   p.add_argument("--repeats", type=int, help="interleaved repetitions (default: 5, quick: 3)")
   p.add_argument("--warmup", type=int, help="warm-up calls after the check (default: 1, quick: 0)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the dtype")
+  p.add_argument("--dtype", choices=DTYPES, help="override the dtype")
   p.add_argument("--tokens", type=tokens_arg, help="override B x T, e.g. 2x128")
   p.add_argument("--budget-s", type=float, help="start no new head after this many seconds")
   p.add_argument(
@@ -84,11 +104,13 @@ def _impl_names(args: argparse.Namespace) -> tuple[str, ...]:
   return tuple(n for n in SUITE if n in keep)
 
 
-def _failures(rows: Sequence[dict], say) -> int:
-  bad = [r for r in rows if r["metric"] == "status" and r["stat"] in ("failed", "check_failed")]
-  for r in bad:
-    say(f"{r['spec']} {r['impl']}: {r['note']}")
-  return len(bad)
+def failures(rows: Sequence[dict]) -> list[str]:
+  """``"spec impl: why"`` for every implementation that failed or differed from the reference."""
+  return [
+    f"{r['spec']} {r['impl']}: {r['note']}"
+    for r in rows
+    if r["metric"] == "status" and r["stat"] in ("failed", "check_failed")
+  ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,10 +138,7 @@ def run(args: argparse.Namespace) -> int:
   progress = harness.Progress(total, not args.no_progress)
   bad = 0
   try:
-    for case in cases:
-      if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-        progress.write(f"budget of {args.budget_s:g} s spent: {case.spec.name} not run")
-        continue
+    for case in harness.within_budget(cases, args.budget_s, progress.write):
       rows = harness.bench_case(
         case,
         env,
@@ -130,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
       )
       records.save(rows, args.out)  # each head as soon as it is done: a killed run keeps the others
-      bad += _failures(rows, progress.write)
+      for line in failures(rows):
+        bad += 1
+        progress.write(line)
   finally:
     progress.close()
   if not args.no_report:
@@ -146,10 +167,8 @@ def _run_memory(args: argparse.Namespace, cases: Sequence[Case], env: dict) -> i
   for case in cases:
     rows = harness.memory_case(case, env)
     records.save(rows, args.out)
-    for r in rows:
-      if r["metric"] == "temp_bytes" and r["pass"] == "fwd_bwd":
-        print(f"{case.spec.name:10s} {r['impl']:20s} temp fwd+bwd {r['value'] / 2**20:10.1f} MiB")
-    bad += _failures(rows, print)
+    print(summary(rows), flush=True)
+    bad += len(failures(rows))
   if not args.no_report:
     md, _ = report(args.out)
     print(f"table: {md}")

@@ -150,6 +150,17 @@ def steps_of(n_impls: int, n_fractions: int, repeats: int) -> int:
   return n_impls + n_fractions * (2 + repeats)
 
 
+def within_budget(items: Iterable, budget_s: float | None, say: Callable[[str], None] = print):
+  """``items`` while less than ``budget_s`` seconds have passed since the first (each item
+  is a head: a started one runs to its end; the rest are named as not run)."""
+  t0 = time.perf_counter()
+  for item in items:
+    if budget_s is not None and time.perf_counter() - t0 > budget_s:
+      say(f"budget of {budget_s:g} s spent: {getattr(item, 'name', item)} not run")
+      continue
+    yield item
+
+
 # ----------------------------------------------------------------------------- the steps
 
 
@@ -352,11 +363,12 @@ def check_case(
   op: Op = HEAD,
   fraction: float = 0.5,
   bench: str = "bench",
+  shards: int = 1,
   seed: int = 0,
 ) -> list[dict]:
   """The reference check alone at ``case`` (a small one, ahead of compile-only memory at
   full size): ``max_rel_err`` and ``status`` records, nothing timed."""
-  rows, base, record = _recorder(case, env, bench=bench)
+  rows, base, record = _recorder(case, env, bench=bench, shards=shards)
   failed = unavailable(impls)
   mask = jnp.asarray(span_mask(case.batch, case.length, fraction))
   args = (*op.inputs(case, seed), mask)
@@ -381,6 +393,7 @@ def bench_case(
   warmup: int = 1,
   impls: dict[str, Impl] | None = None,
   op: Op = HEAD,
+  passes: Sequence[str] = PASSES,
   progress: Progress | None = None,
   seed: int = 0,
   bench: str = "bench",
@@ -393,7 +406,9 @@ def bench_case(
   failed = unavailable(impls)
   inputs = op.inputs(case, seed)
   full = jnp.asarray(span_mask(case.batch, case.length, 1.0))
-  compiled = compile_all(impls, op, (*inputs, full), record, failed, progress=progress)
+  compiled = compile_all(
+    impls, op, (*inputs, full), record, failed, passes=passes, progress=progress
+  )
   rtol = tolerance(case.dtype, env["backend"])
   for fraction in fractions:
     label = f"{case.spec.name} span {fraction:g}"

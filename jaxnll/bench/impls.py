@@ -318,6 +318,24 @@ def distill_implementations() -> dict[str, Impl]:
 # ----------------------------------------------------------------------------- vocabulary-parallel
 
 
+def parallel_args(case: Case, mesh) -> tuple:
+  """The shapes of :data:`HEAD`'s arguments at ``case`` placed on ``mesh``: the weight split
+  along its (padded) vocabulary over ``model``, everything else replicated."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jaxnll import parallel
+
+  vocab = parallel.padded_vocab(case.vocab, mesh.shape["model"])
+  b, t, d, dtype = case.batch, case.length, case.hidden, jnp.dtype(case.dtype)
+  shapes = (((b, t, d), dtype), ((d, vocab), dtype), ((b, t), jnp.int32), ((b, t), jnp.bool_))
+  specs = (P(), P(None, "model"), P(), P())
+  return tuple(
+    jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
+    for (shape, dt), spec in zip(shapes, specs, strict=True)
+  )
+
+
 def parallel_implementations(mesh, vocab: int) -> dict[str, Impl]:
   """The head split along the vocabulary over ``mesh``'s ``model`` axis (weight padded to a
   multiple of its size): ``fused`` (:func:`jaxnll.parallel.linear_nll_loss`, each device

@@ -358,6 +358,34 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
   plt.close(fig)
 
 
+def summary(rows: Sequence[dict]) -> str:
+  """One line per measured number worth reading in a terminal: fwd+bwd temp memory and, per
+  span fraction, fwd+bwd time, each × optax where optax was measured; the implementations
+  that did not pass."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["spec"], r["shards"]), []).append(r)
+  lines = []
+  for (spec, shards), group in groups.items():
+    at = spec if str(shards) in ("", "1") else f"{spec} ×{shards}"
+    idx = _index(group)
+    optax = idx.get(("optax", "fwd_bwd", "temp_bytes", "value", None))
+    for name in _impls_in(group):
+      mem = idx.get((name, "fwd_bwd", "temp_bytes", "value", None))
+      if mem is not None:
+        ratio = f" ({mem / optax:.3g} × optax)" if optax else ""
+        lines.append(f"{at:24s} {name:20s} temp fwd+bwd {mem / 2**20:10.4g} MiB{ratio}")
+      for f in _fractions(group, reverse=True):
+        t = idx.get((name, "fwd_bwd", "time_s", "median", f))
+        if t is not None:
+          x = idx.get((name, "fwd_bwd", "ratio_vs_optax", "median", f))
+          ratio = f" ({x:.3g} × optax)" if x is not None else ""
+          lines.append(f"{at:24s} {name:20s} span {f:<5g} fwd+bwd {_ms(t):>8s} ms{ratio}")
+      if (note := _not_ok(group, name)) is not None:
+        lines.append(f"{at:24s} {note[2:]}")
+  return "\n".join(lines)
+
+
 def report(out: str) -> tuple[str, list[str]]:
   """Writes ``out/bench.md`` and one PNG per head and device from ``out/bench.jsonl``."""
   groups = latest(load(out))

@@ -73,6 +73,10 @@ class Case:
   """The fused kernels' ``token_chunk`` (None: the library default)."""
 
   @property
+  def name(self) -> str:
+    return self.spec.name
+
+  @property
   def tokens(self) -> int:
     return self.batch * self.length
 
