@@ -67,10 +67,9 @@ def main(argv=None) -> int:
       impls=bench.implementations(case, names),
       bench="fused",
     )
-  bench.save(rows, args.out, "fused")
+  status = bench.finish(rows, args.out, "fused")
   bench.plot_curves(rows, os.path.join(args.out, "fused.png"))
-  print(bench.summary(rows))
-  return 1 if bench.failures(rows) else 0
+  return status
 
 
 if __name__ == "__main__":

@@ -61,9 +61,7 @@ def main(argv=None) -> int:
       bench="parallel",
       shards=n,
     )
-  bench.save(rows, args.out, "parallel")
-  print(bench.summary(rows))
-  return 1 if bench.failures(rows) else 0
+  return bench.finish(rows, args.out, "parallel")
 
 
 if __name__ == "__main__":

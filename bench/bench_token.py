@@ -40,9 +40,7 @@ def main(argv=None) -> int:
     passes=("fwd_bwd",),
     bench="token",
   )
-  bench.save(rows, args.out, "token")
-  print(bench.summary(rows))
-  return 1 if bench.failures(rows) else 0
+  return bench.finish(rows, args.out, "token")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ def main(argv=None) -> int:
   small = bench.Case(case.spec, 2, 16, "float32")
   rows = bench.check_case(small, env, impls=impls, op=bench.DISTILL, bench="distill")
   rows += bench.memory_case(case, env, impls=impls, op=bench.DISTILL, bench="distill")
-  bench.save(rows, args.out, "distill")
-  print(bench.summary(rows))
-  return 1 if bench.failures(rows) else 0
+  return bench.finish(rows, args.out, "distill")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_interleave_rotates_the_order_and_reverses_every_other_repetition():
   order = []
   calls = {n: {"fwd": lambda n=n: order.append(n)} for n in "abc"}
   times = bench.interleave(calls, 4, timer=lambda call: call() or 1.0)
-  assert "".join(order) == "abc" + "acb" + "cab" + "bac"
+  assert "".join(order) == "abc" + "acb" + "cab" + "cba"
   assert times == {n: {"fwd": [1.0] * 4} for n in "abc"}
 
 

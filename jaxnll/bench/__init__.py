@@ -25,6 +25,7 @@ Modules: ``specs`` (the head table), ``impls`` (what is compared), ``harness`` (
 from jaxnll.bench.cli import add_arguments as add_arguments
 from jaxnll.bench.cli import case_of as case_of
 from jaxnll.bench.cli import failures as failures
+from jaxnll.bench.cli import finish as finish
 from jaxnll.bench.cli import fractions_arg as fractions_arg
 from jaxnll.bench.cli import main as main
 from jaxnll.bench.cli import run as run

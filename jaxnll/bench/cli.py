@@ -45,6 +45,14 @@ def case_of(args: argparse.Namespace) -> Case:
   return Case(SPECS[args.spec], *args.tokens, args.dtype)
 
 
+def finish(rows: Sequence[dict], out: str, name: str) -> int:
+  """A script's end: appends ``rows`` to ``out/NAME.csv`` / ``.jsonl``, prints their summary;
+  the exit status, 1 if an implementation failed or differed from its reference."""
+  records.save(rows, out, name)
+  print(summary(rows), flush=True)
+  return 1 if failures(rows) else 0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   """The options of ``jaxnll bench``."""
   p.add_argument("--quick", action="store_true", help="one small case, 2 span fractions, 3 reps")
