@@ -42,7 +42,6 @@ from jaxnll.bench.harness import memory_case as memory_case
 from jaxnll.bench.harness import percentiles as percentiles
 from jaxnll.bench.harness import relative_error as relative_error
 from jaxnll.bench.harness import summarize as summarize
-from jaxnll.bench.harness import timed as timed
 from jaxnll.bench.harness import tolerance as tolerance
 from jaxnll.bench.harness import within_budget as within_budget
 from jaxnll.bench.impls import DISTILL as DISTILL

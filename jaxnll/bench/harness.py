@@ -62,11 +62,6 @@ def ready_seconds(call: Callable[[], object]) -> float:
   return time.perf_counter() - t0
 
 
-def timed(fn: Callable, args: Sequence) -> float:
-  """Wall seconds of one call, until its results are ready."""
-  return ready_seconds(lambda: fn(*args))
-
-
 def fwd_bwd(loss: Loss, argnums: tuple[int, ...] = (0, 1)) -> Loss:
   """Value and gradients (default: with respect to ``hidden`` and ``weight``)."""
   return jax.value_and_grad(loss, argnums=argnums)

@@ -254,11 +254,16 @@ def _ratio_points(idx: dict, name: str, fractions: Sequence[float]) -> list[tupl
   return pts
 
 
+def _style(k: int) -> dict:
+  """Marker and line style of the ``k``-th curve: curves that coincide stay visible."""
+  return dict(marker="osv^xD"[k % 6], linestyle=("-", "--", ":", "-.")[k % 4])
+
+
 def _plot_ratios(ax, idx: dict, names: Sequence[str], fractions: Sequence[float]) -> None:
-  for name in names:
+  for k, name in enumerate(names):
     if name not in ROOFS and (pts := _ratio_points(idx, name, fractions)):
       f, m, el, eh = zip(*pts, strict=True)
-      ax.errorbar(f, m, yerr=[el, eh], marker="o", capsize=3, label=name)
+      ax.errorbar(f, m, yerr=[el, eh], capsize=3, label=name, **_style(k))
   ax.set_xlabel("span fraction (target tokens / tokens)")
   ax.set_ylabel("fwd+bwd time / optax (median, p20–p80)")
   ax.set_yscale("log")
@@ -327,9 +332,12 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
   fwd+bwd temp memory against the vocabulary (the compile-only ones)."""
   plt = _pyplot()
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-  timed = [r for r in rows if r["metric"] == "time_s"]
+  timed = [r for r in rows if r["span_fraction"] != ""]
   if timed:
-    _plot_ratios(ax_t, _index(timed), _impls_in(timed), _fractions(timed))
+    names = [
+      n for n in _impls_in(timed) if any(r["impl"] == n for r in timed if r["metric"] == "time_s")
+    ]
+    _plot_ratios(ax_t, _index(timed), names, _fractions(timed))
     r = timed[0]
     ax_t.set_title(
       f"time, {r['batch']}x{r['length']} tokens, D={r['hidden']}, V={r['vocab']}, {r['dtype']}",
@@ -340,9 +348,9 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
     for r in rows
     if r["metric"] == "temp_bytes" and r["pass"] == "fwd_bwd" and r["note"] == "compile only"
   ]
-  for name in _impls_in(mem):
+  for k, name in enumerate(_impls_in(mem)):
     pts = sorted((int(r["vocab"]), r["value"] / 2**30) for r in mem if r["impl"] == name)
-    ax_m.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax_m.plot(*zip(*pts, strict=True), label=name, **_style(k))
   ax_m.set_xlabel("vocabulary V")
   ax_m.set_ylabel("temp memory, fwd+bwd (GiB)")
   ax_m.set_yscale("log")
