@@ -22,7 +22,8 @@ def main(argv=None) -> int:
   for path in pngs:
     print(f"plot: {path}")
   if args.print:
-    print(open(md).read())
+    with open(md) as f:
+      print(f.read())
   return 0
 
 

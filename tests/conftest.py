@@ -8,6 +8,7 @@ if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -18,3 +19,13 @@ settings.register_profile(
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("jaxnll")
+
+
+@pytest.fixture
+def tiny_spec(monkeypatch):
+  """A tiny head (D = 32, V = 300) added to the benchmarks' table for the test's duration."""
+  from jaxnll import bench
+
+  spec = bench.Spec("tiny", "tiny test head", 32, 300, cpu=(2, 16))
+  monkeypatch.setitem(bench.SPECS, spec.name, spec)
+  return spec

@@ -1,8 +1,7 @@
-"""Tests for jaxnll/bench.py: the quick run writes records, table and plot; the reference check
-catches a wrong implementation; shapes resolve per backend; the torch peers fall back."""
+"""Tests for jaxnll/bench/: the quick run writes records, table and plot; the reference check
+catches a wrong implementation; shapes resolve per backend; records keep one schema."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -10,14 +9,6 @@ import jax.numpy as jnp
 import pytest
 
 from jaxnll import bench
-
-TINY = bench.Spec("tiny", "tiny test head", 32, 300, cpu=(2, 16))
-
-
-@pytest.fixture
-def tiny_spec(monkeypatch):
-  monkeypatch.setitem(bench.SPECS, TINY.name, TINY)
-  return TINY
 
 
 def test_specs_are_the_real_heads():
@@ -60,7 +51,7 @@ def test_quick_run_writes_records_table_and_plot(tiny_spec, tmp_path, capsys):
   for r in records:
     assert r["device"] and r["jax_version"] and r["git_commit"] and r["date"] and r["run_id"]
   status = {r["impl"]: r for r in records if r["metric"] == "status"}
-  expected = set(bench.implementations(bench.resolve(TINY, backend="cpu")))
+  expected = set(bench.implementations(bench.resolve(tiny_spec, backend="cpu")))
   assert set(status) == expected
   for name, r in status.items():
     if name == "tokamax" and r["stat"] == "skipped":
@@ -119,8 +110,8 @@ def test_memory_only_compiles_at_accelerator_sizes(tiny_spec, tmp_path):
   assert "Compile only" in md and "| jaxnll_fused |" in md
 
 
-def test_reference_check_catches_a_wrong_implementation():
-  case = bench.resolve(TINY, backend="cpu")
+def test_reference_check_catches_a_wrong_implementation(tiny_spec):
+  case = bench.resolve(tiny_spec, backend="cpu")
   impls = bench.implementations(case)
   impls = {
     "optax": impls["optax"],
@@ -145,9 +136,9 @@ def test_reference_check_catches_a_wrong_implementation():
   assert errs["optax"] < 1e-4 and errs["off_by_one"] > 1e-2
 
 
-def test_report_keeps_failures_as_notes(tmp_path):
+def test_report_keeps_failures_as_notes(tiny_spec, tmp_path):
   env = bench.environment()
-  case = bench.resolve(TINY, backend="cpu")
+  case = bench.resolve(tiny_spec, backend="cpu")
   impls = {
     "optax": bench.implementations(case)["optax"],
     "broken": bench.Impl("broken", lambda h, w, y, m: jnp.sum(h) * jnp.nan),
@@ -173,20 +164,37 @@ def test_cli_has_the_bench_subcommand(capsys):
     assert option in out
 
 
-def test_torch_peers_fall_back_cleanly(tmp_path, capsys):
-  path = os.path.join(os.path.dirname(__file__), "..", "bench", "torch_peers.py")
-  spec = importlib.util.spec_from_file_location("torch_peers", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  torch, why = module._torch()
-  if torch is not None:  # a CUDA machine: the peers run for real elsewhere (bench/gpu.sh)
-    return
-  assert module.main(["--out", str(tmp_path), "--spec", "mistral-7b"]) == 0
-  assert "torch peers skipped" in capsys.readouterr().out and why
-  assert not os.path.exists(tmp_path / "bench.jsonl")
-
-
 def test_records_are_json_lines(tmp_path):
   bench.save([dict.fromkeys(bench.FIELDS, 1)], str(tmp_path))
   line = open(tmp_path / "bench.jsonl").read().strip()
   assert set(json.loads(line)) == set(bench.FIELDS)
+
+
+def test_older_records_load_and_the_csv_is_rewritten_with_every_column(tmp_path):
+  old_fields = [f for f in bench.FIELDS if f not in ("bench", "shards")]
+  with open(tmp_path / "bench.csv", "w") as f:
+    f.write(",".join(old_fields) + "\n" + ",".join("7" for _ in old_fields) + "\n")
+  with open(tmp_path / "bench.jsonl", "w") as f:
+    f.write(json.dumps(dict.fromkeys(old_fields, 7)) + "\n")
+  (old,) = bench.load(str(tmp_path))
+  assert tuple(old) == bench.FIELDS and old["bench"] == "bench" and old["shards"] == 1
+  bench.save([dict.fromkeys(bench.FIELDS, 2)], str(tmp_path))
+  with open(tmp_path / "bench.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert tuple(rows[0]) == bench.FIELDS and len(rows) == 2
+  assert rows[0]["shards"] == "1" and rows[0]["metric"] == "7" and rows[1]["metric"] == "2"
+
+
+def test_interleave_rotates_the_order_and_reverses_every_other_repetition():
+  order = []
+  calls = {n: {"fwd": lambda n=n: order.append(n)} for n in "abc"}
+  times = bench.interleave(calls, 4, timer=lambda call: call() or 1.0)
+  assert "".join(order) == "abc" + "acb" + "cab" + "cba"
+  assert times == {n: {"fwd": [1.0] * 4} for n in "abc"}
+
+
+def test_with_vocab_names_the_variant_of_a_real_head():
+  llama = bench.SPECS["llama3-8b"]
+  assert bench.with_vocab(llama, llama.vocab) is llama
+  v = bench.with_vocab(llama, 32768)
+  assert (v.name, v.hidden, v.vocab) == ("llama3-8b@V=32768", 4096, 32768)
