@@ -385,10 +385,9 @@ def segment_nll(
     float32 ``[B, num_segments]``.
   """
   _core.check_choice("reduction", reduction, REDUCTIONS)
-  targets = _core.as_array("targets", targets)
-  segment_ids = _core.as_array("segment_ids", segment_ids)
-  _core.check_segments(segment_ids, num_segments, "targets", targets)
   tok, weights, mask = _sequence_parts(logits, targets, span_mask, **token_opts)
+  segment_ids = _core.as_array("segment_ids", segment_ids)
+  _core.check_segments(segment_ids, num_segments, "targets", mask)
   segment_ids = jnp.asarray(segment_ids)
   return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
