@@ -43,28 +43,7 @@ class TokenOptions:
   it are padding and never count.  None: every column is a real token."""
 
   def __post_init__(self):
-    for name in ("z_loss", "label_smoothing"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-      object.__setattr__(self, name, float(value))
-    if self.z_loss < 0.0:
-      raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
-    if not 0.0 <= self.label_smoothing < 1.0:
-      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-    cap = self.logit_softcap
-    if cap is not None:
-      if not isinstance(cap, (int, float)) or isinstance(cap, bool):
-        raise TypeError(f"logit_softcap must be a Python float or None, got {type(cap).__name__}")
-      if not cap > 0.0:
-        raise ValueError(f"logit_softcap must be > 0, got {cap}")
-      object.__setattr__(self, "logit_softcap", float(cap))
-    if self.vocab_axis is not None and not isinstance(self.vocab_axis, str):
-      raise TypeError(f"vocab_axis must be a mesh axis name (str), got {self.vocab_axis!r}")
-    if self.vocab_size is not None and (
-      not isinstance(self.vocab_size, int) or self.vocab_size < 1
-    ):
-      raise ValueError(f"vocab_size must be a positive Python int, got {self.vocab_size!r}")
+    check_token_options(self)
 
 
 # ----------------------------------------------------------------------------- vocabulary shards
@@ -164,7 +143,36 @@ def grad_logits(
 
 
 def target_in_range(targets: jax.Array, vocab_size: int) -> jax.Array:
-  return (targets >= 0) & (targets < vocab_size)
+  """bool: which ids lie in ``[0, vocab_size)``, compared in ``targets``' own integer type
+  (no cast first: an int64 id ``2**32 + 3`` is out of range, not ``3``)."""
+  targets = jnp.asarray(targets)
+  info = jnp.iinfo(targets.dtype)
+  ok = targets >= 0 if info.min < 0 else jnp.ones(targets.shape, jnp.bool_)
+  if info.max >= vocab_size:
+    ok = ok & (targets < jnp.asarray(vocab_size, targets.dtype))
+  return ok
+
+
+def int32_ids(targets: jax.Array) -> jax.Array:
+  """Token ids of any integer type as int32, every id outside ``[0, 2**31)`` mapped to ``-1``.
+
+  Narrowing first would wrap ``2**32 + 3`` to the valid id ``3``; ``-1`` stays out of range for
+  every later ``[0, V)`` test, so the loss there is NaN as for any other bad id.
+  """
+  targets = jnp.asarray(targets)
+  if targets.dtype == jnp.int32:
+    return targets
+  ok = target_in_range(targets, int(jnp.iinfo(jnp.int32).max) + 1)
+  return jnp.where(ok, targets.astype(jnp.int32), jnp.int32(-1))
+
+
+def poison_bad_targets(grad: jax.Array, targets: jax.Array, vocab_size: int, scale) -> jax.Array:
+  """NaN for the whole gradient row ``grad[..., :]`` of a target outside ``[0, V)`` whose loss
+  is differentiated (``scale != 0``): the loss there is NaN, and its gradient must say so too
+  rather than be the finite ``softmax`` of a token that does not exist.  A row whose
+  cotangent is exactly 0 (another sample's loss, a context position) stays as it is."""
+  bad = ~target_in_range(targets, vocab_size) & (scale != 0)
+  return jnp.where(bad[..., None], jnp.nan, grad)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -172,6 +180,96 @@ def target_in_range(targets: jax.Array, vocab_size: int) -> jax.Array:
 
 def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
+
+
+#: The smallest ``temperature`` accepted.  Logits are divided by it: at ``1e-6`` logits of
+#: ``1e4`` become ``1e10``, squares of log-sum-exps (``z_loss``) ``1e20`` — far from the float32
+#: overflow at ``3.4e38`` — while below it nothing is gained (the softmax is already one-hot)
+#: and a tiny enough value makes ``logits / τ`` infinite and the loss NaN.
+MIN_TEMPERATURE = 1e-6
+
+
+def check_float_option(
+  name: str,
+  value,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  allow_none: bool = False,
+) -> float | None:
+  """``value`` as a finite Python float in ``[low, high]`` (``(low, high]`` with ``low_open``),
+  or a ``TypeError`` / ``ValueError`` naming the option and the value seen."""
+  if value is None and allow_none:
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+    kind = "a Python float or None" if allow_none else "a Python float"
+    raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+  value = float(value)
+  below = low is not None and (value <= low if low_open else value < low)
+  above = high is not None and value > high
+  if not np.isfinite(value) or below or above:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    interval = (
+      ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + ("]" if high is not None else ")")
+    )
+    raise ValueError(f"{name} must be a finite float in {interval}, got {value!r}")
+  return value
+
+
+def check_temperature(temperature) -> float:
+  """``temperature`` as a float in ``[MIN_TEMPERATURE, inf)``: finite, and not so small that
+  ``logits / τ`` overflows."""
+  return check_float_option("temperature", temperature, low=MIN_TEMPERATURE)
+
+
+def check_token_options(opts) -> None:
+  """Validates (and normalises to Python floats) the per-token options of a
+  :class:`TokenOptions`-like object in place; any ``temperature`` attribute too."""
+
+  def put(name, value):
+    object.__setattr__(opts, name, value)
+
+  put("z_loss", check_float_option("z_loss", opts.z_loss, low=0.0))
+  # 1 is allowed: the target is then the uniform distribution (as optax's ``smooth_labels``).
+  put(
+    "label_smoothing",
+    check_float_option("label_smoothing", opts.label_smoothing, low=0.0, high=1.0),
+  )
+  put(
+    "logit_softcap",
+    check_float_option(
+      "logit_softcap", opts.logit_softcap, low=0.0, low_open=True, allow_none=True
+    ),
+  )
+  if hasattr(opts, "temperature"):
+    put("temperature", check_temperature(opts.temperature))
+  if opts.vocab_axis is not None and not isinstance(opts.vocab_axis, str):
+    raise TypeError(f"vocab_axis must be a mesh axis name (str), got {opts.vocab_axis!r}")
+  size = opts.vocab_size
+  if size is not None and (
+    isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1
+  ):
+    raise ValueError(f"vocab_size must be a positive Python int, got {size!r}")
+  if size is not None:
+    put("vocab_size", int(size))
+
+
+def as_array(name: str, x):
+  """Python lists / tuples / scalars as arrays (arrays and tracers unchanged); an error naming
+  the argument when they do not form one."""
+  if isinstance(x, (list, tuple, int, float, bool)):
+    try:
+      return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"{name} must be an array (or a rectangular nested list), got {x!r}") from e
+  return x
+
+
+def check_vocab(name: str, size: int, shape) -> None:
+  if size < 1:
+    raise ValueError(f"{name} must have a vocabulary axis of size V >= 1, got shape {tuple(shape)}")
 
 
 def check_floating(name: str, x) -> None:
@@ -205,36 +303,8 @@ def check_same_shape(name_a: str, a, name_b: str, b) -> None:
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
-  if value not in choices:
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_span_values(name: str, rows, targets, span_mask, vocab: int) -> None:
-  """Run-time checks for ``checkify``: every target id inside the span lies in ``[0, vocab)``
-  and ``rows[..., :]`` (the logits or hidden states) is finite at every position inside it.
-
-  Positions outside every span are not checked: they never reach values or gradients.
-  """
-  from jax.experimental import checkify
-
-  inside = mask_to_bool(jnp.asarray(span_mask)).reshape(-1)
-  targets = jnp.asarray(targets).reshape(-1)
-  bad_target = inside & ~target_in_range(targets, vocab)
-  first = jnp.argmax(bad_target)
-  checkify.check(
-    ~jnp.any(bad_target),
-    "targets hold {value} at flat position {pos} inside the span, outside [0, {vocab})",
-    value=targets[first],
-    pos=first,
-    vocab=jnp.asarray(vocab),
-  )
-  finite = jnp.all(jnp.isfinite(rows), axis=-1).reshape(-1)
-  bad_rows = inside & ~finite
-  checkify.check(
-    ~jnp.any(bad_rows),
-    name + " is not finite at flat position {pos} inside the span",
-    pos=jnp.argmax(bad_rows),
-  )
 
 
 def check_segments(segment_ids, num_segments, like_name: str, like) -> None:

@@ -38,16 +38,14 @@ J. Zhu, *Foundations of Large Language Models*, ch. 3-4.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import checkify
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32
+from jaxnll.checks import check_distill_inputs as check_inputs  # noqa: F401 (public name)
 from jaxnll.nll import REDUCTIONS, _reduce
 
 KINDS = ("cross_entropy", "kl")
@@ -139,8 +137,8 @@ def _distill_rows_bwd(temperature, kind, res, g):
   q = jnp.exp((zs - ms[..., None]) - log_s[..., None])
   p = jnp.exp((zt - mt[..., None]) - log_t[..., None])
   ds = q - p
-  ds = ds * (g / temperature)[..., None]
-  ds = jnp.where(mask[..., None], ds, 0.0)
+  # A zero cotangent sends back exactly nothing, not NaN · 0 from a bad row.
+  ds = jnp.where((mask & (g != 0))[..., None], ds * (g / temperature)[..., None], 0.0)
   # The teacher is a constant: no cotangent at all (not even a buffer of zeros).
   return ds.astype(s.dtype), None, None
 
@@ -152,15 +150,14 @@ _distill_rows.defvjp(_distill_rows_fwd, _distill_rows_bwd)
 
 
 def _check_temperature(temperature) -> float:
-  if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
-    raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-  temperature = float(temperature)
-  if not (np.isfinite(temperature) and temperature > 0.0):
-    raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-  return temperature
+  return _core.check_temperature(temperature)
 
 
 def _check_args(student_logits, teacher_logits, span_mask):
+  """Checks the three arrays and returns them as arrays (Python lists are converted)."""
+  student_logits = _core.as_array("student_logits", student_logits)
+  teacher_logits = _core.as_array("teacher_logits", teacher_logits)
+  span_mask = _core.as_array("span_mask", span_mask)
   _core.check_floating("student_logits", student_logits)
   _core.check_floating("teacher_logits", teacher_logits)
   _core.check_rank("student_logits", student_logits, (3,), "[B, T, V]")
@@ -171,6 +168,8 @@ def _check_args(student_logits, teacher_logits, span_mask):
       "span_mask must have the shape [B, T] of student_logits without the vocabulary axis, "
       f"got student_logits {jnp.shape(student_logits)} and span_mask {jnp.shape(span_mask)}"
     )
+  _core.check_vocab("student_logits", jnp.shape(student_logits)[-1], jnp.shape(student_logits))
+  return student_logits, teacher_logits, span_mask
 
 
 # ----------------------------------------------------------------------------- public
@@ -207,7 +206,8 @@ def distill_cross_entropy(
       student's prediction at position ``t`` (coordinates as in :func:`jaxnll.sequence_nll`).
     teacher_logits: ``[B, T, V]`` (any floating dtype) at the same positions.
     span_mask: ``[B, T]`` bool mask or float weights of the positions that count.
-    temperature: ``τ > 0`` (a Python float) applied to both softmaxes.
+    temperature: ``τ`` (a Python float, finite and at least
+      :data:`jaxnll._core.MIN_TEMPERATURE` = 1e-6) applied to both softmaxes.
     reduction: ``"sum"`` or ``"mean"`` (per span token).
     kind: ``"cross_entropy"`` or ``"kl"`` (cross-entropy minus the teacher's entropy).
 
@@ -227,7 +227,7 @@ def distill_cross_entropy(
     >>> float(distill_cross_entropy(student, student, span, kind="kl")[0])
     0.0
   """
-  _check_args(student_logits, teacher_logits, span_mask)
+  student_logits, teacher_logits, span_mask = _check_args(student_logits, teacher_logits, span_mask)
   temperature = _check_temperature(temperature)
   _core.check_choice("reduction", reduction, REDUCTIONS)
   _core.check_choice("kind", kind, KINDS)
@@ -259,10 +259,11 @@ def segment_distill_cross_entropy(
   Returns:
     float32 ``[B, num_segments]``.
   """
-  _check_args(student_logits, teacher_logits, span_mask)
+  student_logits, teacher_logits, span_mask = _check_args(student_logits, teacher_logits, span_mask)
   temperature = _check_temperature(temperature)
   _core.check_choice("reduction", reduction, REDUCTIONS)
   _core.check_choice("kind", kind, KINDS)
+  segment_ids = _core.as_array("segment_ids", segment_ids)
   _core.check_segments(segment_ids, num_segments, "span_mask", span_mask)
   span_mask, segment_ids = jnp.asarray(span_mask), jnp.asarray(segment_ids)
   mask = _core.mask_to_bool(span_mask) & (segment_ids > 0)
@@ -270,71 +271,3 @@ def segment_distill_cross_entropy(
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
   return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
-
-
-# ----------------------------------------------------------------------------- checked path
-
-
-def check_inputs(
-  student_logits: Float[Array, "B T V"],
-  teacher_logits: Float[Array, "B T V"],
-  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
-) -> None:
-  """Run-time checks, for use under :func:`jax.experimental.checkify.checkify`.
-
-  Flags, at positions inside the span, exactly what makes the loss non-finite: NaN or
-  ``+inf`` logits, a teacher row that is all ``-inf``, and a student logit of ``-inf`` where
-  the teacher's probability is not zero.  Positions outside the span are not checked.
-  """
-  inside = _core.mask_to_bool(jnp.asarray(span_mask))
-  s, t = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
-  for name, x in (("student_logits", s), ("teacher_logits", t)):
-    bad = inside & jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1)
-    checkify.check(
-      ~jnp.any(bad),
-      name + " hold NaN or +inf at flat position {pos} inside the span",
-      pos=jnp.argmax(bad.reshape(-1)),
-    )
-  bad = inside & jnp.all(t == -jnp.inf, axis=-1)
-  checkify.check(
-    ~jnp.any(bad),
-    "teacher_logits are all -inf at flat position {pos} inside the span",
-    pos=jnp.argmax(bad.reshape(-1)),
-  )
-  bad = inside & jnp.any((s == -jnp.inf) & (t != -jnp.inf), axis=-1)
-  checkify.check(
-    ~jnp.any(bad),
-    "student_logits are -inf where the teacher's probability is not 0, at flat position "
-    "{pos} inside the span (infinite cross-entropy)",
-    pos=jnp.argmax(bad.reshape(-1)),
-  )
-
-
-def checked(loss_fn: Callable[..., jax.Array] = distill_cross_entropy) -> Callable[..., jax.Array]:
-  """Wraps a loss taking ``(student_logits, teacher_logits, span_mask, ...)`` with run-time checks.
-
-  The fast loss turns bad values inside a span into a NaN or ``inf`` for that sample; the
-  checked version raises :class:`jax.experimental.checkify.JaxRuntimeError` naming the first
-  offending position (see :func:`check_inputs`).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> safe = checked()
-    >>> x, span = jnp.zeros((1, 2, 3)), jnp.ones((1, 2), bool)
-    >>> safe(x, x.at[0, 1, 2].set(jnp.nan), span)
-    Traceback (most recent call last):
-    ...
-    jax._src.checkify.JaxRuntimeError: teacher_logits hold NaN or +inf at flat position 1 ...
-  """
-
-  @functools.wraps(loss_fn)
-  def wrapped(student_logits, teacher_logits, span_mask, **kwargs):
-    def run(student_logits, teacher_logits, span_mask):
-      check_inputs(student_logits, teacher_logits, span_mask)
-      return loss_fn(student_logits, teacher_logits, span_mask, **kwargs)
-
-    err, out = checkify.checkify(run)(student_logits, teacher_logits, span_mask)
-    err.throw()
-    return out
-
-  return wrapped

@@ -24,15 +24,14 @@ loss and selective gradient propagation).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
+from jaxnll.checks import check_logits_inputs as check_inputs  # noqa: F401 (public name)
 
 REDUCTIONS = ("sum", "mean")
 NORMALIZATIONS = ("tokens", "samples", "sum")
@@ -98,7 +97,11 @@ def _row_grad(x, lse, targets, mask, g, opts: TokenOptions):
   shard = x.shape[-1]
   offset, vocab, padded = _core.vocab_layout(shard, opts)
   z = _core.softcap(x, opts)
-  dz = _core.grad_logits(z, lse, targets, offset, vocab, opts) * g[..., None]
+  dz = _core.grad_logits(z, lse, targets, offset, vocab, opts)
+  # A zero cotangent sends back exactly nothing (not NaN · 0 from a bad row); a bad target
+  # whose loss is differentiated sends back NaN, as its loss is.
+  dz = jnp.where(g[..., None] != 0, dz * g[..., None], 0.0)
+  dz = _core.poison_bad_targets(dz, targets, vocab, g)
   keep = None if mask is None else mask[..., None]
   if padded:
     real = _core.real_columns(shard, offset, vocab)
@@ -134,10 +137,11 @@ def _token_nll(logits, targets, mask, opts: TokenOptions):
   """Masked per-token loss over any leading dims (float32, 0 where ``mask`` is False)."""
   # No flattening: a reshape of the logits would stop XLA fusing their f32 conversion into the
   # reductions on CPU.
-  return _token_nll_rows(logits, targets.astype(jnp.int32), mask, opts)
+  return _token_nll_rows(logits, _core.int32_ids(targets), mask, opts)
 
 
 def _check_logits_targets(logits, targets, *, batched: bool):
+  """Checks the logits and targets (lists already made arrays by :func:`_core.as_array`)."""
   _core.check_floating("logits", logits)
   _core.check_integer("targets", targets)
   if batched:
@@ -149,6 +153,7 @@ def _check_logits_targets(logits, targets, *, batched: bool):
       "targets must have the shape of logits without the vocabulary axis, got "
       f"logits {jnp.shape(logits)} and targets {jnp.shape(targets)}"
     )
+  _core.check_vocab("logits", jnp.shape(logits)[-1], jnp.shape(logits))
 
 
 def _check_mask(name, mask, targets):
@@ -203,6 +208,7 @@ def token_nll(
     >>> token_nll(logits, jnp.array([0, 1])).round(3).tolist()
     [0.223, 1.609]
   """
+  logits, targets = _core.as_array("logits", logits), _core.as_array("targets", targets)
   _check_logits_targets(logits, targets, batched=False)
   opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
   return _token_nll(jnp.asarray(logits), jnp.asarray(targets), None, opts)
@@ -226,6 +232,8 @@ def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=Non
 
   ``token_losses`` are computed where ``mask | extra_mask`` holds and are 0 elsewhere.
   """
+  logits, targets = _core.as_array("logits", logits), _core.as_array("targets", targets)
+  span_mask = _core.as_array(name, span_mask)
   _check_logits_targets(logits, targets, batched=True)
   _check_mask(name, span_mask, targets)
   opts = TokenOptions(**token_opts)
@@ -299,6 +307,7 @@ def sequence_nll_and_count(
 
 def span_counts(span_mask: Bool[Array, "B T"] | Float[Array, "B T"]) -> Float[Array, " B"]:
   """Target tokens (weight sum) per sample, float32."""
+  span_mask = _core.as_array("span_mask", span_mask)
   _core.check_mask("span_mask", span_mask)
   return jnp.sum(_core.mask_to_weights(jnp.asarray(span_mask)), axis=-1, dtype=F32)
 
@@ -325,6 +334,11 @@ def selective_sequence_nll(
   so the value is the ``reduction`` over ``valid_mask`` (context and target, for monitoring)
   and the gradient is exactly that of ``sequence_nll(logits, targets, span_mask)``.
 
+  Bad values follow from that: NaN / inf logits or an id outside ``[0, V)`` at a position of
+  ``valid_mask`` outside the span make the *value* NaN (it reports that position's loss) but
+  never reach the gradient, which stays the span's, finite; at a position outside both masks
+  they reach neither.  The check of :func:`jaxnll.checked` covers the span and ``valid_mask``.
+
   Args:
     logits, targets, span_mask: as in :func:`sequence_nll`.
     valid_mask: ``[B, T]`` positions whose loss the value reports (default: all).
@@ -335,8 +349,10 @@ def selective_sequence_nll(
     float32 ``[B]``.
   """
   _core.check_choice("reduction", reduction, REDUCTIONS)
+  targets = _core.as_array("targets", targets)
   if valid_mask is None:
     valid_mask = jnp.ones(jnp.shape(targets), jnp.bool_)
+  valid_mask = _core.as_array("valid_mask", valid_mask)
   _check_mask("valid_mask", valid_mask, targets)
   valid_mask = jnp.asarray(valid_mask)
   valid = _core.mask_to_bool(valid_mask)
@@ -369,8 +385,9 @@ def segment_nll(
     float32 ``[B, num_segments]``.
   """
   _core.check_choice("reduction", reduction, REDUCTIONS)
-  _core.check_segments(segment_ids, num_segments, "targets", targets)
   tok, weights, mask = _sequence_parts(logits, targets, span_mask, **token_opts)
+  segment_ids = _core.as_array("segment_ids", segment_ids)
+  _core.check_segments(segment_ids, num_segments, "targets", mask)
   segment_ids = jnp.asarray(segment_ids)
   return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
@@ -434,51 +451,3 @@ def batch_loss(
   """
   num, den = loss_terms(sums, counts, normalize=normalize)
   return finish_loss(num, den, normalize=normalize)
-
-
-# ----------------------------------------------------------------------------- checked path
-
-
-def check_inputs(
-  logits: Float[Array, "... V"],
-  targets: Int[Array, "..."],
-  span_mask: Bool[Array, "..."] | Float[Array, "..."],
-) -> None:
-  """Run-time checks, for use under :func:`jax.experimental.checkify.checkify`.
-
-  Flags a target id outside ``[0, V)`` and non-finite logits at a position inside the span.
-  Positions outside every span are not checked: they never reach values or gradients.
-  """
-  _core.check_span_values("logits", logits, targets, span_mask, jnp.shape(logits)[-1])
-
-
-def checked(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """Wraps a loss taking ``(logits, targets, span_mask, ...)`` with run-time checks.
-
-  The fast losses turn bad values inside a span into a NaN for that sample (loud, but it says
-  nothing of where).  The checked version raises
-  :class:`jax.experimental.checkify.JaxRuntimeError` naming the first offending position.
-  It runs the checks through ``checkify``; for use inside your own ``jax.jit``, call
-  :func:`check_inputs` in a function you transform with ``checkify.checkify`` yourself.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> safe = checked(sequence_nll)
-    >>> logits, span = jnp.zeros((1, 3, 4)), jnp.ones((1, 3), bool)
-    >>> safe(logits, jnp.array([[0, 9, 1]]), span)
-    Traceback (most recent call last):
-    ...
-    jax._src.checkify.JaxRuntimeError: targets hold 9 at flat position 1 inside the span, ...
-  """
-
-  @functools.wraps(loss_fn)
-  def wrapped(logits, targets, span_mask, *args, **kwargs):
-    def run(logits, targets, span_mask, *args):
-      check_inputs(logits, targets, span_mask)
-      return loss_fn(logits, targets, span_mask, *args, **kwargs)
-
-    err, out = checkify.checkify(run)(logits, targets, span_mask, *args)
-    err.throw()
-    return out
-
-  return wrapped

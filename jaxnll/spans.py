@@ -39,6 +39,7 @@ def concat_sample(
     >>> tokens.tolist(), span.astype(int).tolist()
     ([9, 4, 6, 1, 3, 9, 1], [0, 0, 0, 0, 1, 1, 1])
   """
+  x_ids, y_ids = _core.as_array("x_ids", x_ids), _core.as_array("y_ids", y_ids)
   _core.check_integer("x_ids", x_ids)
   _core.check_integer("y_ids", y_ids)
   x_ids, y_ids = jnp.asarray(x_ids), jnp.asarray(y_ids)
@@ -83,15 +84,18 @@ def shift_targets(
     >>> targets[:-1].tolist(), mask.astype(int).tolist()
     ([4, 6, 1, 3, 9, 1], [0, 0, 0, 1, 1, 1, 0])
   """
+  tokens, span_mask = _core.as_array("tokens", tokens), _core.as_array("span_mask", span_mask)
   _core.check_integer("tokens", tokens)
   _core.check_mask("span_mask", span_mask)
   tokens, span_mask = jnp.asarray(tokens), jnp.asarray(span_mask)
   _core.check_rank("tokens", tokens, range(1, 8), "[..., T]")
   _core.check_same_shape("tokens", tokens, "span_mask", span_mask)
-  pad = [(0, 0)] * (tokens.ndim - 1) + [(0, 1)]
+  # T = 0 stays T = 0 (nothing to shift, nothing to pad).
+  pad = [(0, 0)] * (tokens.ndim - 1) + [(0, min(1, tokens.shape[-1]))]
   targets = jnp.pad(tokens[..., 1:], pad)
   loss_mask = jnp.pad(span_mask[..., 1:], pad)
   if segment_ids is not None:
+    segment_ids = _core.as_array("segment_ids", segment_ids)
     _core.check_integer("segment_ids", segment_ids)
     segment_ids = jnp.asarray(segment_ids)
     _core.check_same_shape("tokens", tokens, "segment_ids", segment_ids)
@@ -116,6 +120,7 @@ def spans_to_mask(
     >>> spans_to_mask(jnp.array([[1, 4]]), jnp.array([[2, 6]]), 7).astype(int).tolist()
     [[0, 1, 0, 0, 1, 1, 0]]
   """
+  starts, ends = _core.as_array("starts", starts), _core.as_array("ends", ends)
   _core.check_integer("starts", starts)
   _core.check_integer("ends", ends)
   starts, ends = jnp.asarray(starts), jnp.asarray(ends)
@@ -143,6 +148,7 @@ def from_ignore_index(
     >>> targets.tolist(), mask.tolist()
     ([0, 0, 5, 7], [False, False, True, True])
   """
+  labels = _core.as_array("labels", labels)
   _core.check_integer("labels", labels)
   labels = jnp.asarray(labels)
   mask = labels != ignore_index
@@ -164,6 +170,7 @@ def stop_gradient_outside(
     >>> jax.grad(lambda x: stop_gradient_outside(x, span).sum())(jnp.ones(2)).tolist()
     [0.0, 1.0]
   """
+  x, span_mask = _core.as_array("x", x), _core.as_array("span_mask", span_mask)
   _core.check_mask("span_mask", span_mask)
   x, span_mask = jnp.asarray(x), jnp.asarray(span_mask)
   if x.shape[: span_mask.ndim] != span_mask.shape:

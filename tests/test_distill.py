@@ -294,15 +294,14 @@ def test_nan_inside_the_span_makes_only_that_sample_nan():
 
 def test_checked_path_names_the_problem():
   s, t, m = make(b=2, t=4, v=5, p=1.0)
-  safe = distill.checked()
+  safe = jaxnll.checked(distill.distill_cross_entropy)
   np.testing.assert_allclose(safe(s, t, m, temperature=2.0), jit_loss(temperature=2.0)(s, t, m))
   with pytest.raises(
-    checkify.JaxRuntimeError, match="student_logits hold NaN or \\+inf at flat position 5"
+    checkify.JaxRuntimeError,
+    match=r"student_logits hold NaN or \+inf at \[1, 1\] \(flat position 5\)",
   ):
     safe(s.at[1, 1, 0].set(jnp.nan), t, m)
-  with pytest.raises(
-    checkify.JaxRuntimeError, match="teacher_logits are all -inf at flat position 2"
-  ):
+  with pytest.raises(checkify.JaxRuntimeError, match=r"teacher_logits are all -inf at \[0, 2\]"):
     safe(s, t.at[0, 2].set(-jnp.inf), m)
   with pytest.raises(checkify.JaxRuntimeError, match="student_logits are -inf where the teacher"):
     safe(s.at[0, 3, 4].set(-jnp.inf), t, m)
@@ -381,8 +380,12 @@ def test_jit_vmap_grad_without_retracing():
       r"student_logits \(3, 7, 11\) and span_mask \(3, 6\)",
     ),
     (dict(m=jnp.ones((3, 7), jnp.int32)), TypeError, "span_mask must be a bool mask"),
-    (dict(temperature=0.0), ValueError, "temperature must be a finite float > 0, got 0.0"),
-    (dict(temperature=float("inf")), ValueError, "temperature must be a finite float > 0"),
+    (
+      dict(temperature=0.0),
+      ValueError,
+      r"temperature must be a finite float in \[1e-06, inf\), got 0.0",
+    ),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite float in"),
     (dict(temperature=jnp.array(2.0)), TypeError, "temperature must be a Python float"),
     (dict(temperature=True), TypeError, "temperature must be a Python float"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),

@@ -249,12 +249,14 @@ def test_out_of_range_target_inside_span_makes_that_sample_nan():
 def test_checked_path_names_the_first_bad_position():
   hidden, weight, bias, targets, mask = make(seed=18)
   mask = jnp.ones((B, T), bool).at[0, :2].set(False)
-  safe = fused.checked(linear_nll_loss)
+  safe = jaxnll.checked(linear_nll_loss)
   loss, _ = safe(hidden, weight, targets.at[0, 0].set(-100), mask, bias=bias)  # outside: fine
   assert np.isfinite(float(loss))
-  with pytest.raises(checkify.JaxRuntimeError, match=f"targets hold {V} at flat position 9"):
+  with pytest.raises(
+    checkify.JaxRuntimeError, match=rf"targets hold {V} at \[1, 2\] \(flat position 9\)"
+  ):
     safe(hidden, weight, targets.at[1, 2].set(V), mask)
-  with pytest.raises(checkify.JaxRuntimeError, match="hidden is not finite at flat position 3"):
+  with pytest.raises(checkify.JaxRuntimeError, match=r"hidden is not finite at \[0, 3\]"):
     safe(hidden.at[0, 3, 1].set(jnp.inf), weight, targets, mask)
 
 

@@ -9,6 +9,5 @@ from jaxnll.fused.api import DEFAULT_TOKEN_CHUNK as DEFAULT_TOKEN_CHUNK
 from jaxnll.fused.api import DEFAULT_VOCAB_CHUNK as DEFAULT_VOCAB_CHUNK
 from jaxnll.fused.api import IMPLEMENTATIONS as IMPLEMENTATIONS
 from jaxnll.fused.api import check_inputs as check_inputs
-from jaxnll.fused.api import checked as checked
 from jaxnll.fused.api import linear_nll_loss as linear_nll_loss
 from jaxnll.fused.api import linear_sequence_nll as linear_sequence_nll

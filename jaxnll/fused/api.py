@@ -53,6 +53,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
+from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (public name)
 from jaxnll.fused import chunked, compact
 from jaxnll.fused.compact import Compacted, Plan, safe_inverse
 
@@ -220,6 +221,11 @@ _loss.defvjp(_loss_fwd, _loss_bwd, symbolic_zeros=True)
 
 
 def _check(hidden, weight, targets, span_mask, bias):
+  """Checks the arrays and returns them as arrays (Python lists converted; targets as int32
+  with every id outside ``[0, 2**31)`` at ``-1``, so no wider id wraps to a valid one)."""
+  hidden, weight = _core.as_array("hidden", hidden), _core.as_array("weight", weight)
+  targets, span_mask = _core.as_array("targets", targets), _core.as_array("span_mask", span_mask)
+  bias = None if bias is None else _core.as_array("bias", bias)
   _core.check_floating("hidden", hidden)
   _core.check_floating("weight", weight)
   _core.check_integer("targets", targets)
@@ -239,6 +245,10 @@ def _check(hidden, weight, targets, span_mask, bias):
     _core.check_floating("bias", bias)
     if jnp.shape(bias) != ws[1:]:
       raise ValueError(f"bias must have shape [V] = {ws[1:]}, got shape {jnp.shape(bias)}")
+  _core.check_vocab("weight", ws[1], ws)
+  hidden, weight, span_mask = map(jnp.asarray, (hidden, weight, span_mask))
+  bias = None if bias is None else jnp.asarray(bias)
+  return hidden, weight, _core.int32_ids(targets), span_mask, bias
 
 
 def _chunks(token_chunk, vocab_chunk, num_tokens, weight):
@@ -323,7 +333,7 @@ def linear_sequence_nll(
       in ``result_type(hidden, weight)`` and accumulate in float32.
     targets: ``[B, T]`` integer ids, already shifted (:func:`jaxnll.shift_targets`); only read
       inside the span.  An id outside ``[0, V)`` inside the span makes that sample NaN
-      (:func:`checked` raises a clear error instead).
+      (:func:`jaxnll.checked` raises a clear error instead).
     span_mask: ``[B, T]`` bool mask or float weights of the target positions.  Positions
       outside it are never read: NaN/inf hidden states there reach no value or gradient.  Float
       weights get no gradient.
@@ -363,12 +373,10 @@ def linear_sequence_nll(
     >>> bool(jnp.allclose(fused, plain, rtol=1e-5)), float(fused[1])
     (True, 0.0)
   """
-  _check(hidden, weight, targets, span_mask, bias)
+  hidden, weight, targets, span_mask, bias = _check(hidden, weight, targets, span_mask, bias)
   _core.check_choice("reduction", reduction, ("sum", "mean"))
   _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
   opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
-  hidden, weight, targets, span_mask = map(jnp.asarray, (hidden, weight, targets, span_mask))
-  bias = None if bias is None else jnp.asarray(bias)
   b, t, _ = hidden.shape
   tc, vc, gc = _chunks(token_chunk, vocab_chunk, b * t, weight)
   if implementation in ("xla", "reference"):
@@ -446,15 +454,13 @@ def linear_nll_loss(
     >>> bool(jnp.isclose(loss, sums.sum() / 10)), g.shape
     (True, (8, 11))
   """
-  _check(hidden, weight, targets, span_mask, bias)
+  hidden, weight, targets, span_mask, bias = _check(hidden, weight, targets, span_mask, bias)
   from jaxnll.nll import NORMALIZATIONS
 
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
   _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
   _core.check_choice("schedule", schedule, SCHEDULES)
   opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
-  hidden, weight, targets, span_mask = map(jnp.asarray, (hidden, weight, targets, span_mask))
-  bias = None if bias is None else jnp.asarray(bias)
   if implementation in ("xla", "reference"):
     from jaxnll.nll import batch_loss
 
@@ -473,57 +479,3 @@ def linear_nll_loss(
   return _loss(
     plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
   )
-
-
-# ----------------------------------------------------------------------------- checked path
-
-
-def check_inputs(
-  hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
-  targets: Int[Array, "B T"],
-  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
-  *,
-  vocab_size: int | None = None,
-) -> None:
-  """Run-time checks of the fused losses' inputs, for use under ``checkify.checkify``.
-
-  Flags a target id outside ``[0, V)`` (``V = vocab_size or weight.shape[1]``) and a
-  non-finite hidden state at a position inside the span.  Positions outside every span are
-  not checked: they never reach values or gradients.
-  """
-  vocab = weight.shape[1] if vocab_size is None else vocab_size
-  _core.check_span_values("hidden", hidden, targets, span_mask, vocab)
-
-
-def checked(loss_fn):
-  """Wraps a fused loss ``(hidden, weight, targets, span_mask, ...)`` with run-time checks.
-
-  The fast path turns a bad value inside a span into a NaN for that sample (loud, but it
-  says nothing of where); the checked version raises
-  :class:`jax.experimental.checkify.JaxRuntimeError` naming the first offending position.
-  Inside your own ``jax.jit``, call :func:`check_inputs` in a function you transform with
-  ``checkify.checkify``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> safe = checked(linear_sequence_nll)
-    >>> h, w, span = jnp.zeros((1, 3, 4)), jnp.zeros((4, 5)), jnp.ones((1, 3), bool)
-    >>> safe(h, w, jnp.array([[0, 7, 1]]), span)
-    Traceback (most recent call last):
-    ...
-    jax._src.checkify.JaxRuntimeError: targets hold 7 at flat position 1 inside the span, ...
-  """
-  from jax.experimental import checkify
-
-  @functools.wraps(loss_fn)
-  def wrapped(hidden, weight, targets, span_mask, *args, **kwargs):
-    def run(hidden, weight, targets, span_mask, *args):
-      check_inputs(hidden, weight, targets, span_mask, vocab_size=kwargs.get("vocab_size"))
-      return loss_fn(hidden, weight, targets, span_mask, *args, **kwargs)
-
-    err, out = checkify.checkify(run)(hidden, weight, targets, span_mask, *args)
-    err.throw()
-    return out
-
-  return wrapped

@@ -114,7 +114,9 @@ class Compacted:
     # Stable, so targets keep their (sample-major) order.
     order = jnp.argsort(jnp.logical_not(flat).astype(jnp.int8), stable=True).astype(jnp.int32)
     count = jnp.sum(flat, dtype=jnp.int32)
-    self.num_chunks = (count + c - 1) // c
+    # The default integer type (int64 under ``jax_enable_x64``): loop indices then agree with
+    # the Python ints they are combined with in ``dynamic_update_slice`` start indices.
+    self.num_chunks = jnp.asarray((count + c - 1) // c, dtype=int)
     self.order = jnp.pad(order, (0, padded - n))
     self.valid = jnp.arange(padded, dtype=jnp.int32) < count
     # inverse[p]: where position p sits in the compacted order.
@@ -200,7 +202,9 @@ class Compacted:
     real = self.real(start, z.shape[1])
     if real is not None:
       keep = keep & real
-    return jnp.where(keep, g * scale[:, None], 0.0)
+    # A target outside [0, V) whose loss is differentiated sends back NaN, as its loss is.
+    g = _core.poison_bad_targets(g * scale[:, None], y, self.vocab, jnp.where(ok, scale, 0.0))
+    return jnp.where(keep, g, 0.0)
 
   # -- back to [B, T]
   def uncompact(self, x):
