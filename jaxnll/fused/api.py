@@ -261,8 +261,9 @@ def _chunks(token_chunk, vocab_chunk, num_tokens, weight):
   return max(1, min(tc, num_tokens)), vc, gc
 
 
-def _plan(implementation, opts, token_chunk, vocab_chunk, num_tokens, weight, *, schedule=None,
-          **fields) -> Plan:
+def _plan(
+  implementation, opts, token_chunk, vocab_chunk, num_tokens, weight, *, schedule=None, **fields
+) -> Plan:
   """The static plan of one call of a kernel of :data:`KERNELS` (``schedule``: the scalar
   entry's, None for the per-sample entry).  ``"auto"`` carries one plan per platform."""
   if implementation == "auto":
@@ -501,7 +502,13 @@ def linear_nll_loss(
     return batch_loss(sums, counts, normalize=normalize), sums
   b, t, _ = hidden.shape
   plan = _plan(
-    implementation, opts, token_chunk, vocab_chunk, b * t, weight, normalize=normalize,
+    implementation,
+    opts,
+    token_chunk,
+    vocab_chunk,
+    b * t,
+    weight,
+    normalize=normalize,
     schedule=schedule,
   )
   return _loss(

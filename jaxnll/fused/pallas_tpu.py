@@ -46,7 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxnll import _core
 from jaxnll._core import F32
-from jaxnll.fused.compact import Compacted, Plan
+from jaxnll.fused.compact import Compacted, Plan, varying_axes
 
 #: Target rows per block (a multiple of 8; 256 fills the MXU on every TPU generation).
 DEFAULT_BLOCK_ROWS = 256
@@ -94,9 +94,10 @@ class _Config:
     return self.cols % self.tv != 0
 
 
-def _tile(cfg: _Config, s_ref, h_ref, w_ref, b_ref, j):
+def _tile(cfg: _Config, lim_ref, h_ref, w_ref, b_ref, j):
   """One ``[tm, tv]`` tile: ``(h, w, z, col, real)``: rows, the weight tile (columns past the
-  weight zeroed), capped f32 logits, global column ids, real-column mask."""
+  weight zeroed), capped f32 logits, local column ids, real-column mask (``lim_ref``: the
+  shard's real column count, when the vocabulary is padded)."""
   h = h_ref[...]
   w = w_ref[...].astype(cfg.cdt)
   if cfg.ragged:
@@ -108,11 +109,10 @@ def _tile(cfg: _Config, s_ref, h_ref, w_ref, b_ref, j):
     z = z + b_ref[...].astype(F32)
   if cfg.logit_softcap is not None:
     z = cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
-  local = j * cfg.tv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
-  col = s_ref[1] + local
-  real = local < cfg.cols
+  col = j * cfg.tv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  real = col < cfg.cols
   if cfg.padded:
-    real = real & (col < cfg.vocab)
+    real = real & (col < lim_ref[...][:, :1])
   return h, w, z, col, real
 
 
@@ -122,8 +122,15 @@ def _lane(x, k):
   return jnp.sum(jnp.where(lane == k, x, 0.0), axis=1, keepdims=True)
 
 
-def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
+def _split(cfg: _Config, refs):
+  """``(bias ref or None, limit ref or None, rest)`` of a kernel's refs after the weight."""
   b_ref, refs = (refs[0], refs[1:]) if cfg.bias else (None, refs)
+  lim_ref, refs = (refs[0], refs[1:]) if cfg.padded else (None, refs)
+  return b_ref, lim_ref, refs
+
+
+def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
+  b_ref, lim_ref, refs = _split(cfg, refs)
   y_ref, out_ref, m_ref, l_ref, zy_ref, zs_ref = refs
   i, j = pl.program_id(0), pl.program_id(1)
 
@@ -136,7 +143,7 @@ def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
 
   @pl.when(i < s_ref[0])
   def _():
-    _, _, z, col, real = _tile(cfg, s_ref, h_ref, w_ref, b_ref, j)
+    _, _, z, col, real = _tile(cfg, lim_ref, h_ref, w_ref, b_ref, j)
     zr = jnp.where(real, z, _NEG)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(zr, axis=1, keepdims=True))
@@ -173,7 +180,7 @@ def _logit_grad(cfg: _Config, z, col, real, r, y):
 
 
 def _hidden_grad_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
-  b_ref, refs = (refs[0], refs[1:]) if cfg.bias else (None, refs)
+  b_ref, lim_ref, refs = _split(cfg, refs)
   y_ref, r_ref, dh_ref, acc_ref = refs
   i, j = pl.program_id(0), pl.program_id(1)
 
@@ -183,7 +190,7 @@ def _hidden_grad_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
 
   @pl.when(i < s_ref[0])
   def _():
-    _, w, z, col, real = _tile(cfg, s_ref, h_ref, w_ref, b_ref, j)
+    _, w, z, col, real = _tile(cfg, lim_ref, h_ref, w_ref, b_ref, j)
     g = _logit_grad(cfg, z, col, real, r_ref[...], y_ref[...])
     acc_ref[...] += lax.dot_general(
       g.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=F32
@@ -195,7 +202,7 @@ def _hidden_grad_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
 
 
 def _weight_grad_kernel(cfg: _Config, need_w: bool, s_ref, h_ref, w_ref, *refs):
-  b_ref, refs = (refs[0], refs[1:]) if cfg.bias else (None, refs)
+  b_ref, lim_ref, refs = _split(cfg, refs)
   y_ref, r_ref, *refs = refs
   n_out = int(need_w) + int(cfg.bias)
   outs, accs = refs[:n_out], refs[n_out:]
@@ -208,7 +215,7 @@ def _weight_grad_kernel(cfg: _Config, need_w: bool, s_ref, h_ref, w_ref, *refs):
 
   @pl.when(i < s_ref[0])
   def _():
-    h, w, z, col, real = _tile(cfg, s_ref, h_ref, w_ref, b_ref, j)
+    h, w, z, col, real = _tile(cfg, lim_ref, h_ref, w_ref, b_ref, j)
     g = _logit_grad(cfg, z, col, real, r_ref[...], y_ref[...])
     k = 0
     if need_w:
@@ -233,6 +240,12 @@ def _compiler_params(cfg: _Config, semantics, itemsize: int):
   return pltpu.CompilerParams(
     dimension_semantics=semantics, vmem_limit_bytes=int(min(MAX_VMEM_BYTES, max(need, 32 << 20)))
   )
+
+
+def _varying(bt: Compacted, x):
+  """``x`` varying over every mesh axis the call's inputs vary over (inside ``shard_map``)."""
+  missing = tuple(sorted(bt.vma - varying_axes(x)))
+  return lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _on_platform(fn, *args):
@@ -263,10 +276,16 @@ class _Operands:
     self.h = jnp.pad(h, ((0, 0), (0, dp - d))) if dp != d else h
     self.w = jnp.pad(bt.weight, ((0, dp - d), (0, 0))) if dp != d else bt.weight
     self.b = None if bt.bias is None else bt.bias.astype(F32).reshape(1, -1)
-    self.y = jnp.pad(bt.targets, (0, self.prows - rows)).reshape(-1, 1)
+    # Local ids: the shard offset stays out of the scalar prefetch (whose values must not
+    # vary over the vocabulary axis for Pallas' interpreter under shard_map).
+    local = bt.targets - jnp.asarray(bt.offset, jnp.int32)
+    self.y = jnp.pad(local, (0, self.prows - rows)).reshape(-1, 1)
+    self.limit = None
+    if bt.padded:
+      limit = jnp.asarray(bt.vocab, jnp.int32) - jnp.asarray(bt.offset, jnp.int32)
+      self.limit = jnp.full((1, 128), limit, jnp.int32)
     self.valid = valid
-    blocks = (count + tm - 1) // tm
-    self.scalars = jnp.stack([blocks, jnp.asarray(bt.offset, jnp.int32)]).astype(jnp.int32)
+    self.scalars = ((count + tm - 1) // tm).astype(jnp.int32).reshape(1)
     opts = bt.opts
     self.cfg = _Config(
       tm=tm,
@@ -285,7 +304,13 @@ class _Operands:
     )
 
   def inputs(self, *extra):
-    return [x for x in (self.h, self.w, self.b) if x is not None] + list(extra)
+    arrays = [x for x in (self.h, self.w, self.b, self.limit) if x is not None] + list(extra)
+    return [self.scalars] + [_varying(self.bt, x) for x in arrays]
+
+  def out(self, shape, dtype):
+    """An output's type: varying like the weight (every axis of the call) under shard_map."""
+    mat = jax.typeof(_varying(self.bt, self.w)).manual_axis_type
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
   def specs(self, row_major: bool, *extra_rows):
     """Block specs of ``(h, w, [b], *extra_rows)`` on a grid ``(i, j)`` (``row_major``) or
@@ -307,6 +332,8 @@ class _Operands:
     specs = [pl.BlockSpec((cfg.tm, cfg.d), row), pl.BlockSpec((cfg.d, cfg.tv), col)]
     if cfg.bias:
       specs.append(pl.BlockSpec((1, cfg.tv), col))
+    if cfg.padded:
+      specs.append(pl.BlockSpec((1, 128), lambda a, b, s: (0, 0)))
     specs += [pl.BlockSpec((cfg.tm, width), row) for width in extra_rows]
     return specs
 
@@ -325,16 +352,14 @@ def _forward(ops: _Operands):
     )
     return pl.pallas_call(
       functools.partial(_forward_kernel, cfg),
-      out_shape=jax.ShapeDtypeStruct((ops.prows, _STATS), F32),
+      out_shape=ops.out((ops.prows, _STATS), F32),
       grid_spec=spec,
-      compiler_params=_compiler_params(
-        cfg, ("parallel", "arbitrary"), jnp.dtype(cfg.cdt).itemsize
-      ),
+      compiler_params=_compiler_params(cfg, ("parallel", "arbitrary"), jnp.dtype(cfg.cdt).itemsize),
       interpret=interpret,
       name="jaxnll_fused_nll_fwd",
     )(scalars, *args)
 
-  return _on_platform(run, ops.scalars, *ops.inputs(ops.y))
+  return _on_platform(run, *ops.inputs(ops.y))
 
 
 def stats_pass(bt: Compacted):
@@ -379,14 +404,14 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
       )
       return pl.pallas_call(
         functools.partial(_hidden_grad_kernel, cfg),
-        out_shape=jax.ShapeDtypeStruct((ops.prows, cfg.d), F32),
+        out_shape=ops.out((ops.prows, cfg.d), F32),
         grid_spec=spec,
         compiler_params=_compiler_params(cfg, ("parallel", "arbitrary"), itemsize),
         interpret=interpret,
         name="jaxnll_fused_nll_bwd_hidden",
       )(scalars, *args)
 
-    dh_c = _on_platform(run_h, ops.scalars, *ops.inputs(ops.y, r))
+    dh_c = _on_platform(run_h, *ops.inputs(ops.y, r))
     d = bt.hidden.shape[1]
     if dh_c.shape != (ops.rows, d):
       dh_c = dh_c[: ops.rows, :d]
@@ -394,11 +419,11 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
   if need_w or need_b:
     out_shape, out_specs, scratch = [], [], []
     if need_w:
-      out_shape.append(jax.ShapeDtypeStruct((cfg.d, cfg.cols), bt.weight.dtype))
+      out_shape.append(ops.out((cfg.d, cfg.cols), bt.weight.dtype))
       out_specs.append(pl.BlockSpec((cfg.d, cfg.tv), lambda j, i, s: (0, j)))
       scratch.append(pltpu.VMEM((cfg.d, cfg.tv), F32))
     if cfg.bias:
-      out_shape.append(jax.ShapeDtypeStruct((1, cfg.cols), F32))
+      out_shape.append(ops.out((1, cfg.cols), F32))
       out_specs.append(pl.BlockSpec((1, cfg.tv), lambda j, i, s: (0, j)))
       scratch.append(pltpu.VMEM((1, cfg.tv), F32))
 
@@ -419,7 +444,7 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
         name="jaxnll_fused_nll_bwd_weight",
       )(scalars, *args)
 
-    outs = list(_on_platform(run_w, ops.scalars, *ops.inputs(ops.y, r)))
+    outs = list(_on_platform(run_w, *ops.inputs(ops.y, r)))
     if need_w:
       dw = outs.pop(0)
       if dw.shape[0] != bt.hidden.shape[1]:
