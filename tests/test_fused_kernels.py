@@ -161,11 +161,11 @@ def test_vocabulary_sharded_with_padding_matches_reference(implementation):
 
 def test_block_rows_follow_the_byte_budget_and_pad_rather_than_divide():
   budget = token_chunked.LOGITS_BLOCK_BYTES
-  for vocab, rows in ((128256, 2088), (256000, 1048), (151936, 1760), (32768, 8192)):
+  for vocab, rows in ((128256, 1040), (256000, 520), (151936, 880), (32768, 4096), (8000, 8192)):
     assert token_chunked.block_rows(vocab, 8 * 2048) == rows
     assert rows * 4 * vocab <= budget or rows == token_chunked.MAX_TOKEN_CHUNK
   # An odd row count keeps the tile (the last block is padded), capped by the padded rows.
-  assert token_chunked.block_rows(128256, 8191) == 2088
+  assert token_chunked.block_rows(128256, 8191) == 1040
   assert token_chunked.block_rows(128256, 13) == 16
   assert token_chunked.block_rows(128256, 5000, token_chunk=1000) == 1000
 
@@ -225,9 +225,9 @@ def test_auto_exports_the_mosaic_kernels_for_tpu(entry):
 
 
 def test_auto_exports_full_vocabulary_blocks_for_cuda():
-  """Full Llama-3-8B head for CUDA: the ``token_chunked`` blocks (2088 × 128256 f32), no Mosaic."""
+  """Full Llama-3-8B head for CUDA: the ``token_chunked`` blocks (1040 × 128256 f32), no Mosaic."""
   exported = export_fwd_bwd("cuda", "loss")
   text = exported.mlir_module()
   assert exported.platforms == ("cuda",)
   assert "tpu_custom_call" not in text
-  assert "tensor<2088x128256xf32>" in text
+  assert "tensor<1040x128256xf32>" in text

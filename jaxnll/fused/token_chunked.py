@@ -40,12 +40,13 @@ from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.fused.compact import Compacted, Plan, dot
 
-#: Bytes of the f32 ``[C, V]`` logits block that set ``C`` (1 GiB: 2088 tokens at a 128k
-#: vocabulary, 1048 at Gemma's 256k, 8192 at 32k).  A block this size keeps a GPU's matmul
-#: units busy (``2·C·D·V`` ≈ 2 TFLOP per block at the Llama-3-8B head) while the live
-#: ``[C, V]`` buffers (logits, their gradient in f32 and in the matmul dtype) stay at a few
-#: GiB next to a ``[D, V]`` head.
-LOGITS_BLOCK_BYTES = 2**30
+#: Bytes of the f32 ``[C, V]`` logits block that set ``C`` (512 MiB: 1040 tokens at
+#: Llama-3's 128k vocabulary, 520 at Gemma-2's 256k, 880 at Qwen3's 152k, 4096 at Mistral's
+#: 32k).  Such a block keeps a GPU's matmul units busy (``2·C·D·V`` ≈ 1.1 TFLOP per block at
+#: the Llama-3-8B head, rows well past the few hundred a tensor-core tile needs), while the
+#: live ``[C, V]`` buffers (logits, their gradient in f32 and in the matmul dtype) stay near
+#: 1.5 GiB; the element-wise work per token does not depend on ``C``.
+LOGITS_BLOCK_BYTES = 2**29
 MIN_TOKEN_CHUNK = 8
 MAX_TOKEN_CHUNK = 8192
 
