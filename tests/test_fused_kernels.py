@@ -170,6 +170,39 @@ def test_block_rows_follow_the_byte_budget_and_pad_rather_than_divide():
   assert token_chunked.block_rows(128256, 5000, token_chunk=1000) == 1000
 
 
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_token_chunked_last_block_shifted_back_when_rows_are_not_whole_blocks(chunk):
+  """Under ``"auto"`` the compacted arrays have the CPU kernel's padding (here 18 rows, no
+  whole number of blocks): every pass must equal its run on whole-block padding."""
+  import copy
+  import dataclasses
+
+  from jaxnll._core import TokenOptions
+  from jaxnll.fused import compact
+
+  hidden, weight, bias, targets, span = make(5)
+  plan = compact.Plan(TokenOptions(**OPTIONS), chunk, 128, implementation="token_chunked")
+  whole = dataclasses.replace(plan, token_chunk=B * T)  # 18 rows: one block of everything
+
+  def passes(bt):
+    scale = compact.compact_scale(bt, jnp.arange(1.0, B + 1), span)
+    stats, loss, *grads = token_chunked.one_pass(bt, scale)
+    again = token_chunked.grad_pass(bt, scale, token_chunked.stats_pass(bt)[0])
+    cut = lambda x: x[: B * T]
+    return cut(stats), cut(loss), cut(grads[0]), *grads[1:], cut(again[0]), *again[1:]
+
+  @jax.jit
+  def both(hidden, weight, bias):
+    padded = compact.Compacted(plan, hidden, weight, bias, targets, span)
+    short = copy.copy(compact.Compacted(whole, hidden, weight, bias, targets, span))
+    short.plan, short.chunk, short.num_chunks = plan, chunk, padded.num_chunks
+    assert short.valid.shape[0] == B * T < padded.valid.shape[0]
+    return passes(short), passes(padded)
+
+  got, want = both(hidden, weight, bias)
+  assert_close(got, want)
+
+
 def test_auto_on_cpu_is_the_chunked_kernel_in_memory():
   """One platform is lowered: on CPU ``auto`` compiles to ``chunked`` (no Pallas interpreter
   loops, no other kernel's buffers)."""

@@ -377,11 +377,18 @@ def linear_sequence_nll(
       ``shard_map`` for a given mesh.
     vocab_size: the true vocabulary when the (sharded) columns are padded, for example to a
       multiple of the shard count; padding columns never count.
-    implementation: ``"chunked"`` (token × vocabulary blocks), ``"xla"`` (materialise the
-      logits and call :func:`jaxnll.sequence_nll`) or ``"reference"``
+    implementation: ``"auto"`` (default: the kernel of the platform the function is lowered
+      for — TPU ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen by
+      :func:`jax.lax.platform_dependent`), ``"chunked"`` (token × vocabulary blocks),
+      ``"token_chunked"`` (token blocks, full-vocabulary matmuls:
+      :mod:`jaxnll.fused.token_chunked`), ``"pallas_tpu"`` (Pallas Mosaic kernels, interpret
+      mode off TPU: :mod:`jaxnll.fused.pallas_tpu`), ``"xla"`` (materialise the logits and call
+      :func:`jaxnll.sequence_nll`) or ``"reference"``
       (:func:`jaxnll.reference.linear_sequence_nll`).
-    token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512).  The
-      skipping granularity: a batch with ``n`` targets runs ``ceil(n / token_chunk)`` blocks.
+    token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512; for
+      ``"token_chunked"`` set by :data:`jaxnll.fused.token_chunked.LOGITS_BLOCK_BYTES`, for
+      ``"pallas_tpu"`` the row block, 256).  The skipping granularity: a batch with ``n``
+      targets runs ``ceil(n / token_chunk)`` blocks.
     vocab_chunk: vocabulary columns per block, default :data:`DEFAULT_VOCAB_CHUNK` (2048;
       with 16-bit weights the backward widens the default, see
       :data:`WEIGHT_GRAD_CHUNK_BYTES`).  Neither chunk needs to divide ``B·T`` or ``V``.

@@ -5,8 +5,10 @@ Each pass calls :func:`jax.lax.platform_dependent` over the passes of
 :mod:`~jaxnll.fused.chunked` (anything else), so one jitted or exported function carries the
 right kernel for every backend; only the branch of the platform being lowered is lowered.
 
-The branches must agree on every shape: the plan gives them one padded row count
-(:attr:`~jaxnll.fused.compact.Plan.padded_rows`) and they share the compaction (one sort).
+The branches must agree on every shape: they share one compaction (one sort) with the
+``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``
+does; ``token_chunked`` reads a last block that would reach past it shifted back, and
+``pallas_tpu`` pads its own rows to its block.
 The per-token residual is the pair ``(m, s)`` (row maximum, sum of ``exp(z - m)``), float32
 ``[rows, 2]``; a kernel that keeps the log-sum-exp instead gives ``(lse, 1)``.  Gradients
 leave each branch in the inputs' dtypes.
@@ -34,21 +36,23 @@ _PLATFORMS = {"pallas_tpu": ("tpu",), "token_chunked": ("cuda", "rocm"), "chunke
 
 def plan(branches: tuple[Plan, ...], *, one_pass: bool) -> Plan:
   """The ``"auto"`` plan over the per-platform ``branches`` (in :data:`BRANCHES` order)."""
-  rows = max(p.padded_rows for p in branches)
-  tpu_rows = branches[0].token_chunk
-  rows = -(-rows // tpu_rows) * tpu_rows  # the Pallas grid then needs no re-padding
+  rows = branches[-1].padded_rows  # the CPU kernel's
   branches = tuple(dataclasses.replace(p, padded_rows=rows) for p in branches)
   return dataclasses.replace(
     branches[-1], implementation="auto", one_pass=one_pass, padded_rows=rows, branches=branches
   )
 
 
-def _view(bt: Compacted, p: Plan) -> Compacted:
-  """``bt`` (same compaction) as seen by the kernel of plan ``p``: its own block size."""
+def _view(bt: Compacted, name: str, p: Plan) -> Compacted:
+  """``bt`` (same compaction) as seen by the kernel ``name`` of plan ``p``: its own block
+  (for ``token_chunked`` at most the compacted rows; ``pallas_tpu`` pads its own)."""
+  rows = bt.valid.shape[0]
+  chunk = min(p.token_chunk, rows) if name == "token_chunked" else p.token_chunk
+  p = dataclasses.replace(p, token_chunk=chunk)
   sub = copy.copy(bt)
-  sub.plan, sub.opts, sub.chunk = p, p.opts, p.token_chunk
+  sub.plan, sub.opts, sub.chunk = p, p.opts, chunk
   count = jnp.sum(bt.valid, dtype=jnp.int32)
-  sub.num_chunks = (count + p.token_chunk - 1) // p.token_chunk
+  sub.num_chunks = (count + chunk - 1) // chunk
   return sub
 
 
@@ -74,7 +78,7 @@ def _dispatch(bt: Compacted, run):
   """``lax.platform_dependent`` over ``run(module, view)`` for every branch."""
   per_platform = {}
   for name, p in zip(BRANCHES, bt.plan.branches, strict=True):
-    branch = lambda module=_MODULES[name], p=p: run(module, _view(bt, p))
+    branch = lambda module=_MODULES[name], name=name, p=p: run(module, _view(bt, name, p))
     for platform in _PLATFORMS[name]:
       per_platform[platform] = branch
   return lax.platform_dependent(**per_platform)

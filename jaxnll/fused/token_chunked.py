@@ -14,7 +14,10 @@ full-vocabulary matmuls).
   the (8-rounded) number of positions.  The last block is padded, never the tile shrunk to a
   divisor of the target count (Levanter measured 26× for a divisor tile on an odd row count).
 * Blocks past the last target are skipped at run time: the block loop is a ``while`` loop
-  bounded by ``ceil(n_targets / C)``.
+  bounded by ``ceil(n_targets / C)``.  The compacted arrays need not hold a whole number of
+  blocks (``"auto"`` shares the CPU kernel's, shorter, padding): a last block that would
+  reach past them is read shifted back to end at their end, and only its rows not already
+  done count (:func:`fresh`).
 * The weight gradient is summed over blocks in one f32 ``[D, V]`` buffer; log-sum-exp and
   every sum are float32.
 * The softmax in the gradient is ``exp(z - m) / s`` from the row maximum ``m`` and the sum
@@ -70,6 +73,21 @@ def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, weight) -> 
   return dataclasses.replace(plan, token_chunk=block_rows(weight.shape[1], num_tokens, token_chunk))
 
 
+def fresh(bt: Compacted, i):
+  """bool ``[C]``: rows of block ``i`` that belong to it.  ``bt.part`` reads a last block that
+  would end past the compacted arrays shifted back (``dynamic_slice`` clamps its start);
+  its first rows then belong to block ``i - 1``."""
+  start = jnp.minimum(i * bt.chunk, bt.valid.shape[0] - bt.chunk)
+  return start + jnp.arange(bt.chunk, dtype=jnp.int32) >= i * bt.chunk
+
+
+def _put(bt: Compacted, x_c, new, i, keep):
+  """``x_c`` with block ``i`` set to ``new`` at its rows in ``keep`` (others unchanged)."""
+  old = bt.part(x_c, i)
+  keep = keep.reshape(keep.shape + (1,) * (new.ndim - 1))
+  return lax.dynamic_update_slice_in_dim(x_c, jnp.where(keep, new, old), i * bt.chunk, 0)
+
+
 def _block(bt: Compacted, i):
   """Logits block ``i``: hidden rows, capped f32 logits ``[C, V]``, their real-column mask."""
   h = bt.rows(i)
@@ -95,7 +113,7 @@ def _stats(bt: Compacted, i, z, real):
   zy = jnp.take_along_axis(z, jnp.where(here, local, 0)[:, None], axis=1)[:, 0]
   zy = _core.all_sum(jnp.where(here, zy, 0.0), opts)
   zy = jnp.where(_core.target_in_range(y, bt.vocab), zy, jnp.nan)
-  loss = bt.token_loss(top + jnp.log(s), zy, zsum, bt.part(bt.valid, i))
+  loss = bt.token_loss(top + jnp.log(s), zy, zsum, bt.part(bt.valid, i) & fresh(bt, i))
   return top, s, loss
 
 
@@ -113,18 +131,16 @@ def logit_grad(bt: Compacted, z, i, m, s, scale, real):
   if alpha:
     g = g - alpha / bt.vocab
   g = g * _core.softcap_grad(z, opts)
-  keep = bt.part(bt.valid, i)[:, None]
+  keep = (bt.part(bt.valid, i) & fresh(bt, i))[:, None]
   if real is not None:
     keep = keep & real
   return jnp.where(keep, g * scale[:, None], 0.0)
 
 
 def _accumulate(bt: Compacted, i, h, g, need, dh_c, dw, db):
-  rows = bt.chunk
   gq = g.astype(bt.cdt)
   if need[0]:
-    dh = dot(gq, bt.columns(0, bt.cols), (1, 1))
-    dh_c = lax.dynamic_update_slice(dh_c, dh, (i * rows, 0))
+    dh_c = _put(bt, dh_c, dot(gq, bt.columns(0, bt.cols), (1, 1)), i, fresh(bt, i))
   if need[1]:
     dw = dw + dot(h, gq, (0, 0))
   if need[2]:
@@ -150,9 +166,8 @@ def stats_pass(bt: Compacted):
     stats_c, loss_c = carry
     _, z, real = _block(bt, i)
     m, s, loss = _stats(bt, i, z, real)
-    at = i * bt.chunk
-    stats_c = lax.dynamic_update_slice(stats_c, jnp.stack([m, s], axis=1), (at, 0))
-    return stats_c, lax.dynamic_update_slice(loss_c, loss, (at,))
+    new = fresh(bt, i)
+    return _put(bt, stats_c, jnp.stack([m, s], axis=1), i, new), _put(bt, loss_c, loss, i, new)
 
   rows = bt.valid.shape[0]
   init = (bt.full((rows, 2), F32, rows=True), bt.full((rows,), F32, rows=True))
@@ -182,9 +197,9 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
     h, z, real = _block(bt, i)
     m, s, loss = _stats(bt, i, z, real)
     g = logit_grad(bt, z, i, m, s, bt.part(scale_c, i), real)
-    at = i * bt.chunk
-    stats_c = lax.dynamic_update_slice(stats_c, jnp.stack([m, s], axis=1), (at, 0))
-    loss_c = lax.dynamic_update_slice(loss_c, loss, (at,))
+    new = fresh(bt, i)
+    stats_c = _put(bt, stats_c, jnp.stack([m, s], axis=1), i, new)
+    loss_c = _put(bt, loss_c, loss, i, new)
     return (stats_c, loss_c, *_accumulate(bt, i, h, g, need, *grads))
 
   rows = bt.valid.shape[0]
