@@ -10,7 +10,7 @@ On a CPU, ``"pallas_tpu"`` compiles the Pallas *interpreter* (the kernels as XLA
 says nothing of the Mosaic kernels' VMEM; it is labelled so.  ``"auto"`` compiles the branch of
 this backend.
 
-  python bench/kernel_memory.py                  # table + bench/results/kernel_memory.json
+  python bench/kernel_memory.py      # table + bench/results/kernel_memory.json (and .md)
   python bench/kernel_memory.py --heads llama-3-8b --implementations xla,token_chunked
 """
 
@@ -97,8 +97,10 @@ def main(argv=None) -> None:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(records, indent=1) + "\n")
+  text = table(records, heads, impls, n)
+  out.with_suffix(".md").write_text(text + "\n")
   print()
-  print(table(records, heads, impls, n))
+  print(text)
 
 
 def table(records, heads, impls, n) -> str:
