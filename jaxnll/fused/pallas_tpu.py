@@ -18,9 +18,14 @@ Splitting the backward like the Pallas TPU flash-attention kernels (one kernel p
 each owning its accumulator) recomputes the logits once more: 10·N·D·V FLOPs for forward +
 backward, against 6 for a single pass that could keep neither accumulator in VMEM.
 
-The number of non-empty row blocks is a scalar-prefetch operand: blocks past it do no work
-(``pl.when``) and their index maps are clamped to the last real block, so they start no DMA
-— context positions cost nothing.  The vocabulary tiles are multiples of 128 columns; a last,
+The number of non-empty row blocks is the scalar-prefetch operand: blocks past it do no work
+(``pl.when``) and their input index maps are clamped to the last real block, so they start no
+DMA — context positions cost nothing (past the targets a kernel only writes its zero output
+block).  Under a vocabulary axis the targets come as local ids and the shard's real-column
+count as a small VMEM operand, so the scalar prefetch never varies over the vocabulary axis
+(Pallas' interpreter, which the CPU tests use, cannot index with a varying scalar inside
+``shard_map``; it still cannot where the *span mask* varies over a mesh axis — Mosaic on TPU
+is not affected).  The vocabulary tiles are multiples of 128 columns; a last,
 partial tile is masked (its columns never count), ``D`` is padded to a multiple of 128 when it
 is not one already.  Matmuls accumulate in f32 (``HIGHEST`` precision for f32 operands), as
 do every exp/log and sum.
