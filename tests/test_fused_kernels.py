@@ -125,33 +125,31 @@ def test_bf16_accumulates_in_f32_and_returns_input_dtype_grads(implementation):
 
 @pytest.mark.parametrize("implementation", ["token_chunked", "pallas_tpu"])
 def test_vocabulary_sharded_with_padding_matches_reference(implementation):
-  """Inside ``shard_map`` over 4 vocabulary shards of 64 columns, 56 of them padding."""
-  mesh = parallel.make_mesh("model=4", devices=jax.devices()[:4])
+  """Inside ``shard_map`` over a (data 2, model 4) mesh: rows, targets and span sharded over
+  the data axis, 4 vocabulary shards of 64 columns, 56 of them padding."""
+  mesh = parallel.make_mesh("data=2,model=4")
   hidden, weight, bias, targets, span = make(4, v=200)
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 56)])
   wp, bp = pad(weight), pad(bias)
   bad_hidden, _, _, bad_targets, _ = poisoned(hidden, weight, bias, targets, span)
+  ct = jnp.arange(1.0, B + 1)
+  opts = dict(OPTIONS, vocab_axis="model", vocab_size=V, implementation=implementation)
 
-  def local(h, w, b):
-    out = linear_sequence_nll(
-      h, w, bad_targets, span, bias=b, vocab_axis="model", vocab_size=V,
-      implementation=implementation, token_chunk=8, **OPTIONS,
-    )  # fmt: skip
-    loss, _ = linear_nll_loss(
-      h, w, bad_targets, span, bias=b, vocab_axis="model", vocab_size=V,
-      implementation=implementation, token_chunk=8, **OPTIONS,
-    )  # fmt: skip
-    return jnp.sum(out * jnp.arange(1.0, B + 1)) + loss
+  def local(h, w, b, y, m, ct):
+    out = linear_sequence_nll(h, w, y, m, bias=b, token_chunk=8, **opts)
+    loss, _ = linear_nll_loss(h, w, y, m, bias=b, normalize="sum", token_chunk=8, **opts)
+    return jax.lax.psum(jnp.sum(out * ct) + loss, "data")
 
-  sharded = jax.shard_map(
-    local, mesh=mesh, in_specs=(P(), P(None, "model"), P("model")), out_specs=P()
-  )
-  got = jax.jit(jax.value_and_grad(sharded, (0, 1, 2)))(bad_hidden, wp, bp)
+  rows = P("data")
+  specs = (rows, P(None, "model"), P("model"), rows, rows, rows)
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+  got = jax.jit(jax.value_and_grad(sharded, (0, 1, 2)))(bad_hidden, wp, bp, bad_targets, span, ct)
 
   def plain(h, w, b):
-    out = linear_sequence_nll(h, w, targets, span, bias=b, implementation="reference", **OPTIONS)
-    loss, _ = linear_nll_loss(h, w, targets, span, bias=b, implementation="reference", **OPTIONS)
-    return jnp.sum(out * jnp.arange(1.0, B + 1)) + loss
+    ref = dict(OPTIONS, implementation="reference")
+    out = linear_sequence_nll(h, w, targets, span, bias=b, **ref)
+    loss, _ = linear_nll_loss(h, w, targets, span, bias=b, normalize="sum", **ref)
+    return jnp.sum(out * ct) + loss
 
   want = jax.jit(jax.value_and_grad(plain, (0, 1, 2)))(hidden, weight, bias)
   value, (dh, dw, db) = got

@@ -24,11 +24,13 @@ DMA — context positions cost nothing (past the targets a kernel only writes it
 block).  Under a vocabulary axis the targets come as local ids and the shard's real-column
 count as a small VMEM operand, so the scalar prefetch never varies over the vocabulary axis
 (Pallas' interpreter, which the CPU tests use, cannot index with a varying scalar inside
-``shard_map``; it still cannot where the *span mask* varies over a mesh axis — Mosaic on TPU
-is not affected).  The vocabulary tiles are multiples of 128 columns; a last,
-partial tile is masked (its columns never count), ``D`` is padded to a multiple of 128 when it
-is not one already.  Matmuls accumulate in f32 (``HIGHEST`` precision for f32 operands), as
-do every exp/log and sum.
+``shard_map``; where the *span mask* varies over a mesh axis, the interpreted kernels run
+every block instead — Mosaic on TPU always skips).
+
+The vocabulary tiles are multiples of 128 columns; a last, partial tile is masked (its
+columns never count), ``D`` is padded to a multiple of 128 when it is not one already.
+Matmuls accumulate in f32 (``HIGHEST`` precision for f32 operands), as do every exp/log and
+sum.
 
 Off TPU the same kernels run in Pallas interpret mode (the branch is picked per platform
 with :func:`jax.lax.platform_dependent`), which is how the tests check them on a CPU.
@@ -253,12 +255,11 @@ def _varying(bt: Compacted, x):
   return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _on_platform(fn, *args):
-  """``fn(*args, interpret=...)``: Mosaic on TPU, Pallas interpret mode elsewhere."""
+def _on_platform(fn, ops: _Operands, *args):
+  """``fn(scalars, *args, interpret=...)``: Mosaic on TPU, Pallas interpret mode elsewhere."""
   return lax.platform_dependent(
-    *args,
-    tpu=functools.partial(fn, interpret=False),
-    default=functools.partial(fn, interpret=True),
+    tpu=lambda: fn(ops.scalars, *args, interpret=False),
+    default=lambda: fn(ops.interpret_scalars, *args, interpret=True),
   )
 
 
@@ -291,6 +292,11 @@ class _Operands:
       self.limit = jnp.full((1, 128), limit, jnp.int32)
     self.valid = valid
     self.scalars = ((count + tm - 1) // tm).astype(jnp.int32).reshape(1)
+    # Pallas' interpreter cannot index with a scalar that varies over a shard_map axis (the
+    # span mask's, say): it then runs every block (past the targets they add zeros).
+    self.interpret_scalars = self.scalars
+    if varying_axes(self.scalars):
+      self.interpret_scalars = jnp.full((1,), self.prows // tm, jnp.int32)
     opts = bt.opts
     self.cfg = _Config(
       tm=tm,
@@ -310,7 +316,7 @@ class _Operands:
 
   def inputs(self, *extra):
     arrays = [x for x in (self.h, self.w, self.b, self.limit) if x is not None] + list(extra)
-    return [self.scalars] + [_varying(self.bt, x) for x in arrays]
+    return [_varying(self.bt, x) for x in arrays]
 
   def out(self, shape, dtype):
     """An output's type: varying like the weight (every axis of the call) under shard_map."""
@@ -364,7 +370,7 @@ def _forward(ops: _Operands):
       name="jaxnll_fused_nll_fwd",
     )(scalars, *args)
 
-  return _on_platform(run, *ops.inputs(ops.y))
+  return _on_platform(run, ops, *ops.inputs(ops.y))
 
 
 def stats_pass(bt: Compacted):
@@ -416,7 +422,7 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
         name="jaxnll_fused_nll_bwd_hidden",
       )(scalars, *args)
 
-    dh_c = _on_platform(run_h, *ops.inputs(ops.y, r))
+    dh_c = _on_platform(run_h, ops, *ops.inputs(ops.y, r))
     d = bt.hidden.shape[1]
     if dh_c.shape != (ops.rows, d):
       dh_c = dh_c[: ops.rows, :d]
@@ -449,7 +455,7 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
         name="jaxnll_fused_nll_bwd_weight",
       )(scalars, *args)
 
-    outs = list(_on_platform(run_w, *ops.inputs(ops.y, r)))
+    outs = list(_on_platform(run_w, ops, *ops.inputs(ops.y, r)))
     if need_w:
       dw = outs.pop(0)
       if dw.shape[0] != bt.hidden.shape[1]:
