@@ -2,7 +2,9 @@
 
 One op folder: :mod:`~jaxnll.fused.api` holds the public entries, their argument checks and
 the ``implementation=`` dispatch; :mod:`~jaxnll.fused.compact` the span compaction every
-implementation shares; one module per implementation (:mod:`~jaxnll.fused.chunked`).
+implementation shares; one module per implementation (:mod:`~jaxnll.fused.chunked`,
+:mod:`~jaxnll.fused.token_chunked`, :mod:`~jaxnll.fused.pallas_tpu`) and
+:mod:`~jaxnll.fused.auto`, which picks one per platform.
 """
 
 from jaxnll.fused.api import DEFAULT_TOKEN_CHUNK as DEFAULT_TOKEN_CHUNK

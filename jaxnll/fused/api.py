@@ -54,12 +54,13 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
 from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (public name)
-from jaxnll.fused import chunked, compact
+from jaxnll.fused import auto, chunked, compact, pallas_tpu, token_chunked
 from jaxnll.fused.compact import Compacted, Plan, safe_inverse
 
 #: ``"xla"``: the logits materialised, then :func:`jaxnll.sequence_nll` (what XLA makes of the
 #: plain program); ``"reference"``: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
-IMPLEMENTATIONS = ("chunked", "xla", "reference")
+#: ``"auto"`` picks per platform at lowering time (:mod:`jaxnll.fused.auto`).
+IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla", "reference")
 SCHEDULES = ("auto", "one_pass", "two_pass")
 
 #: Target tokens per chunk (rows of a logits block).  A multiple of 8 keeps matmul tiles full.
@@ -79,7 +80,12 @@ ONE_PASS_BLOCK_BYTES = 64 * 2**20
 
 #: The kernels behind ``implementation=``: each module has ``stats_pass``, ``grad_pass`` and
 #: ``one_pass`` over a :class:`~jaxnll.fused.compact.Compacted` batch.
-KERNELS = {"chunked": chunked}
+KERNELS = {
+  "chunked": chunked,
+  "token_chunked": token_chunked,
+  "pallas_tpu": pallas_tpu,
+  "auto": auto,
+}
 
 
 def _kernel(plan: Plan):
@@ -265,6 +271,37 @@ def _chunks(token_chunk, vocab_chunk, num_tokens, weight):
   return max(1, min(tc, num_tokens)), vc, gc
 
 
+def _plan(
+  implementation, opts, token_chunk, vocab_chunk, num_tokens, weight, *, schedule=None, **fields
+) -> Plan:
+  """The static plan of one call of a kernel of :data:`KERNELS` (``schedule``: the scalar
+  entry's, None for the per-sample entry).  ``"auto"`` carries one plan per platform."""
+  if implementation == "auto":
+    branches = tuple(
+      _plan(name, opts, token_chunk, vocab_chunk, num_tokens, weight, schedule=schedule, **fields)
+      for name in auto.BRANCHES
+    )
+    return auto.plan(branches, one_pass=schedule is not None)
+  one_pass = False
+  if schedule is not None and implementation == "chunked":
+    one_pass = schedule == "one_pass" or (schedule == "auto" and weight.dtype == F32)
+    if one_pass and token_chunk is None:
+      cap = ONE_PASS_BLOCK_BYTES // (4 * weight.shape[1])
+      token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, cap) // 8 * 8)
+  elif schedule is not None:
+    # Blocks of whole vocabulary rows: the gradients come from the block the loss used.
+    one_pass = schedule != "two_pass"
+  tc, vc, gc = _chunks(token_chunk, vocab_chunk, num_tokens, weight)
+  plan = Plan(
+    opts, tc, vc, one_pass=one_pass, grad_vocab_chunk=gc, implementation=implementation, **fields
+  )
+  configure = getattr(KERNELS[implementation], "configure", None)
+  if configure is not None:
+    plan = configure(plan, token_chunk, vocab_chunk, num_tokens, weight)
+  rows = -(-num_tokens // plan.token_chunk) * plan.token_chunk
+  return dataclasses.replace(plan, padded_rows=max(plan.padded_rows, rows))
+
+
 def _materialised(implementation, hidden, weight, bias, targets, span_mask, opts):
   """``(per_sample(reduction), counts)`` of the paths that build the ``[B, T, V]`` logits."""
   if implementation == "reference":
@@ -310,7 +347,7 @@ def linear_sequence_nll(
   logit_softcap: float | None = None,
   vocab_axis: str | None = None,
   vocab_size: int | None = None,
-  implementation: str = "chunked",
+  implementation: str = "auto",
   token_chunk: int | None = None,
   vocab_chunk: int | None = None,
 ) -> Float[Array, " B"]:
@@ -350,11 +387,18 @@ def linear_sequence_nll(
       ``shard_map`` for a given mesh.
     vocab_size: the true vocabulary when the (sharded) columns are padded, for example to a
       multiple of the shard count; padding columns never count.
-    implementation: ``"chunked"`` (token × vocabulary blocks), ``"xla"`` (materialise the
-      logits and call :func:`jaxnll.sequence_nll`) or ``"reference"``
+    implementation: ``"auto"`` (default: the kernel of the platform the function is lowered
+      for — TPU ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen by
+      :func:`jax.lax.platform_dependent`), ``"chunked"`` (token × vocabulary blocks),
+      ``"token_chunked"`` (token blocks, full-vocabulary matmuls:
+      :mod:`jaxnll.fused.token_chunked`), ``"pallas_tpu"`` (Pallas Mosaic kernels, interpret
+      mode off TPU: :mod:`jaxnll.fused.pallas_tpu`), ``"xla"`` (materialise the logits and call
+      :func:`jaxnll.sequence_nll`) or ``"reference"``
       (:func:`jaxnll.reference.linear_sequence_nll`).
-    token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512).  The
-      skipping granularity: a batch with ``n`` targets runs ``ceil(n / token_chunk)`` blocks.
+    token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512; for
+      ``"token_chunked"`` set by :data:`jaxnll.fused.token_chunked.LOGITS_BLOCK_BYTES`, for
+      ``"pallas_tpu"`` the row block, 256).  The skipping granularity: a batch with ``n``
+      targets runs ``ceil(n / token_chunk)`` blocks.
     vocab_chunk: vocabulary columns per block, default :data:`DEFAULT_VOCAB_CHUNK` (2048;
       with 16-bit weights the backward widens the default, see
       :data:`WEIGHT_GRAD_CHUNK_BYTES`).  Neither chunk needs to divide ``B·T`` or ``V``.
@@ -378,12 +422,12 @@ def linear_sequence_nll(
   _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
   opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
   b, t, _ = hidden.shape
-  tc, vc, gc = _chunks(token_chunk, vocab_chunk, b * t, weight)
+  _chunks(token_chunk, vocab_chunk, b * t, weight)
   if implementation in ("xla", "reference"):
     return _materialised(implementation, hidden, weight, bias, targets, span_mask, opts)[0](
       reduction
     )
-  plan = Plan(opts, tc, vc, reduction=reduction, grad_vocab_chunk=gc)
+  plan = _plan(implementation, opts, token_chunk, vocab_chunk, b * t, weight, reduction=reduction)
   return _sequence(
     plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
   )
@@ -402,7 +446,7 @@ def linear_nll_loss(
   logit_softcap: float | None = None,
   vocab_axis: str | None = None,
   vocab_size: int | None = None,
-  implementation: str = "chunked",
+  implementation: str = "auto",
   schedule: str = "auto",
   token_chunk: int | None = None,
   vocab_chunk: int | None = None,
@@ -470,12 +514,16 @@ def linear_nll_loss(
     sums = per_sample("sum")
     return batch_loss(sums, counts, normalize=normalize), sums
   b, t, _ = hidden.shape
-  vocab = weight.shape[1]
-  one_pass = schedule == "one_pass" or (schedule == "auto" and weight.dtype == F32)
-  if one_pass and token_chunk is None:
-    token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, ONE_PASS_BLOCK_BYTES // (4 * vocab)) // 8 * 8)
-  tc, vc, gc = _chunks(token_chunk, vocab_chunk, b * t, weight)
-  plan = Plan(opts, tc, vc, normalize=normalize, one_pass=one_pass, grad_vocab_chunk=gc)
+  plan = _plan(
+    implementation,
+    opts,
+    token_chunk,
+    vocab_chunk,
+    b * t,
+    weight,
+    normalize=normalize,
+    schedule=schedule,
+  )
   return _loss(
     plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
   )

@@ -35,6 +35,11 @@ class Plan:
   one_pass: bool = False
   grad_vocab_chunk: int = 0  # the gradient pass's vocabulary chunk (0: vocab_chunk)
   implementation: str = "chunked"
+  #: Compacted rows at least (0: ``ceil(N / token_chunk) · token_chunk``): ``"auto"`` gives
+  #: every branch the same padded length, so that their results have one shape.
+  padded_rows: int = 0
+  #: ``"auto"``: the plans of the per-platform kernels (see :mod:`jaxnll.fused.auto`).
+  branches: tuple = ()
 
   @property
   def grad_chunk(self) -> int:
@@ -101,7 +106,7 @@ class Compacted:
     b, t, d = hidden.shape
     n = b * t
     c = plan.token_chunk
-    padded = -(-n // c) * c
+    padded = max(-(-n // c) * c, plan.padded_rows)
     self.plan, self.opts, self.chunk = plan, plan.opts, c
     self.hidden = hidden.reshape(n, d)
     self.weight, self.bias = weight, bias

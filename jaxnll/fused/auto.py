@@ -1,0 +1,111 @@
+"""The ``"auto"`` implementation: the kernel for each platform, chosen when lowering.
+
+Each pass calls :func:`jax.lax.platform_dependent` over the passes of
+:mod:`~jaxnll.fused.pallas_tpu` (TPU), :mod:`~jaxnll.fused.token_chunked` (CUDA / ROCm) and
+:mod:`~jaxnll.fused.chunked` (anything else), so one jitted or exported function carries the
+right kernel for every backend; only the branch of the platform being lowered is lowered.
+
+The branches must agree on every shape: they share one compaction (one sort) with the
+``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``
+does; ``token_chunked`` reads a last block that would reach past it shifted back, and
+``pallas_tpu`` pads its own rows to its block.
+The per-token residual is the pair ``(m, s)`` (row maximum, sum of ``exp(z - m)``), float32
+``[rows, 2]``; a kernel that keeps the log-sum-exp instead gives ``(lse, 1)``.  Gradients
+leave each branch in the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnll._core import F32
+from jaxnll.fused import chunked, pallas_tpu, token_chunked
+from jaxnll.fused.compact import Compacted, Plan
+
+#: Branch order of :attr:`Plan.branches`.
+BRANCHES = ("pallas_tpu", "token_chunked", "chunked")
+_MODULES = {"pallas_tpu": pallas_tpu, "token_chunked": token_chunked, "chunked": chunked}
+#: ``platform_dependent`` keyword of each branch (``default`` for the rest).
+_PLATFORMS = {"pallas_tpu": ("tpu",), "token_chunked": ("cuda", "rocm"), "chunked": ("default",)}
+
+
+def plan(branches: tuple[Plan, ...], *, one_pass: bool) -> Plan:
+  """The ``"auto"`` plan over the per-platform ``branches`` (in :data:`BRANCHES` order)."""
+  rows = branches[-1].padded_rows  # the CPU kernel's
+  branches = tuple(dataclasses.replace(p, padded_rows=rows) for p in branches)
+  return dataclasses.replace(
+    branches[-1], implementation="auto", one_pass=one_pass, padded_rows=rows, branches=branches
+  )
+
+
+def _view(bt: Compacted, name: str, p: Plan) -> Compacted:
+  """``bt`` (same compaction) as seen by the kernel ``name`` of plan ``p``: its own block
+  (for ``token_chunked`` at most the compacted rows; ``pallas_tpu`` pads its own)."""
+  rows = bt.valid.shape[0]
+  chunk = min(p.token_chunk, rows) if name == "token_chunked" else p.token_chunk
+  p = dataclasses.replace(p, token_chunk=chunk)
+  sub = copy.copy(bt)
+  sub.plan, sub.opts, sub.chunk = p, p.opts, chunk
+  count = jnp.sum(bt.valid, dtype=jnp.int32)
+  sub.num_chunks = (count + chunk - 1) // chunk
+  return sub
+
+
+def _pair(stats):
+  return stats if stats.ndim == 2 else jnp.stack([stats, jnp.ones_like(stats)], axis=1)
+
+
+def _native(module, sub: Compacted, pair):
+  """The residual of ``pair`` in the form ``module``'s gradient pass takes."""
+  shape = jax.eval_shape(lambda: module.stats_pass(sub)[0]).shape
+  return pair if len(shape) == 2 else pair[:, 0] + jnp.log(pair[:, 1])
+
+
+def _cast(bt: Compacted, dh_c, dw, db):
+  return (
+    None if dh_c is None else dh_c.astype(F32),
+    None if dw is None else dw.astype(bt.weight.dtype),
+    None if db is None else db.astype(bt.bias.dtype),
+  )
+
+
+def _dispatch(bt: Compacted, run):
+  """``lax.platform_dependent`` over ``run(module, view)`` for every branch."""
+  per_platform = {}
+  for name, p in zip(BRANCHES, bt.plan.branches, strict=True):
+    branch = lambda module=_MODULES[name], name=name, p=p: run(module, _view(bt, name, p))
+    for platform in _PLATFORMS[name]:
+      per_platform[platform] = branch
+  return lax.platform_dependent(**per_platform)
+
+
+def stats_pass(bt: Compacted):
+  def run(module, sub):
+    stats, loss = module.stats_pass(sub)
+    return _pair(stats), loss
+
+  return _dispatch(bt, run)
+
+
+def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
+  def run(module, sub):
+    return _cast(bt, *module.grad_pass(sub, scale_c, _native(module, sub, stats_c), need))
+
+  return _dispatch(bt, run)
+
+
+def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
+  def run(module, sub):
+    if sub.plan.one_pass:
+      stats, loss, *grads = module.one_pass(sub, scale_c, need)
+    else:
+      stats, loss = module.stats_pass(sub)
+      grads = module.grad_pass(sub, scale_c, stats, need)
+    return (_pair(stats), loss, *_cast(bt, *grads))
+
+  return _dispatch(bt, run)
