@@ -125,7 +125,7 @@ def spans_to_mask(
     raise ValueError(f"length must be a non-negative Python int, got {length!r}")
   if starts.ndim == 1:
     starts, ends = starts[:, None], ends[:, None]
-  t = jnp.arange(length)
+  t = jnp.arange(length).reshape(1, 1, length)
   inside = (t >= starts[..., None]) & (t < ends[..., None])  # [B, S, L]
   return jnp.any(inside, axis=1)
 
@@ -187,7 +187,7 @@ class Packed(NamedTuple):
 
 
 def pack_samples(
-  samples: Sequence[tuple[Sequence[int], Sequence[bool]]],
+  samples: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]],
   length: int,
   *,
   pad_id: int = 0,
