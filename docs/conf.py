@@ -150,7 +150,11 @@ class PublicAPI(SphinxDirective):
     module = importlib.import_module(modname)
     lines = [f".. currentmodule:: {modname}", ""]
     for name, doc in documented_constants(modname):
-      lines += [f".. py:data:: {name}", f"   :value: {getattr(module, name)!r}", ""]
+      value = getattr(module, name)
+      lines += [f".. py:data:: {name}"]
+      if isinstance(value, (bool, int, float, str, tuple)) and len(repr(value)) < 80:
+        lines += [f"   :value: {value!r}"]  # plain values only: no object reprs, no paths
+      lines += [""]
       lines += [f"   {line}" for line in doc] + [""]
     return lines
 

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32
@@ -243,7 +243,7 @@ def segment_distill_cross_entropy(
   student_logits: Float[Array, "B T V"],
   teacher_logits: Float[Array, "B T V"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
-  segment_ids: Int[Array, "B T"],
+  segment_ids: Int[ArrayLike, "B T"],
   *,
   num_segments: int,
   temperature: float = 1.0,

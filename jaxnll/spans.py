@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
 
@@ -56,9 +56,9 @@ def concat_sample(
 
 
 def shift_targets(
-  tokens: Int[Array, "... T"],
-  span_mask: Bool[Array, "... T"] | Float[Array, "... T"],
-  segment_ids: Int[Array, "... T"] | None = None,
+  tokens: Int[ArrayLike, "... T"],
+  span_mask: Bool[ArrayLike, "... T"] | Float[ArrayLike, "... T"],
+  segment_ids: Int[ArrayLike, "... T"] | None = None,
 ) -> tuple[Int[Array, "... T"], Bool[Array, "... T"] | Float[Array, "... T"]]:
   """Turns a token row and its span mask into ``(targets, loss_mask)`` of the same length.
 
