@@ -1,26 +1,46 @@
-# Two entry points, each does all of its own set-up on a fresh machine:
-#   make test   install into .venv, lint, doctests, unit tests, notebooks
-#   make demo   install into .venv, fine-tune the small model on the embedded data
+# Entry points, each does all of its own set-up on a fresh machine:
+#   make test       install into .venv, lint, API docs, doctests, unit tests, notebooks
+#   make demo       install the application (.[train]) into .venv, fine-tune the small model
+#   make test-min   the library tests on the lowest versions pyproject.toml allows (.venv-min)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: install test lint unit notebooks demo bench clean
+MIN_VENV  := .venv-min
+MIN_PY    := $(MIN_VENV)/bin/python
+MIN_STAMP := $(MIN_VENV)/.installed
+# The library's tests: they need jax, numpy, jaxtyping and the test tools only (no flax).
+LIBRARY_TESTS := tests/test_spans.py tests/test_nll.py tests/test_fused.py tests/test_distill.py \
+  tests/test_imports.py
+# The application's modules, left out of the library's doctests.
+APPLICATION := jaxnll/train jaxnll/bench jaxnll/cli.py jaxnll/train.py jaxnll/bench.py \
+  jaxnll/model.py jaxnll/data.py jaxnll/metrics.py jaxnll/distill_train.py
+
+.PHONY: install test lint docs unit notebooks demo bench test-min clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,notebooks,bench]"
+	$(PY) -m pip install --quiet -e ".[train,test,notebooks,bench,docs]"
 	touch $(STAMP)
+
+$(TRAIN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[train]"
+	touch $(TRAIN_STAMP)
 
 install: $(STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+docs: install
+	$(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
 
 unit: install
 	$(PY) -m pytest -q -n 2 jaxnll tests
@@ -30,13 +50,29 @@ notebooks: install
 	  $(PY) -m pytest -q -o addopts="" --nbmake --nbmake-timeout=600 -p no:cacheprovider notebooks; \
 	else echo "no notebooks yet"; fi
 
-test: lint unit notebooks
+test: lint docs unit notebooks
 
-demo: install
+# The floors of the core dependencies and of [test], exactly (tools/min_requirements.py), in
+# an environment of their own; rebuilt whenever pyproject.toml changes.
+$(MIN_STAMP): pyproject.toml tools/min_requirements.py
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install --quiet --upgrade pip
+	$(MIN_PY) -m pip install --quiet "tomli; python_version < '3.11'"
+	$(MIN_PY) tools/min_requirements.py --extra test > $(MIN_VENV)/requirements.txt
+	$(MIN_PY) -m pip install --quiet --only-binary=:all: -r $(MIN_VENV)/requirements.txt
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_PY) -m pip freeze | grep -iE '^(jax|jaxlib|numpy|jaxtyping)=='
+	$(MIN_PY) -m pytest -q -n 2 -p no:cacheprovider jaxnll $(LIBRARY_TESTS) \
+	  $(addprefix --ignore=,$(APPLICATION))
+
+demo: $(TRAIN_STAMP)
 	$(VENV)/bin/jaxnll train --out runs/demo
 
 bench: install
 	$(VENV)/bin/jaxnll bench --quick --out bench/results
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache docs/_build

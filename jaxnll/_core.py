@@ -70,9 +70,11 @@ def vocab_layout(shard_size: int, opts: "TokenOptions"):
   return offset, vocab, vocab < total
 
 
-def real_columns(shard_size: int, offset, vocab: int) -> jax.Array:
-  """bool ``[shard_size]``: which local columns are real tokens (not padding)."""
-  return offset + jnp.arange(shard_size, dtype=jnp.int32) < vocab
+def real_columns(shard_size: int, offset, vocab: int, *, ndim: int = 1) -> jax.Array:
+  """bool ``[1, ..., 1, shard_size]`` (``ndim`` axes, to select in a block of that rank
+  without rank promotion): which local columns are real tokens (not padding)."""
+  real = offset + jnp.arange(shard_size, dtype=jnp.int32) < vocab
+  return real.reshape((1,) * (ndim - 1) + (shard_size,))
 
 
 def all_max(x: jax.Array, opts: "TokenOptions") -> jax.Array:
@@ -133,7 +135,7 @@ def grad_logits(
   p = jnp.exp(z - lse[..., None])
   if opts.z_loss:
     p = p * (1.0 + 2.0 * opts.z_loss * lse)[..., None]
-  ids = vocab_offset + jnp.arange(z.shape[-1], dtype=jnp.int32)
+  ids = vocab_offset + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
   hit = ids == targets[..., None]
   alpha = opts.label_smoothing
   g = p - jnp.where(hit, 1.0 - alpha, 0.0)
@@ -324,7 +326,8 @@ def reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reductio
 
   Segment ``s`` (ids ``1..num_segments``; 0 is padding) lands in column ``s - 1``.
   """
-  onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(F32)
+  ids = jnp.arange(1, num_segments + 1).reshape(1, 1, num_segments)
+  onehot = (segment_ids[..., None] == ids).astype(F32)
   mask = mask & (segment_ids > 0)
   contrib = jnp.where(mask, tok * weights, 0.0)
   sums = jnp.einsum("bt,bts->bs", contrib, onehot, precision="highest")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Sequence
 
@@ -147,6 +148,26 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+#: The extra each subcommand needs beyond the library (``pip install 'jaxnll[EXTRA]'``), and the
+#: packages whose absence means that extra is not installed.
+EXTRAS = {"train": "train", "eval": "train", "bench": "bench"}
+EXTRA_PACKAGES = ("flax", "optax", "orbax")
+
+
+def _missing_extra(command: str, error: ImportError) -> str | None:
+  """The one line to print when ``command`` fails for want of its extra, else None."""
+  package = (error.name or "").split(".")[0]
+  if package not in EXTRA_PACKAGES:
+    return None
+  extra = EXTRAS.get(command, "train")
+  return f"jaxnll {command}: needs {package}; install it with: pip install 'jaxnll[{extra}]'"
+
+
+def _report(message: str, args: argparse.Namespace) -> int:
+  print(message, file=sys.stderr)
+  return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jaxnll", description="Sub-sequence negative log-likelihood for JAX / Flax."
@@ -154,19 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
-    add_arguments(p)
+    try:
+      add_arguments(p)
+    except ImportError as e:  # the library is installed without this subcommand's extra
+      message = _missing_extra(name, e)
+      if message is None:
+        raise
+      run = functools.partial(_report, message)
+      p.set_defaults(missing_extra=True)  # its arguments are unknown: accept any
     p.set_defaults(handler=run)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``jaxnll`` console script."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, unknown = parser.parse_known_args(argv)
+  if unknown and not getattr(args, "missing_extra", False):
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   try:
     return args.handler(args)
   except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
     print(f"jaxnll {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except ImportError as e:
+    message = _missing_extra(args.command, e)
+    if message is None:
+      raise
+    return _report(message, args)
 
 
 if __name__ == "__main__":

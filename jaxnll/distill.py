@@ -17,7 +17,7 @@ and the per-sample loss is their sum (or weighted mean) over the target span, ex
 gradient with respect to the student, ``(q - p) / τ``; the KL is ``≥ 0`` and ``0`` when the
 two distributions agree, which makes it the number people compare.
 
-**Temperature convention: no ``τ²`` factor.**  The value is the plain cross-entropy between
+**Temperature convention: no** ``τ²`` **factor.**  The value is the plain cross-entropy between
 the tempered distributions, ``optax.softmax_cross_entropy(student / τ, softmax(teacher / τ))``
 summed over the span, and its gradient shrinks like ``1 / τ``.  Hinton et al. multiply the
 soft loss by ``τ²`` so that its gradient keeps the magnitude of a hard-label loss when ``τ``
@@ -41,7 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32
@@ -193,7 +193,7 @@ def distill_cross_entropy(
      q = \\mathrm{softmax}(\\mathrm{student} / τ),
 
   (``"mean"`` divides by ``Σ_t w_{b,t}``; ``0`` for an empty span).  ``kind="kl"`` subtracts
-  the teacher's entropy per token.  **No ``τ²`` factor** is applied (module docstring): the
+  the teacher's entropy per token.  **No** ``τ²`` **factor** is applied (module docstring): the
   value equals ``optax.softmax_cross_entropy(student / τ, softmax(teacher / τ))`` summed over
   the span.  The teacher is under ``stop_gradient``: its gradient is exactly zero.
 
@@ -243,7 +243,7 @@ def segment_distill_cross_entropy(
   student_logits: Float[Array, "B T V"],
   teacher_logits: Float[Array, "B T V"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
-  segment_ids: Int[Array, "B T"],
+  segment_ids: Int[ArrayLike, "B T"],
   *,
   num_segments: int,
   temperature: float = 1.0,

@@ -27,7 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
@@ -69,7 +69,7 @@ def _row_stats(x, targets, mask, opts: TokenOptions):
   if padded:
     # Padding columns drop out of every reduction (after the soft-cap, which would map a
     # very negative pad to -c, not to "no probability").
-    real = _core.real_columns(shard, offset, vocab)
+    real = _core.real_columns(shard, offset, vocab, ndim=x.ndim)
     x = jnp.where(real, x, jnp.finfo(x.dtype).min)
     z = jnp.where(real, z, jnp.finfo(z.dtype).min)
   # The soft-cap is monotonic, so the row max can be taken on the raw logits.
@@ -104,7 +104,7 @@ def _row_grad(x, lse, targets, mask, g, opts: TokenOptions):
   dz = _core.poison_bad_targets(dz, targets, vocab, g)
   keep = None if mask is None else mask[..., None]
   if padded:
-    real = _core.real_columns(shard, offset, vocab)
+    real = _core.real_columns(shard, offset, vocab, ndim=x.ndim)
     keep = real if keep is None else keep & real
   if keep is not None:
     dz = jnp.where(keep, dz, 0.0)
@@ -368,7 +368,7 @@ def segment_nll(
   logits: Float[Array, "B T V"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
-  segment_ids: Int[Array, "B T"],
+  segment_ids: Int[ArrayLike, "B T"],
   *,
   num_segments: int,
   reduction: str = "sum",

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
 
@@ -57,9 +57,9 @@ def concat_sample(
 
 
 def shift_targets(
-  tokens: Int[Array, "... T"],
-  span_mask: Bool[Array, "... T"] | Float[Array, "... T"],
-  segment_ids: Int[Array, "... T"] | None = None,
+  tokens: Int[ArrayLike, "... T"],
+  span_mask: Bool[ArrayLike, "... T"] | Float[ArrayLike, "... T"],
+  segment_ids: Int[ArrayLike, "... T"] | None = None,
 ) -> tuple[Int[Array, "... T"], Bool[Array, "... T"] | Float[Array, "... T"]]:
   """Turns a token row and its span mask into ``(targets, loss_mask)`` of the same length.
 
@@ -130,7 +130,7 @@ def spans_to_mask(
     raise ValueError(f"length must be a non-negative Python int, got {length!r}")
   if starts.ndim == 1:
     starts, ends = starts[:, None], ends[:, None]
-  t = jnp.arange(length)
+  t = jnp.arange(length).reshape(1, 1, length)
   inside = (t >= starts[..., None]) & (t < ends[..., None])  # [B, S, L]
   return jnp.any(inside, axis=1)
 
@@ -194,7 +194,7 @@ class Packed(NamedTuple):
 
 
 def pack_samples(
-  samples: Sequence[tuple[Sequence[int], Sequence[bool]]],
+  samples: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]],
   length: int,
   *,
   pad_id: int = 0,

@@ -1,6 +1,22 @@
-"""Test set-up: eight fake CPU devices for the multi-device tests, deterministic hypothesis."""
+"""Test set-up: eight fake CPU devices for the multi-device tests, deterministic hypothesis,
+and strict checks while the tests run.
 
+Strict checks (as equinox and flax run their tests):
+
+* ``jax_numpy_rank_promotion="raise"``: an implicit broadcast between arrays of different
+  ranks is an error, so a ``[B]`` against ``[B, T]`` slip cannot pass silently.
+* jaxtyping shapes are checked at run time: jaxtyping's import hook (with beartype) makes
+  every annotated function of the library check its arguments' and results' dtypes and
+  shapes (``Float[Array, "B T V"]``) on each call — under ``jit`` once per trace.  The
+  application around the library (:data:`APPLICATION`) is not instrumented.  A test that
+  asserts one of jaxnll's own argument errors (it calls ``pytest.raises``) runs without
+  those checks, which would answer first with their own ``TypeCheckError``.
+"""
+
+import importlib.util
+import inspect
 import os
+import pathlib
 
 # Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices.
 _flag = "--xla_force_host_platform_device_count=8"
@@ -8,8 +24,39 @@ if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jaxtyping  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: The application around the library (and the command line): it may import flax, optax,
+#: orbax, matplotlib at module level.
+APPLICATION = ("jaxnll.train", "jaxnll.bench", "jaxnll.cli")
+
+
+def is_application(name: str) -> bool:
+  return any(name == a or name.startswith(a + ".") for a in APPLICATION)
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  if parts[-1] == "__init__":
+    parts.pop()
+  return ".".join(parts)
+
+
+#: Every module of the package, by name.
+MODULES = {module_name(p): p for p in sorted((ROOT / "jaxnll").rglob("*.py"))}
+LIBRARY = sorted(n for n in MODULES if not is_application(n) and n != "jaxnll")
+
+# Before anything imports jaxnll: the library's annotations are checked on every call.
+if importlib.util.find_spec("beartype") is None:
+  raise ImportError("the tests check shapes with beartype: pip install -e '.[test]'")
+jaxtyping.install_import_hook(LIBRARY, "beartype.beartype")
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 settings.register_profile(
   "jaxnll",
@@ -29,3 +76,27 @@ def tiny_spec(monkeypatch):
   spec = bench.Spec("tiny", "tiny test head", 32, 300, cpu=(2, 16))
   monkeypatch.setitem(bench.SPECS, spec.name, spec)
   return spec
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+    "markers", "own_errors: asserts jaxnll's own argument errors; no jaxtyping run-time checks"
+  )
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    fn = getattr(item, "function", None)
+    if fn is not None and "pytest.raises" in inspect.getsource(fn):
+      item.add_marker("own_errors")
+
+
+@pytest.fixture(autouse=True)
+def _jaxtyping_checks(request):
+  """jaxtyping's run-time checks off for the tests marked ``own_errors``."""
+  disabled = jaxtyping.config.jaxtyping_disable
+  jaxtyping.config.update(
+    "jaxtyping_disable", disabled or bool(request.node.get_closest_marker("own_errors"))
+  )
+  yield
+  jaxtyping.config.update("jaxtyping_disable", disabled)

@@ -2,6 +2,10 @@
 
 import csv
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +81,23 @@ def test_bad_batch_shape_is_a_clear_error(tmp_path, data_file, capsys):
   args = ["train", "--data", data_file, "--out", str(tmp_path / "r"), *TINY, "--accum", "3"]
   assert cli.main(args) == 2
   assert "divisible by accum (3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blocked", ["flax", "optax"])
+def test_train_without_the_extra_says_in_one_line_what_to_install(blocked):
+  # A fresh interpreter where the application's dependency cannot be imported.
+  code = (
+    f"import sys; sys.modules[{blocked!r}] = None; from jaxnll import cli; "
+    "sys.exit(cli.main(['train', '--steps', '1', '--out', 'unused']))"
+  )
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+  r = subprocess.run(
+    [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+  )
+  assert r.returncode == 2, r.stderr
+  assert r.stdout == ""
+  assert r.stderr.strip().splitlines() == [
+    f"jaxnll train: needs {blocked}; install it with: pip install 'jaxnll[train]'"
+  ]
+  assert not (root / "unused").exists()

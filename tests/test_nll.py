@@ -124,7 +124,8 @@ def test_z_loss_adds_squared_logsumexp():
 def test_check_grads_numerically():
   logits, targets, _ = make(b=2, t=3, v=5)
   for opts in (dict(), dict(z_loss=0.1, label_smoothing=0.2, logit_softcap=3.0)):
-    f = lambda x, opts=opts: jaxnll.token_nll(x, targets, **opts)  # noqa: E731
+    # check_grads perturbs NumPy copies; the annotations ask for jax arrays.
+    f = lambda x, opts=opts: jaxnll.token_nll(jnp.asarray(x), targets, **opts)  # noqa: E731
     check_grads(f, (logits,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
 

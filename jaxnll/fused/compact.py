@@ -169,11 +169,11 @@ class Compacted:
     return _core.softcap(z, self.opts)
 
   def real(self, start, width):
-    """bool ``[width]``: which of local columns ``start + [0, width)`` are real tokens, or
+    """bool ``[1, width]``: which of local columns ``start + [0, width)`` are real tokens, or
     None when no column can be padding."""
     if not self.padded:
       return None
-    return _core.real_columns(width, self.offset + start, self.vocab)
+    return _core.real_columns(width, self.offset + start, self.vocab, ndim=2)
 
   def target_logit(self, h, y):
     """Capped ``h · weight[:, y] (+ bias[y])``: a gather, not a scan of the vocabulary (the
