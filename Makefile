@@ -15,8 +15,7 @@ MIN_STAMP := $(MIN_VENV)/.installed
 LIBRARY_TESTS := tests/test_spans.py tests/test_nll.py tests/test_fused.py tests/test_distill.py \
   tests/test_imports.py
 # The application's modules, left out of the library's doctests.
-APPLICATION := jaxnll/train jaxnll/bench jaxnll/cli.py jaxnll/train.py jaxnll/bench.py \
-  jaxnll/model.py jaxnll/data.py jaxnll/metrics.py jaxnll/distill_train.py
+APPLICATION := jaxnll/train jaxnll/bench jaxnll/cli.py
 
 .PHONY: install test lint docs unit notebooks demo bench test-min clean
 

@@ -47,7 +47,8 @@ nitpick_ignore_regex = [
   (r"py:.*", r"(jax|jaxlib|jaxtyping|numpy|np|jnp|typing|collections)(\..*)?"),
   (r"py:.*", r"(Array|ArrayLike|Float|Int|Bool|Shaped|Mesh|NamedSharding|PartitionSpec|P)"),
   (r"py:.*", r"(Callable|Sequence|Literal|Any|NamedTuple|optional)"),
-  (r"py:class", r"(int|float|str|bool|dict|tuple|list|slice|None)"),
+  (r"py:class", r"(int|float|str|bool|dict|tuple|list|slice|None|ndarray)"),
+  (r"py:attr", r"Plan\..*"),  # fields of the fused kernels' static plan (a private dataclass)
 ]
 
 
