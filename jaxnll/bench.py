@@ -1018,6 +1018,15 @@ def _tokens(s: str) -> tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   """The options of ``jaxnll bench``."""
+  from jaxnll.cli import (
+    batch_tokens,
+    fraction_list,
+    nonnegative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+  )
+
   p.add_argument("--quick", action="store_true", help="one small case, 2 span fractions, 3 reps")
   p.add_argument(
     "--spec",
@@ -1025,14 +1034,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     choices=sorted(SPECS),
     help="head to run (repeatable; default: all heads of this backend)",
   )
-  p.add_argument("--out", default="bench/results", help="results directory (default: %(default)s)")
+  p.add_argument(
+    "--out",
+    type=output_dir,
+    default="bench/results",
+    help="results directory (default: %(default)s)",
+  )
   p.add_argument("--impl", action="append", help="implementation to run (repeatable; default: all)")
-  p.add_argument("--fractions", help="span fractions, comma separated (default: 1,0.5,0.25)")
-  p.add_argument("--repeats", type=int, help="interleaved repetitions (default: 5, quick: 3)")
-  p.add_argument("--warmup", type=int, help="warm-up calls after the check (default: 1, quick: 0)")
+  p.add_argument(
+    "--fractions", type=fraction_list, help="span fractions, comma separated (default: 1,0.5,0.25)"
+  )
+  p.add_argument(
+    "--repeats", type=positive_int, help="interleaved repetitions (default: 5, quick: 3)"
+  )
+  p.add_argument(
+    "--warmup", type=nonnegative_int, help="warm-up calls after the check (default: 1, quick: 0)"
+  )
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the dtype")
-  p.add_argument("--tokens", type=_tokens, help="override B x T, e.g. 2x128")
-  p.add_argument("--budget-s", type=float, help="start no new head after this many seconds")
+  p.add_argument("--tokens", type=batch_tokens, help="override B x T, e.g. 2x128")
+  p.add_argument(
+    "--budget-s", type=positive_float, help="start no new head after this many seconds"
+  )
   p.add_argument(
     "--memory-only",
     action="store_true",
@@ -1056,7 +1078,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n for n, s in SPECS.items() if s.accel is not None or not accel]
   fractions = QUICK_FRACTIONS if args.quick else FRACTIONS
   if args.fractions:
-    fractions = tuple(float(x) for x in args.fractions.split(",") if x)
+    fractions = tuple(args.fractions)  # parsed by cli.fraction_list
   repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
   warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
   if args.memory_only and not args.spec:
