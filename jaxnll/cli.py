@@ -166,7 +166,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     "--accum", type=positive_int, default=1, help="micro-batches per step (default: 1)"
   )
   p.add_argument("--fused", action="store_true", help="fused head + loss (no [B, T, V] logits)")
-  p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue from DIR's latest checkpoint (Ctrl-C and SIGTERM save one)",
+  )
   p.add_argument(
     "--overwrite", action="store_true", help="replace the run in --out (its own files only)"
   )
@@ -265,7 +269,8 @@ def _run_train(args: argparse.Namespace) -> int:
     mesh=args.mesh,
   )
   # Interrupted: the shell's status for death by that signal (the run is resumable).
-  return {"SIGINT": 130, "SIGTERM": 143}.get(summary.get("interrupted"), 0)
+  interrupted = summary.get("interrupted") if isinstance(summary, dict) else None
+  return {"SIGINT": 130, "SIGTERM": 143}.get(interrupted, 0)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
