@@ -13,6 +13,41 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxnll.argtypes import (
+  nonnegative_int,
+  output_dir,
+  output_file,
+  positive_float,
+  positive_int,
+)
+
+
+def mesh_axes(text: str) -> str:
+  """A device mesh ``"data=4,model=2"`` over the axes training knows (``data``, ``model``)."""
+  from jaxnll import parallel
+
+  try:
+    axes = parallel.parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  valid = (parallel.DATA, parallel.MODEL)
+  unknown = [a for a in axes if a not in valid]
+  if unknown:
+    raise argparse.ArgumentTypeError(
+      f"unknown mesh axis {unknown[0]!r} in {text!r}; valid axes: {', '.join(valid)}"
+    )
+  return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """An ``argparse`` parser whose errors are one line on stderr (exit status 2)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------- subcommands
+
 
 def _add_train(p: argparse.ArgumentParser) -> None:
   from jaxnll.train.model import KINDS
@@ -22,28 +57,58 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
   d = RunConfig()
   p.add_argument("--data", help="JSONL file of prompt/response or chat records (default: embedded)")
-  p.add_argument("--out", default="runs/demo", help="run directory (default: %(default)s)")
-  p.add_argument("--steps", type=int, default=d.steps, help="total steps (default: %(default)s)")
+  p.add_argument(
+    "--out",
+    type=output_dir,
+    default="runs/demo",
+    help="run directory: new, empty, or a run with --resume / --overwrite; anything else is "
+    "refused, nothing is deleted (default: %(default)s)",
+  )
+  p.add_argument(
+    "--steps",
+    type=positive_int,
+    default=d.steps,
+    help="total steps (default: %(default)s). The learning-rate schedule (warm-up, cosine "
+    "decay) spans the --steps of the run's start, saved as schedule_steps in config.json; "
+    "--resume --steps M past it keeps that schedule, so the extra steps run at the final "
+    "learning rate",
+  )
   p.add_argument("--loss", choices=LOSS_MODES, default=d.train.loss, help="loss mode")
   p.add_argument("--pack", action="store_true", help="pack several samples per row")
-  p.add_argument("--accum", type=int, default=1, help="micro-batches per step (default: 1)")
+  p.add_argument(
+    "--accum", type=positive_int, default=1, help="micro-batches per step (default: 1)"
+  )
   p.add_argument("--fused", action="store_true", help="fused head + loss (no [B, T, V] logits)")
-  p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
-  p.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed")
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue from DIR's latest checkpoint (Ctrl-C and SIGTERM save one)",
+  )
+  p.add_argument(
+    "--overwrite", action="store_true", help="replace the run in --out (its own files only)"
+  )
+  p.add_argument("--seed", type=nonnegative_int, default=d.seed, help="init and data-order seed")
   p.add_argument("--model", choices=KINDS, default=d.model.kind, help="architecture")
-  p.add_argument("--d-model", type=int, help="model width (default: the demo's size)")
-  p.add_argument("--layers", type=int, help="transformer blocks / LSTM layers")
-  p.add_argument("--batch-size", type=int, default=d.batch.rows, help="rows per step")
-  p.add_argument("--lr", type=float, default=d.train.learning_rate, help="peak learning rate")
+  p.add_argument("--d-model", type=positive_int, help="model width (default: the demo's size)")
+  p.add_argument("--layers", type=positive_int, help="transformer blocks / LSTM layers")
+  p.add_argument("--batch-size", type=positive_int, default=d.batch.rows, help="rows per step")
+  p.add_argument(
+    "--lr", type=positive_float, default=d.train.learning_rate, help="peak learning rate"
+  )
   p.add_argument(
     "--context-gradient",
     choices=("flow", "stop"),
     default=d.model.context_gradient,
     help="'stop': no gradient into the model's activations at context positions",
   )
-  p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out eval interval")
   p.add_argument(
-    "--table-rows", type=int, default=d.table_rows, help="held-out samples decoded at the end"
+    "--eval-every", type=nonnegative_int, default=d.eval_every, help="held-out eval interval"
+  )
+  p.add_argument(
+    "--table-rows",
+    type=nonnegative_int,
+    default=d.table_rows,
+    help="held-out samples decoded at the end",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   _add_devices(p)
@@ -59,12 +124,15 @@ def _add_devices(p: argparse.ArgumentParser) -> None:
   )
   g.add_argument(
     "--mesh",
+    type=mesh_axes,
     help="device mesh over all processes' devices, e.g. data=4,model=2 (default: data=<all>); "
     "'model' splits the head along the vocabulary, 'data' the batch and (FSDP) the weights",
   )
   g.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
-  g.add_argument("--num-processes", type=int, help="number of cooperating processes")
-  g.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
+  g.add_argument("--num-processes", type=positive_int, help="number of cooperating processes")
+  g.add_argument(
+    "--process-id", type=nonnegative_int, help="this process's id, 0 .. num-processes - 1"
+  )
   g.add_argument(
     "--distributed",
     action="store_true",
@@ -105,14 +173,23 @@ def _run_train(args: argparse.Namespace) -> int:
     table_rows=args.table_rows,
     distill=distill_config(args),
   )
-  fit(config, args.out, resume=args.resume, progress=not args.no_progress, mesh=args.mesh)
-  return 0
+  summary = fit(
+    config,
+    args.out,
+    resume=args.resume,
+    overwrite=args.overwrite,
+    progress=not args.no_progress,
+    mesh=args.mesh,
+  )
+  # Interrupted: the shell's status for death by that signal (the run is resumable).
+  interrupted = summary.get("interrupted") if isinstance(summary, dict) else None
+  return {"SIGINT": 130, "SIGTERM": 143}.get(interrupted, 0)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
   p.add_argument("--run", required=True, help="run directory written by `jaxnll train`")
   p.add_argument("--data", help="JSONL file to score (default: the run's data, all splits)")
-  p.add_argument("--out", required=True, help="CSV file to write")
+  p.add_argument("--out", required=True, type=output_file, help="CSV file to write")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -169,7 +246,7 @@ def _report(message: str, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
     prog="jaxnll", description="Sub-sequence negative log-likelihood for JAX / Flax."
   )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -195,14 +272,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   try:
     return args.handler(args)
-  except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
-    print(f"jaxnll {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # DataError, ConfigError, CheckpointError: ValueErrors
+    message = " ".join(str(e).split())  # one line
+    print(f"jaxnll {args.command}: error: {message}", file=sys.stderr)
     return 2
   except ImportError as e:
     message = _missing_extra(args.command, e)
     if message is None:
       raise
     return _report(message, args)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before the run loop started
+    print(f"jaxnll {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ from collections.abc import Sequence
 
 import jax
 
+from jaxnll.argtypes import (
+  batch_tokens,
+  fraction_list,
+  nonnegative_int,
+  output_dir,
+  positive_float,
+  positive_int,
+)
 from jaxnll.bench import harness, records
 from jaxnll.bench.impls import SUITE, implementations
 from jaxnll.bench.report import report, summary
@@ -21,7 +29,6 @@ from jaxnll.bench.specs import (
   Case,
   is_accelerator,
   resolve,
-  tokens_arg,
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -33,9 +40,14 @@ def script_parser(
   """The options every script in ``bench/`` shares: results directory, head, tokens, dtype
   (read back by :func:`case_of`)."""
   p = argparse.ArgumentParser(description=doc.split("\n")[0])
-  p.add_argument("--out", default="bench/results", help="results directory (default: %(default)s)")
+  p.add_argument(
+    "--out",
+    type=output_dir,
+    default="bench/results",
+    help="results directory (default: %(default)s)",
+  )
   p.add_argument("--spec", default=spec, choices=sorted(SPECS), help="head (default: %(default)s)")
-  p.add_argument("--tokens", type=tokens_arg, default=tokens, help="B x T, e.g. 8x512")
+  p.add_argument("--tokens", type=batch_tokens, default=tokens, help="B x T, e.g. 8x512")
   p.add_argument("--dtype", default=dtype, choices=DTYPES, help="default: %(default)s")
   return p
 
@@ -62,14 +74,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     choices=sorted(SPECS),
     help="head to run (repeatable; default: all heads of this backend)",
   )
-  p.add_argument("--out", default="bench/results", help="results directory (default: %(default)s)")
+  p.add_argument(
+    "--out",
+    type=output_dir,
+    default="bench/results",
+    help="results directory (default: %(default)s)",
+  )
   p.add_argument("--impl", action="append", help="implementation to run (repeatable; default: all)")
-  p.add_argument("--fractions", help="span fractions, comma separated (default: 1,0.5,0.25)")
-  p.add_argument("--repeats", type=int, help="interleaved repetitions (default: 5, quick: 3)")
-  p.add_argument("--warmup", type=int, help="warm-up calls after the check (default: 1, quick: 0)")
+  p.add_argument(
+    "--fractions", type=fraction_list, help="span fractions, comma separated (default: 1,0.5,0.25)"
+  )
+  p.add_argument(
+    "--repeats", type=positive_int, help="interleaved repetitions (default: 5, quick: 3)"
+  )
+  p.add_argument(
+    "--warmup", type=nonnegative_int, help="warm-up calls after the check (default: 1, quick: 0)"
+  )
   p.add_argument("--dtype", choices=DTYPES, help="override the dtype")
-  p.add_argument("--tokens", type=tokens_arg, help="override B x T, e.g. 2x128")
-  p.add_argument("--budget-s", type=float, help="start no new head after this many seconds")
+  p.add_argument("--tokens", type=batch_tokens, help="override B x T, e.g. 2x128")
+  p.add_argument(
+    "--budget-s", type=positive_float, help="start no new head after this many seconds"
+  )
   p.add_argument(
     "--memory-only",
     action="store_true",
@@ -80,9 +105,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def fractions_arg(s: str | None, default: Sequence[float]) -> tuple[float, ...]:
+def fractions_arg(s: str | tuple[float, ...] | None, default: Sequence[float]) -> tuple[float, ...]:
   """``"1,0.5"`` (a command-line value) as span fractions; ``default`` if empty."""
-  return tuple(float(x) for x in s.split(",") if x) if s else tuple(default)
+  if not s:
+    return tuple(default)
+  return tuple(s) if isinstance(s, tuple) else fraction_list(s)
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:

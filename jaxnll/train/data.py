@@ -360,18 +360,24 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
   In a chat record every assistant turn is a target span. Blank lines are skipped.
 
   Raises:
-    DataError: for a missing or empty file, invalid JSON, or a malformed record, naming the
-      line (``data.jsonl:7: ...``).
+    DataError: for a missing or empty file, bytes that are not UTF-8, invalid JSON, or a
+      malformed record, naming the line (``data.jsonl:7: ...``).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(
+          f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        ) from None
       if not line.strip():
         continue
-      where = f"{path}:{lineno}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -465,6 +471,12 @@ class BatchSpec:
   length: int = MAX_LEN
   pack: bool = False
   segments: int = 16
+
+  def __post_init__(self):
+    for name in ("rows", "length", "segments"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"batch {name} must be a positive int, got {value!r}")
 
   @property
   def max_segments(self) -> int:

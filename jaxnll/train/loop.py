@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from jaxnll import parallel
 from jaxnll.train import data as data_lib
 from jaxnll.train import generate, runtime, teacher
 from jaxnll.train import metrics as metrics_lib
+from jaxnll.train import run as run_lib
 from jaxnll.train.model import count_params
 from jaxnll.train.objectives import Task
 from jaxnll.train.run import RunConfig, build_trainer, checkpointer, load_examples, restore_state
@@ -87,24 +87,93 @@ def _heldout_line(sums, counts) -> float:
   return float(sums.sum() / max(counts.sum(), 1.0))
 
 
+class Phase(enum.Enum):
+  """The parts of one step of :func:`fit`, in order (where its ``_fault`` hook is called).
+
+  ``DISPATCH``: the host batch is prepared and the step dispatched (the state's buffers are
+  donated to it); ``FETCH``: its metrics come to the host; ``RECORD``: the step record is
+  built and appended to ``metrics.jsonl``, then the new state, its step number and its record
+  are committed together; ``CHECKPOINT``: the periodic checkpoint of the committed state.
+  """
+
+  DISPATCH = "dispatch"
+  FETCH = "fetch"
+  RECORD = "record"
+  CHECKPOINT = "checkpoint"
+
+
+#: ``fault(phase, step)``: called as ``step`` (1-based) enters ``phase`` (tests inject faults).
+Fault = Callable[[Phase, int], None]
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the phases of :func:`fit` share: configuration, files, data, task, mesh, state."""
+
+  config: RunConfig
+  out_dir: str
+  log: Callable[[str], None]
+  primary: bool
+  mesh: Mesh
+  heldout_examples: list
+  train_samples: list
+  heldout_samples: list
+  task: Task
+  graphdef: Any = None
+  shardings: Any = None
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.out_dir, "metrics.jsonl")
+
+  @property
+  def ckpt_dir(self) -> str:
+    return os.path.join(self.out_dir, "checkpoints")
+
+  def heldout(self, state):
+    model = nnx.merge(self.graphdef, state).model
+    fused = self.config.train.fused
+    return evaluate(model, self.heldout_samples, self.config.batch, fused=fused, mesh=self.mesh)
+
+
+@dataclasses.dataclass
+class _Committed:
+  """The run's committed point: a state, the number of updates it holds, and whether its
+  buffers are still alive (a dispatched step donates them until it is committed)."""
+
+  state: Any
+  step: int
+  live: bool = True
+
+
 def fit(
   config: RunConfig,
   out_dir: str,
   *,
   resume: bool = False,
+  overwrite: bool = False,
   stop_after: int | None = None,
   progress: bool = True,
   log: Callable[[str], None] = print,
   mesh: str | Mesh | None = None,
+  _fault: Fault | None = None,
 ) -> dict[str, Any]:
   """Trains ``config`` into ``out_dir`` (the loop behind ``jaxnll train``).
 
   Writes ``config.json``, ``metrics.jsonl`` (one record per step), ``loss.png``,
-  ``checkpoints/`` (every ``checkpoint_every`` steps and always on exit, Ctrl-C included)
-  and ``summary.json``. With ``resume`` it continues from the latest checkpoint (keeping the
-  saved configuration, except ``steps``) and the later losses equal those of a run that
-  never stopped. ``stop_after`` ends the run early after that many steps in total (as an
-  interruption would), without changing the schedule.
+  ``checkpoints/`` (every ``checkpoint_every`` steps and always on exit) and ``summary.json``.
+  ``out_dir`` must be new, empty, or a run: with ``resume`` it continues from the latest
+  checkpoint (keeping the saved configuration, except ``steps``; the learning-rate schedule
+  stays the saved ``schedule_steps`` long, see :class:`RunConfig`), with ``overwrite`` the
+  run's own files are replaced; anything else is refused before any work
+  (:func:`jaxnll.train.run.check_run_dir`).
+
+  SIGINT (Ctrl-C) and SIGTERM stop the run after the step in flight: its record is written,
+  a checkpoint of exactly that step is saved, and a later ``resume`` gives the same records
+  (losses bit for bit, epoch aggregates included) as a run that never stopped. The summary
+  then says ``"interrupted": "SIGTERM"`` and has no end-of-run evaluation. ``stop_after``
+  ends the run after that many steps in total (as an interruption would, but with the final
+  evaluation), without changing the schedule.
 
   ``mesh`` (``"data=4,model=2"``, a :class:`jax.sharding.Mesh`, or None: every device on
   ``data``) is where the run lives: parameters and optimizer state are sharded by their Flax
@@ -120,54 +189,90 @@ def fit(
     and end of this invocation, skipped steps, parameter count, and the sample table rows.
   """
   t_start = time.perf_counter()
+  fault = _fault or (lambda phase, step: None)
+  with runtime.StopRequest() as stop:
+    run = _set_up(config, out_dir, resume=resume, overwrite=overwrite, mesh=mesh, log=log)
+    start, state, records = _initial_state(run, resume=resume)
+    h_sums, h_counts = run.heldout(state)
+    before = {"heldout_nll": _heldout_line(h_sums, h_counts)}
+    run.log(f"held-out target NLL at step {start}: {before['heldout_nll']:.4f} nats/token")
+    for name, value in run.task.report(nnx.merge(run.graphdef, state).model).items():
+      run.log(f"held-out {name} at step {start}: {value:.4f}")
+      before[name] = value
+    end = run.config.steps if stop_after is None else min(stop_after, run.config.steps)
+    bar = _progress_bar(run, start) if progress and run.primary else None
+    try:
+      done = _step_loop(run, state, start, records, end=end, stop=stop, fault=fault, bar=bar)
+    finally:
+      if bar is not None:
+        bar.close()
+    return _finish(run, done, records, before, stop=stop, seconds=time.perf_counter() - t_start)
+
+
+def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
+  """Checks the run directory, the mesh and the data (before any model is built), writes
+  ``config.json``, then builds the task; every input mistake is a one-line ``ValueError``."""
   primary = runtime.is_primary()
   if not primary:
-    log, progress = (lambda _: None), False
-  os.makedirs(out_dir, exist_ok=True)
-  config_path = os.path.join(out_dir, "config.json")
-  metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  ckpt_dir = os.path.join(out_dir, "checkpoints")
-  if resume:
-    with open(config_path) as f:
-      saved = RunConfig.from_dict(json.load(f))
-    config = dataclasses.replace(saved, steps=config.steps)
-  runtime.barrier("jaxnll-fit-config-read")
-  if primary:
-    if not resume:
-      for stale in (ckpt_dir, metrics_path):
-        if os.path.isdir(stale):
-          shutil.rmtree(stale)
-        elif os.path.exists(stale):
-          os.remove(stale)
-    with open(config_path, "w") as f:
-      json.dump(config.to_dict(), f, indent=2)
-  runtime.barrier("jaxnll-fit-directory-ready")
-
-  train_examples, heldout_examples = load_examples(config.data)
+    log = lambda _: None  # noqa: E731
+  saved = run_lib.check_run_dir(out_dir, resume=resume, overwrite=overwrite)
+  if saved is not None:
+    config = dataclasses.replace(
+      saved, steps=config.steps, schedule_steps=saved.total_schedule_steps
+    )
+  else:
+    config = dataclasses.replace(config, schedule_steps=config.total_schedule_steps)
+  mesh = mesh if isinstance(mesh, Mesh) else parallel.make_mesh(mesh)
   spec = config.batch
+  data_lib.check_rows(spec, accum=config.train.accum, devices=parallel.axis_size(mesh, "data"))
+  train_examples, heldout_examples = load_examples(config.data)
   train_examples = data_lib.drop_long(train_examples, spec.length)
   heldout_examples = data_lib.drop_long(heldout_examples, spec.length)
-  train_samples = data_lib.encode_all(train_examples, spec.length)
-  heldout_samples = data_lib.encode_all(heldout_examples, spec.length)
-  task = make_task(config, train_examples, out_dir, log=log)
+  where = config.data or "the embedded data set"
+  for name, examples in (("training", train_examples), ("held-out", heldout_examples)):
+    if not examples:
+      raise data_lib.DataError(f"{where}: no {name} example fits in {spec.length} tokens")
+  runtime.barrier("jaxnll-fit-directory-checked")
+  if primary:
+    if overwrite:
+      run_lib.clear_run_files(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    run_lib.write_config(os.path.join(out_dir, "config.json"), config)
+  runtime.barrier("jaxnll-fit-directory-ready")
+  return _Run(
+    config=config,
+    out_dir=out_dir,
+    log=log,
+    primary=primary,
+    mesh=mesh,
+    heldout_examples=heldout_examples,
+    train_samples=data_lib.encode_all(train_examples, spec.length),
+    heldout_samples=data_lib.encode_all(heldout_examples, spec.length),
+    task=make_task(config, train_examples, out_dir, log=log),
+  )
 
-  mesh = mesh if isinstance(mesh, Mesh) else parallel.make_mesh(mesh)
-  data_lib.check_rows(spec, accum=config.train.accum, devices=parallel.axis_size(mesh, "data"))
+
+def _initial_state(run: _Run, *, resume: bool):
+  """The sharded state to start from, its step and the records kept: a new model, or the
+  latest checkpoint and the records up to its step (``metrics.jsonl`` repaired)."""
+  config, mesh = run.config, run.mesh
   trainer = build_trainer(config)
   runtime.annotate_partitioning(trainer, mesh)
-  graphdef, state = nnx.split(trainer)
-  shardings = runtime.state_shardings(state, mesh)
-  start = 0
+  run.graphdef, state = nnx.split(trainer)
+  run.shardings = runtime.state_shardings(state, mesh)
+  start, records = 0, []
   if resume:
     # Read straight into this run's layout, whatever mesh wrote the checkpoint.
-    start, state = restore_state(ckpt_dir, runtime.abstract(state, shardings))
-    if primary:
-      metrics_lib.truncate_records(metrics_path, start)
-  state = runtime.place(state, shardings)
+    start, state = restore_state(run.ckpt_dir, runtime.abstract(state, run.shardings))
+    records = metrics_lib.repair_records(run.metrics_path, start, write=run.primary)
+  elif run.primary and os.path.exists(run.metrics_path):
+    os.remove(run.metrics_path)  # a run's own file, left by an earlier --overwrite'd run
+  state = runtime.place(state, run.shardings)
   mesh_text = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
-  log(
+  spec = config.batch
+  run.log(
     f"jaxnll: {config.model.kind} with {count_params(trainer.model):,} parameters, "
-    f"{len(train_samples)} training / {len(heldout_samples)} held-out samples, "
+    f"{len(run.train_samples)} training / {len(run.heldout_samples)} held-out samples, "
     f"{mesh.size} device(s) (mesh {mesh_text}"
     + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
     + f"), loss={config.train.loss}"
@@ -175,109 +280,165 @@ def fit(
     + (f", accum={config.train.accum}" if config.train.accum > 1 else "")
     + (", fused" if config.train.fused else "")
   )
+  return start, state, records
 
-  fused = config.train.fused
 
-  def heldout(state):
-    model = nnx.merge(graphdef, state).model
-    return evaluate(model, heldout_samples, spec, fused=fused, mesh=mesh)
+def _progress_bar(run: _Run, start: int):
+  from tqdm.auto import tqdm
 
-  h_sums, h_counts = heldout(state)
-  heldout_start = _heldout_line(h_sums, h_counts)
-  log(f"held-out target NLL at step {start}: {heldout_start:.4f} nats/token")
-  report_start = task.report(nnx.merge(graphdef, state).model)
-  for name, value in report_start.items():
-    log(f"held-out {name} at step {start}: {value:.4f}")
+  return tqdm(total=run.config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
-  jitted = jax.jit(
-    functools.partial(
-      train_step_fn,
-      graphdef,
-      objective=task.objective,
-    ),
-    donate_argnums=0,
-    out_shardings=(shardings, NamedSharding(mesh, P())),  # metrics on every process
+
+_STEPS: dict = {}
+
+
+def _jitted_step(run: _Run):
+  """The compiled step of ``run``, kept across :func:`fit` calls of the same model, optimizer,
+  objective and layout (a resumed or repeated run in one process compiles once)."""
+  config = run.config
+  leaves, treedef = jax.tree.flatten(run.shardings)
+  key = (
+    config.model,
+    config.train,
+    config.total_schedule_steps,  # the optimizer's schedule lives in the graphdef
+    run.task.objective,
+    treedef,
+    tuple(leaves),
+    run.mesh,
   )
+  if key not in _STEPS:
+    if len(_STEPS) >= 8:
+      _STEPS.pop(next(iter(_STEPS)))
+    jitted = jax.jit(
+      functools.partial(train_step_fn, run.graphdef, objective=run.task.objective),
+      donate_argnums=0,
+      out_shardings=(run.shardings, NamedSharding(run.mesh, P())),  # metrics on every process
+    )
+    mesh = run.mesh
 
-  def step_fn(state, batch):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch)
+    def step_fn(state, batch):
+      with jax.set_mesh(mesh):
+        return jitted(state, batch)
 
-  schedule = make_schedule(config.train, config.steps)
-  aggregate = metrics_lib.EpochAggregate()
-  records = metrics_lib.read_records(metrics_path) if resume else []
-  stream = task.stream(train_samples, spec, seed=config.seed, start_step=start)
-  end = config.steps if stop_after is None else min(stop_after, config.steps)
-  step = start
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
+    _STEPS[key] = step_fn
+  return _STEPS[key]
 
-    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-  manager = checkpointer(ckpt_dir)
+
+def _step_loop(run: _Run, state, start, records, *, end, stop, fault, bar) -> _Committed:
+  """Steps from ``start`` to ``end`` or until ``stop``; checkpoints the committed state.
+
+  A stop request is honoured only here, between steps, where state, step number and record
+  agree; the final checkpoint is of the committed state (never of a state in flight), so a
+  checkpoint's step label always counts the updates it holds.
+  """
   import orbax.checkpoint as ocp
 
+  config = run.config
+  step_fn = _jitted_step(run)
+  aggregate = metrics_lib.EpochAggregate()
+  done = _Committed(state, start)
+  manager = checkpointer(run.ckpt_dir)
   try:
-    first = True
-    for item in stream:
-      if step >= end:
-        break
-      if first:
+    for i, item in enumerate(
+      run.task.stream(run.train_samples, config.batch, seed=config.seed, start_step=start)
+    ):
+      if i == 0:
         aggregate.restore(records, item.epoch)
-        first = False
-      t0 = time.perf_counter()
-      # Each process feeds its slice of the global batch.
-      host = task.prepare(item.batch, nnx.merge(graphdef, state).model, step)
-      batch = runtime.global_batch(micro_batches(host, config.train.accum), mesh)
-      state, out = step_fn(state, batch)
-      out = runtime.fetch(out)
-      dt = time.perf_counter() - t0
-      step += 1
-      record = metrics_lib.step_record(
-        step=step,
-        epoch=item.epoch,
-        out=out,
-        sample_ids=item.batch["sample_ids"],
-        seconds=dt,
-        lr=float(schedule(step - 1)),
-      )
-      task.annotate(record, out, item.batch["sample_ids"])
-      aggregate.add(out["sample_sums"], out["sample_counts"], item.batch["sample_ids"])
-      if item.last_in_epoch:
-        record["epoch_loss"] = aggregate.value()
-        aggregate.reset()
-      if config.eval_every and (step % config.eval_every == 0 or step == end):
-        record["heldout_loss"] = _heldout_line(*heldout(state))
-      if primary:
-        metrics_lib.append_record(metrics_path, record)
-      records.append(record)
+      if done.step >= end or stop.requested():
+        break
+      _one_step(run, done, item, step_fn, aggregate, records, fault)
       if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        bar.set_postfix(
+          loss=f"{records[-1]['loss']:.3f}", tok_s=f"{records[-1]['tokens_per_s']:,.0f}"
+        )
         bar.update(1)
-      if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
-        manager.save(step, args=ocp.args.StandardSave(state))
+      fault(Phase.CHECKPOINT, done.step)
+      if config.checkpoint_every and done.step % config.checkpoint_every == 0:
+        manager.save(done.step, args=ocp.args.StandardSave(done.state))
   finally:
-    if bar is not None:
-      bar.close()
-    if manager.latest_step() != step:
-      manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    if done.live and manager.latest_step() != done.step:
+      manager.save(done.step, args=ocp.args.StandardSave(done.state), force=True)
     manager.wait_until_finished()
     manager.close()
+  return done
 
-  trainer = nnx.merge(graphdef, state)
-  h_sums, h_counts = evaluate(trainer.model, heldout_samples, spec, fused=fused, mesh=mesh)
+
+def _one_step(run: _Run, done: _Committed, item, step_fn, aggregate, records, fault) -> None:
+  """One step from ``done``: dispatch, fetch, record; then commits state, step and record."""
+  config, step = run.config, done.step + 1
+  fault(Phase.DISPATCH, step)
+  t0 = time.perf_counter()
+  # Each process feeds its slice of the global batch.
+  host = run.task.prepare(item.batch, nnx.merge(run.graphdef, done.state).model, done.step)
+  batch = runtime.global_batch(micro_batches(host, config.train.accum), run.mesh)
+  done.live = False  # the step donates the committed state's buffers
+  state, out = step_fn(done.state, batch)
+  fault(Phase.FETCH, step)
+  out = runtime.fetch(out)
+  seconds = time.perf_counter() - t0
+  fault(Phase.RECORD, step)
+  ids = item.batch["sample_ids"]
+  lr = make_schedule(config.train, config.total_schedule_steps)(step - 1)
+  record = metrics_lib.step_record(
+    step=step, epoch=item.epoch, out=out, sample_ids=ids, seconds=seconds, lr=float(lr)
+  )
+  run.task.annotate(record, out, ids)
+  aggregate.add(out["sample_sums"], out["sample_counts"], ids)
+  record["epoch_sum"], record["epoch_count"] = aggregate.sum, aggregate.count
+  if item.last_in_epoch:
+    record["epoch_loss"] = aggregate.value()
+    aggregate.reset()
+  if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+    record["heldout_loss"] = _heldout_line(*run.heldout(state))
+  if run.primary:
+    metrics_lib.append_record(run.metrics_path, record)
+  # The commit: the new state, its step number and its record, together.
+  done.state, done.step, done.live = state, step, True
+  records.append(record)
+
+
+def _finish(run: _Run, done: _Committed, records, before, *, stop, seconds) -> dict[str, Any]:
+  """The end of the run: held-out evaluation, sample table, plot and ``summary.json``."""
+  if run.primary:
+    metrics_lib.plot_losses(records, os.path.join(run.out_dir, "loss.png"))
+  trainer = nnx.merge(run.graphdef, done.state)
+  summary = {
+    "steps": done.step,
+    "seconds": round(seconds, 2),
+    "heldout_nll_start": before["heldout_nll"],
+    "skipped_steps": int(runtime.fetch(done.state["skipped"][...])),
+    "params": count_params(trainer.model),
+  }
+  interrupted = stop.name if stop.requested() else None
+  if interrupted:
+    summary["interrupted"] = interrupted
+    run.log(
+      f"jaxnll: {interrupted}: stopped after step {done.step} with a checkpoint of it; "
+      f"continue with --resume --out {run.out_dir}"
+    )
+  else:
+    summary.update(_final_evaluation(run, trainer.model, before))
+  if run.primary:
+    metrics_lib.write_json(os.path.join(run.out_dir, "summary.json"), summary)
+  return summary
+
+
+def _final_evaluation(run: _Run, model, before) -> dict[str, Any]:
+  """Held-out NLL, the task's figures and the greedy sample table at the end of a run."""
+  config, spec = run.config, run.config.batch
+  fused = config.train.fused
+  h_sums, h_counts = evaluate(model, run.heldout_samples, spec, fused=fused, mesh=run.mesh)
   heldout_end = _heldout_line(h_sums, h_counts)
-  report_end = task.report(trainer.model)
-  if primary:
-    metrics_lib.plot_losses(records, os.path.join(out_dir, "loss.png"))
+  report_end = run.task.report(model)
   rows = []
   if config.table_rows:
-    picks = _table_picks(heldout_examples, config.table_rows)
+    examples = run.heldout_examples
+    picks = _table_picks(examples, config.table_rows)
     outputs = greedy_responses(
-      trainer.model, [heldout_examples[i] for i in picks], length=spec.length, mesh=mesh
+      model, [examples[i] for i in picks], length=spec.length, mesh=run.mesh
     )
     for i, output in zip(picks, outputs, strict=True):
-      ex = heldout_examples[i]
+      ex = examples[i]
       rows.append(
         {
           "family": ex.family,
@@ -288,28 +449,19 @@ def fit(
           "tokens": int(h_counts[i]),
         }
       )
-    log(metrics_lib.format_table(rows))
-  summary = {
-    "steps": step,
-    "seconds": round(time.perf_counter() - t_start, 2),
-    "heldout_nll_start": heldout_start,
+    run.log(metrics_lib.format_table(rows))
+  start = before["heldout_nll"]
+  run.log(
+    f"held-out target NLL: {start:.4f} -> {heldout_end:.4f} nats/token "
+    f"(perplexity {metrics_lib.perplexity(heldout_end):.2f}); outputs in {run.out_dir}"
+  )
+  return {
     "heldout_nll_end": heldout_end,
     "heldout_ppl_end": metrics_lib.perplexity(heldout_end),
-    "skipped_steps": int(runtime.fetch(state["skipped"][...])),
-    "params": count_params(trainer.model),
     "samples": rows,
-    **{f"{name}_before": value for name, value in report_start.items()},
+    **{f"{name}_before": value for name, value in before.items() if name != "heldout_nll"},
     **{f"{name}_after": value for name, value in report_end.items()},
   }
-  if primary:
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  log(
-    f"held-out target NLL: {heldout_start:.4f} -> {heldout_end:.4f} nats/token "
-    f"(perplexity {summary['heldout_ppl_end']:.2f}); {step} steps in {summary['seconds']:.0f} s; "
-    f"outputs in {out_dir}"
-  )
-  return summary
 
 
 def _table_picks(examples, n: int) -> list[int]:
@@ -333,8 +485,7 @@ def evaluate_run(run_dir: str, data: str | None = None) -> list[dict[str, Any]]:
     One dict per sample (``index``, ``split``, ``family``, ``nll_sum``, ``nll_mean``,
     ``target_tokens``, ``prompt``, ``reference``), hardest (highest ``nll_mean``) first.
   """
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = RunConfig.from_dict(json.load(f))
+  config = run_lib.read_config(os.path.join(run_dir, "config.json"))
   trainer = build_trainer(config)
   graphdef, state = nnx.split(trainer)
   _, state = restore_state(os.path.join(run_dir, "checkpoints"), state)

@@ -82,11 +82,20 @@ class EpochAggregate:
     return self.sum / self.count if self.count else 0.0
 
   def restore(self, records: Sequence[dict[str, Any]], epoch: int) -> None:
-    """Rebuilds the running sums from the logged records of ``epoch`` (for a resumed run)."""
+    """Takes up the running sums of ``epoch`` from its logged records (for a resumed run).
+
+    A record carries the epoch's exact running totals (``epoch_sum``, ``epoch_count``: floats
+    written with ``repr``, so they read back bit for bit), so the aggregate of an epoch that
+    spans a resume equals the uninterrupted one exactly. Records of older runs without them
+    fall back to the (rounded) per-sample values.
+    """
     self.reset()
-    for r in records:
-      if r.get("epoch") == epoch:
-        self.add(r["sample_nll"], r["sample_tokens"])
+    mine = [r for r in records if r.get("epoch") == epoch]
+    if mine and "epoch_sum" in mine[-1]:
+      self.sum, self.count = float(mine[-1]["epoch_sum"]), float(mine[-1]["epoch_count"])
+      return
+    for r in mine:
+      self.add(r["sample_nll"], r["sample_tokens"])
 
 
 def tokens_per_second(tokens: float, seconds: float) -> float:
@@ -124,24 +133,100 @@ def step_record(*, step, epoch, out, sample_ids, seconds, lr) -> dict[str, Any]:
   return record
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically: a temporary file beside it, then ``os.replace``
+  (a reader, or a run killed at any moment, sees the old file or the new one, never a part)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """``obj`` as indented JSON at ``path``, atomically (:func:`write_atomic`)."""
+  write_atomic(path, json.dumps(obj, indent=2))
+
+
 def append_record(path: str, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
+  """Appends one ``metrics.jsonl`` line (flushed to the file system before returning)."""
+  with open(path, "a", encoding="utf-8") as f:
     f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _parse_lines(text: str) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` text.
+
+  Records are appended one line at a time, so a kill in the middle of a write can only damage
+  the last line, which has then no newline: it is dropped (a complete record just missing its
+  newline is kept). A damaged line anywhere else means the file was edited, and is an error.
+  """
+  lines = text.split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+      if i == len(lines) - 1:
+        continue
+      raise ValueError(f"line {i + 1} is not a step record")
+    records.append(record)
+  return records
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
+  """The step records of ``metrics.jsonl`` (a truncated last line is ignored)."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    return _parse_lines(text)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
 
 
-def truncate_records(path: str, step: int) -> None:
-  """Drops records after ``step`` (steps a resumed run will compute again)."""
+def repair_records(path: str, step: int, *, write: bool = True) -> list[dict[str, Any]]:
+  """The records of steps ``1 .. step`` (what a run resumed at ``step`` keeps).
+
+  Drops records after ``step`` (steps the resumed run computes again) and a last line cut by
+  a kill in the middle of a write; with ``write`` rewrites the file atomically.
+
+  Raises:
+    ValueError: the file does not hold exactly the steps ``1 .. step`` (naming it).
+  """
   records = [r for r in read_records(path) if r["step"] <= step]
-  with open(path, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  steps = [r["step"] for r in records]
+  if steps != list(range(1, step + 1)):
+    raise ValueError(
+      f"{path}: the checkpoint is at step {step} but the records hold steps "
+      f"{_ranges(steps) or 'none'}; the run directory was changed by hand"
+    )
+  if write:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+  return records
+
+
+def _ranges(steps: Sequence[int]) -> str:
+  if not steps:
+    return ""
+  parts, lo = [], steps[0]
+  for a, b in zip(steps, [*steps[1:], None], strict=True):
+    if b != a + 1:
+      parts.append(f"{lo}" if lo == a else f"{lo}..{a}")
+      lo = b
+  return ", ".join(parts)
 
 
 def plot_losses(records: Sequence[dict[str, Any]], path: str) -> None:
@@ -191,8 +276,11 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str) -> None:
   ax.legend(loc="upper right", fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp-{os.getpid()}{ext}"
+  fig.savefig(tmp)
   plt.close(fig)
+  os.replace(tmp, path)
 
 
 def _clip(text: str, width: int, *, keep_end: bool = False) -> str:

@@ -1,18 +1,59 @@
 """The run directory of ``jaxnll train``: its configuration, examples and checkpoints.
 
 A run directory holds ``config.json`` (:class:`RunConfig`, everything the run depends on),
-``metrics.jsonl``, ``loss.png``, ``summary.json`` and ``checkpoints/`` (orbax).
+``metrics.jsonl``, ``loss.png``, ``summary.json`` and ``checkpoints/`` (orbax), and nothing
+else of jaxnll's (:data:`RUN_FILES`). :func:`check_run_dir` decides whether a directory may
+receive a run: jaxnll never deletes or overwrites a file it did not write.
+
+Files are written atomically (:func:`jaxnll.train.metrics.write_atomic`: a temporary file in
+the same directory, then :func:`os.replace`), so a run killed at any moment leaves the old or
+the new file, never half of one. Orbax checkpoints are atomic too: a step is written into
+``checkpoints/<step>.orbax-checkpoint-tmp-*`` and renamed to ``checkpoints/<step>`` once
+complete; an unfinished one is never read back (``tests/test_faults.py`` checks it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from typing import Any
 
 from jaxnll.train import data as data_lib
+from jaxnll.train import metrics as metrics_lib
 from jaxnll.train.model import ModelConfig, make_model
 from jaxnll.train.step import TrainConfig, Trainer, make_optimizer
+
+#: The files and folders a run writes into its directory (``--overwrite`` removes these and
+#: nothing else). A task that writes a file of its own appends its name here.
+RUN_FILES = [
+  "config.json",
+  "metrics.jsonl",
+  "loss.png",
+  "summary.json",
+  "checkpoints",
+  "teacher_outputs.jsonl",
+]
+
+
+class ConfigError(ValueError):
+  """A ``config.json`` that cannot be read back; the message names the file."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or cannot be restored; the message names it."""
+
+
+class RunDirError(ValueError):
+  """An ``--out`` directory that may not receive a run (one line, naming it)."""
+
+
+def _check_int(name: str, value, low: int, *, none: bool = False) -> None:
+  if value is None and none:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,27 +71,140 @@ class RunConfig:
   table_rows: int = 8
   distill: dict[str, Any] | None = None
   """Teacher distillation (:class:`jaxnll.train.teacher.DistillConfig` as a dict), or None."""
+  schedule_steps: int | None = None
+  """Length of the learning-rate schedule (None: ``steps``). Fixed when the run starts:
+  ``--resume --steps M`` past it keeps the schedule, so the extra steps run at the final
+  learning rate (the schedule's end value)."""
+
+  def __post_init__(self):
+    _check_int("steps", self.steps, 1)
+    _check_int("seed", self.seed, 0)
+    _check_int("eval_every", self.eval_every, 0)
+    _check_int("checkpoint_every", self.checkpoint_every, 0)
+    _check_int("table_rows", self.table_rows, 0)
+    _check_int("schedule_steps", self.schedule_steps, 1, none=True)
+
+  @property
+  def total_schedule_steps(self) -> int:
+    """The steps the learning-rate schedule spans (``schedule_steps``, else ``steps``)."""
+    return self.steps if self.schedule_steps is None else self.schedule_steps
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+    """The configuration of a dict (unknown keys are an error naming them)."""
+    if not isinstance(d, dict):
+      raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     d = dict(d)
-    d["model"] = ModelConfig(**d["model"])
-    d["train"] = TrainConfig(**d["train"])
-    d["batch"] = data_lib.BatchSpec(**d["batch"])
+    _known_keys(cls, d, "the configuration")
+    for key, kind in (
+      ("model", ModelConfig),
+      ("train", TrainConfig),
+      ("batch", data_lib.BatchSpec),
+    ):
+      if key in d:
+        if not isinstance(d[key], dict):
+          raise ValueError(f"{key!r} must be an object, got {type(d[key]).__name__}")
+        _known_keys(kind, d[key], repr(key))
+        d[key] = kind(**d[key])
     return cls(**d)
 
 
+def _known_keys(kind, d: dict, where: str) -> None:
+  known = [f.name for f in dataclasses.fields(kind)]
+  unknown = sorted(set(d) - set(known))
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in {where}; known: {', '.join(known)}")
+
+
+def read_config(path: str) -> RunConfig:
+  """The :class:`RunConfig` saved at ``path``; :class:`ConfigError` naming the file."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such file (not a jaxnll run directory?)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    return RunConfig.from_dict(json.loads(text))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg}; truncated?)") from None
+  except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+    raise ConfigError(f"{path}: {e}") from None
+
+
+def write_config(path: str, config: RunConfig) -> None:
+  metrics_lib.write_atomic(path, json.dumps(config.to_dict(), indent=2))
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def check_run_dir(out_dir: str, *, resume: bool, overwrite: bool) -> RunConfig | None:
+  """Whether ``out_dir`` may receive a run; the saved configuration when resuming.
+
+  A missing or empty directory takes a new run; a jaxnll run (it has ``config.json``) is
+  continued with ``resume``, replaced with ``overwrite`` (then only its :data:`RUN_FILES` are
+  removed, by :func:`clear_run_files`) and refused otherwise; anything else is refused.
+  Read-only: every process may call it.
+
+  Raises:
+    RunDirError: naming the directory and what to do instead.
+    ConfigError: ``resume`` and the saved ``config.json`` cannot be read.
+  """
+  if resume and overwrite:
+    raise RunDirError("--resume and --overwrite exclude each other")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise RunDirError(f"--out {out_dir} is a file, not a directory")
+  config_path = os.path.join(out_dir, "config.json")
+  if resume:
+    if not os.path.isdir(out_dir):
+      raise RunDirError(f"--out {out_dir}: no run to resume (no such directory, no config.json)")
+    return read_config(config_path)
+  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    return None
+  if not os.path.isfile(config_path):
+    raise RunDirError(
+      f"--out {out_dir} is not empty and is not a jaxnll run (no config.json): "
+      "nothing there is touched; choose a new or empty directory"
+    )
+  if not overwrite:
+    raise RunDirError(
+      f"--out {out_dir} holds a jaxnll run: pass --resume to continue it or --overwrite to "
+      "replace it (only the run's own files are removed)"
+    )
+  return None
+
+
+def clear_run_files(out_dir: str) -> None:
+  """Removes the :data:`RUN_FILES` of the run in ``out_dir`` (nothing else)."""
+  for name in RUN_FILES:
+    path = os.path.join(out_dir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    elif os.path.lexists(path):
+      os.remove(path)
+
+
 def load_examples(path: str | None):
-  """``(train, heldout)`` examples: the embedded set, or a JSONL file split 9:1."""
+  """``(train, heldout)`` examples: the embedded set, or a JSONL file split 9:1.
+
+  Raises:
+    DataError: the file is malformed, or too small to hold out a tenth of it (fewer than 10
+      records).
+  """
   if path is None:
     return data_lib.embedded_examples("train"), data_lib.embedded_examples("heldout")
   examples = data_lib.load_jsonl(path)
-  if len(examples) < 2:
-    return examples, examples
+  if len(examples) < 10:
+    raise data_lib.DataError(
+      f"{path}: {len(examples)} record(s); every tenth record is held out for evaluation, "
+      "so at least 10 are needed"
+    )
   return data_lib.split_examples(examples, "train"), data_lib.split_examples(examples, "heldout")
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def checkpointer(directory: str):
@@ -61,17 +215,28 @@ def checkpointer(directory: str):
 
 
 def restore_state(directory: str, abstract_state, step: int | None = None):
-  """The latest (or ``step``'s) checkpointed state under ``directory``; ``(step, state)``."""
+  """The latest (or ``step``'s) checkpointed state under ``directory``; ``(step, state)``.
+
+  Raises:
+    CheckpointError: no checkpoint, or one that cannot be read (one line naming it).
+  """
   import orbax.checkpoint as ocp
 
   with checkpointer(directory) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint to resume from")
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      raise CheckpointError(f"{directory}: no checkpoint to resume from")
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax / tensorstore raise many kinds; all mean "unreadable"
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+      raise CheckpointError(
+        f"{os.path.join(directory, str(step))}: cannot restore the checkpoint "
+        f"({type(e).__name__}: {first}); it is damaged or from another model"
+      ) from None
   return step, state
 
 
 def build_trainer(config: RunConfig) -> Trainer:
   model = make_model(config.model, seed=config.seed)
-  return Trainer(model, make_optimizer(config.train, config.steps))
+  return Trainer(model, make_optimizer(config.train, config.total_schedule_steps))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -238,3 +240,61 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class StopRequest:
+  """SIGINT and SIGTERM as a request to stop at the next safe point (a context manager).
+
+  Inside the ``with`` block the handlers of both signals only record the signal: they never
+  raise into the code that runs, so a step, its record and its checkpoint are never cut in
+  the middle; the run loop asks :meth:`requested` between steps. A second SIGINT (Ctrl-C
+  twice) raises :class:`KeyboardInterrupt` at once, for a step that hangs; the run then ends
+  at its last checkpoint. Outside the main thread (no signal handlers there) nothing is
+  installed. The previous handlers come back on exit.
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._agreed = False
+    self._previous: dict = {}
+
+  def __enter__(self) -> StopRequest:
+    if threading.current_thread() is threading.main_thread():
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is None:
+      self.signum = signum
+
+  def requested(self) -> bool:
+    """Whether to stop now. With several processes every process must call it at the same
+    point: they agree (one collective) so that all stop after the same step."""
+    local = self.signum is not None
+    if jax.process_count() > 1 and not self._agreed:
+      from jax.experimental import multihost_utils
+
+      local = bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    self._agreed = self._agreed or local
+    return self._agreed
+
+  @property
+  def name(self) -> str | None:
+    """``"SIGINT"`` / ``"SIGTERM"`` once stopping (``"signal"``: another process's), else None."""
+    if self.signum is not None:
+      return signal.Signals(self.signum).name
+    return "signal" if self._agreed else None

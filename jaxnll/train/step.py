@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -73,8 +74,10 @@ class TrainConfig:
 
   def __post_init__(self):
     self.objective()  # checks loss and fused
-    if not isinstance(self.accum, int) or self.accum < 1:
+    if not isinstance(self.accum, int) or isinstance(self.accum, bool) or self.accum < 1:
       raise ValueError(f"accum must be a positive int, got {self.accum!r}")
+    if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < math.inf):
+      raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
 
   def objective(self) -> SFT:
     """The supervised objective these settings select."""
