@@ -30,6 +30,8 @@ class RunConfig:
   table_rows: int = 8
   distill: dict[str, Any] | None = None
   """Teacher distillation (:class:`jaxnll.train.teacher.DistillConfig` as a dict), or None."""
+  preference: dict[str, Any] | None = None
+  """Preference training (:class:`jaxnll.train.preference.PreferenceConfig` as a dict), or None."""
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
