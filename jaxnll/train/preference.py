@@ -296,6 +296,20 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
   return pairs
 
 
+def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> None:
+  """Writes pairs as ``{"prompt", "chosen", "rejected"}`` records (a one-user-turn context)
+  or chat records whose last turn holds both versions (readable with :func:`load_pairs`)."""
+  with open(path, "w", encoding="utf-8") as f:
+    for p in pairs:
+      if len(p.context) == 1 and p.context[0].role == "user":
+        record = {"prompt": p.context[0].content, "chosen": p.chosen, "rejected": p.rejected}
+      else:
+        turns = [{"role": m.role, "content": m.content} for m in p.context]
+        turns.append({"role": "assistant", "chosen": p.chosen, "rejected": p.rejected})
+        record = {"messages": turns}
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def split_pairs(pairs: Sequence[Pair], split: str) -> list[Pair]:
   """Every 10th pair held out (all of them for fewer than 2), as SFT data is split."""
   if len(pairs) < 2:
