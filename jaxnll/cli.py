@@ -25,7 +25,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", help="JSONL file of prompt/response or chat records (default: embedded)")
   p.add_argument("--out", default="runs/demo", help="run directory (default: %(default)s)")
   p.add_argument(
-    "--steps", type=int, help=f"total steps (default: {d.steps}; preference losses: 120)"
+    "--steps", type=int, help=f"total steps (default: {d.steps}; preference losses: 60)"
   )
   p.add_argument(
     "--loss",
@@ -45,7 +45,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--lr",
     type=float,
-    help=f"peak learning rate (default: {d.train.learning_rate}; preference losses: 1e-3)",
+    help=f"peak learning rate (default: {d.train.learning_rate}; preference losses: 5e-5)",
   )
   p.add_argument(
     "--context-gradient",
