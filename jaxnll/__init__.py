@@ -13,6 +13,10 @@ from jaxnll.nll import segment_nll as segment_nll
 from jaxnll.nll import selective_sequence_nll as selective_sequence_nll
 from jaxnll.nll import sequence_nll as sequence_nll
 from jaxnll.nll import token_nll as token_nll
+from jaxnll.preference import dpo_loss as dpo_loss
+from jaxnll.preference import orpo_loss as orpo_loss
+from jaxnll.preference import preference_metrics as preference_metrics
+from jaxnll.preference import simpo_loss as simpo_loss
 from jaxnll.spans import concat_sample as concat_sample
 from jaxnll.spans import from_ignore_index as from_ignore_index
 from jaxnll.spans import pack_samples as pack_samples

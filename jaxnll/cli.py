@@ -52,6 +52,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def _add_train(p: argparse.ArgumentParser) -> None:
   from jaxnll.train.model import KINDS
   from jaxnll.train.objectives import LOSS_MODES
+  from jaxnll.train.preference import CLI_KINDS
+  from jaxnll.train.preference import add_arguments as add_preference_arguments
   from jaxnll.train.run import RunConfig
   from jaxnll.train.teacher import add_arguments as add_distill_arguments
 
@@ -67,13 +69,18 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--steps",
     type=positive_int,
-    default=d.steps,
-    help="total steps (default: %(default)s). The learning-rate schedule (warm-up, cosine "
-    "decay) spans the --steps of the run's start, saved as schedule_steps in config.json; "
+    help=f"total steps (default: {d.steps}; preference losses: 60). The learning-rate "
+    "schedule (warm-up, cosine decay) spans the --steps of the run's start, saved as "
+    "schedule_steps in config.json; "
     "--resume --steps M past it keeps that schedule, so the extra steps run at the final "
     "learning rate",
   )
-  p.add_argument("--loss", choices=LOSS_MODES, default=d.train.loss, help="loss mode")
+  p.add_argument(
+    "--loss",
+    choices=LOSS_MODES + CLI_KINDS,
+    default=d.train.loss,
+    help="loss mode; dpo|ipo|simpo|orpo: preference optimisation of an --init run",
+  )
   p.add_argument("--pack", action="store_true", help="pack several samples per row")
   p.add_argument(
     "--accum", type=positive_int, default=1, help="micro-batches per step (default: 1)"
@@ -93,7 +100,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--layers", type=positive_int, help="transformer blocks / LSTM layers")
   p.add_argument("--batch-size", type=positive_int, default=d.batch.rows, help="rows per step")
   p.add_argument(
-    "--lr", type=positive_float, default=d.train.learning_rate, help="peak learning rate"
+    "--lr",
+    type=positive_float,
+    help=f"peak learning rate (default: {d.train.learning_rate}; preference losses: 5e-5)",
   )
   p.add_argument(
     "--context-gradient",
@@ -113,6 +122,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   _add_devices(p)
   add_distill_arguments(p)
+  add_preference_arguments(p)
 
 
 def _add_devices(p: argparse.ArgumentParser) -> None:
@@ -148,12 +158,20 @@ def _init_devices(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
+  from jaxnll.train import preference
   from jaxnll.train.loop import fit
   from jaxnll.train.model import default_config
   from jaxnll.train.run import RunConfig
   from jaxnll.train.teacher import config_from_args as distill_config
 
   d = RunConfig()
+  preference_config = preference.config_from_args(args)  # None unless --loss dpo|ipo|...
+  if preference_config is not None:
+    d = dataclasses.replace(
+      d,
+      steps=preference.DEFAULT_STEPS,
+      train=dataclasses.replace(d.train, learning_rate=preference.DEFAULT_LR),
+    )
   sizes = {"d_model": args.d_model, "num_layers": args.layers}
   sizes = {k: v for k, v in sizes.items() if v is not None}
   if "d_model" in sizes and args.model == "transformer":
@@ -163,17 +181,23 @@ def _run_train(args: argparse.Namespace) -> int:
     d,
     model=model,
     train=dataclasses.replace(
-      d.train, loss=args.loss, accum=args.accum, fused=args.fused, learning_rate=args.lr
+      d.train,
+      loss=d.train.loss if preference_config else args.loss,
+      accum=args.accum,
+      fused=args.fused,
+      learning_rate=d.train.learning_rate if args.lr is None else args.lr,
     ),
     batch=dataclasses.replace(d.batch, rows=args.batch_size, pack=args.pack),
-    steps=args.steps,
+    steps=d.steps if args.steps is None else args.steps,
     seed=args.seed,
     data=args.data,
     eval_every=args.eval_every,
     table_rows=args.table_rows,
     distill=distill_config(args),
+    preference=preference_config,
   )
-  summary = fit(
+  run = preference.fit if preference_config else fit
+  summary = run(
     config,
     args.out,
     resume=args.resume,

@@ -134,3 +134,55 @@ def distill_cross_entropy(
     terms = terms - jax.nn.log_softmax(t, axis=-1)
   tok = -jnp.sum(jnp.where(p > 0, p * terms, 0.0), axis=-1)
   return _reduce(tok, span_mask, reduction)
+
+
+def _pairs_valid(chosen_count, rejected_count, like):
+  if chosen_count is None:
+    return jnp.ones(jnp.shape(like), bool)
+  return (chosen_count > 0) & (rejected_count > 0)
+
+
+def dpo_loss(
+  chosen_nll: Float[Array, " P"],
+  rejected_nll: Float[Array, " P"],
+  ref_chosen_nll: Float[Array, " P"],
+  ref_rejected_nll: Float[Array, " P"],
+  *,
+  beta: float = 0.1,
+  kind: str = "sigmoid",
+  label_smoothing: float = 0.0,
+  chosen_count: Float[Array, " P"] | None = None,
+  rejected_count: Float[Array, " P"] | None = None,
+) -> Float[Array, " P"]:
+  """DPO / cDPO / IPO / hinge straight from the formulas (``log σ`` as ``log(sigmoid)``)."""
+  valid = _pairs_valid(chosen_count, rejected_count, chosen_nll)
+  pick = lambda x: jnp.where(valid, jnp.asarray(x, F32), 0.0)
+  log_ratio_w = pick(jax.lax.stop_gradient(ref_chosen_nll)) - pick(chosen_nll)
+  log_ratio_l = pick(jax.lax.stop_gradient(ref_rejected_nll)) - pick(rejected_nll)
+  h = beta * (log_ratio_w - log_ratio_l)
+  if kind == "sigmoid":
+    eps = label_smoothing
+    loss = -(1 - eps) * jnp.log(jax.nn.sigmoid(h)) - eps * jnp.log(jax.nn.sigmoid(-h))
+  elif kind == "ipo":
+    loss = (log_ratio_w - log_ratio_l - 1 / (2 * beta)) ** 2
+  else:
+    loss = jnp.maximum(0.0, 1.0 - h)
+  return jnp.where(valid, loss, 0.0)
+
+
+def simpo_loss(chosen_nll, chosen_count, rejected_nll, rejected_count, *, beta=2.0, gamma=0.5):
+  """SimPO: ``-log σ(β (nll_l/|y_l| - nll_w/|y_w|) - γ)``."""
+  valid = _pairs_valid(chosen_count, rejected_count, chosen_nll)
+  mean = lambda s, n: jnp.where(valid, s, 0.0) / jnp.where(valid, n, 1.0)
+  z = beta * (mean(rejected_nll, rejected_count) - mean(chosen_nll, chosen_count)) - gamma
+  return jnp.where(valid, -jnp.log(jax.nn.sigmoid(z)), 0.0)
+
+
+def orpo_loss(chosen_nll, chosen_count, rejected_nll, rejected_count, *, beta=0.1):
+  """ORPO: ``nll_w/|y_w| - β log σ(log odds_w - log odds_l)``, ``log odds = ℓ - log(1 - e^ℓ)``."""
+  valid = _pairs_valid(chosen_count, rejected_count, chosen_nll)
+  mean = lambda s, n: jnp.where(valid, s, 0.0) / jnp.where(valid, n, 1.0)
+  ell_w, ell_l = -mean(chosen_nll, chosen_count), -mean(rejected_nll, rejected_count)
+  odds = lambda ell: ell - jnp.log(1.0 - jnp.exp(ell))
+  loss = -ell_w - beta * jnp.log(jax.nn.sigmoid(odds(ell_w) - odds(ell_l)))
+  return jnp.where(valid, loss, 0.0)

@@ -71,6 +71,8 @@ class RunConfig:
   table_rows: int = 8
   distill: dict[str, Any] | None = None
   """Teacher distillation (:class:`jaxnll.train.teacher.DistillConfig` as a dict), or None."""
+  preference: dict[str, Any] | None = None
+  """Preference training (:class:`jaxnll.train.preference.PreferenceConfig` as a dict), or None."""
   schedule_steps: int | None = None
   """Length of the learning-rate schedule (None: ``steps``). Fixed when the run starts:
   ``--resume --steps M`` past it keeps the schedule, so the extra steps run at the final
