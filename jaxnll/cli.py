@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 def _add_train(p: argparse.ArgumentParser) -> None:
   from jaxnll.train.model import KINDS
   from jaxnll.train.objectives import LOSS_MODES
+  from jaxnll.train.policy import add_arguments as add_policy_arguments
   from jaxnll.train.run import RunConfig
   from jaxnll.train.teacher import add_arguments as add_distill_arguments
 
@@ -23,7 +24,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", help="JSONL file of prompt/response or chat records (default: embedded)")
   p.add_argument("--out", default="runs/demo", help="run directory (default: %(default)s)")
   p.add_argument("--steps", type=int, default=d.steps, help="total steps (default: %(default)s)")
-  p.add_argument("--loss", choices=LOSS_MODES, default=d.train.loss, help="loss mode")
+  p.add_argument(
+    "--loss", choices=(*LOSS_MODES, "grpo"), default=d.train.loss, help="loss mode (grpo: RL)"
+  )
   p.add_argument("--pack", action="store_true", help="pack several samples per row")
   p.add_argument("--accum", type=int, default=1, help="micro-batches per step (default: 1)")
   p.add_argument("--fused", action="store_true", help="fused head + loss (no [B, T, V] logits)")
@@ -47,6 +50,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   _add_devices(p)
   add_distill_arguments(p)
+  add_policy_arguments(p)
 
 
 def _add_devices(p: argparse.ArgumentParser) -> None:
@@ -79,6 +83,7 @@ def _init_devices(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
+  from jaxnll.train import policy
   from jaxnll.train.loop import fit
   from jaxnll.train.model import default_config
   from jaxnll.train.run import RunConfig
@@ -94,7 +99,11 @@ def _run_train(args: argparse.Namespace) -> int:
     d,
     model=model,
     train=dataclasses.replace(
-      d.train, loss=args.loss, accum=args.accum, fused=args.fused, learning_rate=args.lr
+      d.train,
+      loss=policy.loss_mode(args.loss),
+      accum=args.accum,
+      fused=args.fused,
+      learning_rate=args.lr,
     ),
     batch=dataclasses.replace(d.batch, rows=args.batch_size, pack=args.pack),
     steps=args.steps,
@@ -104,6 +113,7 @@ def _run_train(args: argparse.Namespace) -> int:
     table_rows=args.table_rows,
     distill=distill_config(args),
   )
+  config = policy.apply_config(config, policy.config_from_args(args))
   fit(config, args.out, resume=args.resume, progress=not args.no_progress, mesh=args.mesh)
   return 0
 

@@ -30,6 +30,8 @@ class RunConfig:
   table_rows: int = 8
   distill: dict[str, Any] | None = None
   """Teacher distillation (:class:`jaxnll.train.teacher.DistillConfig` as a dict), or None."""
+  policy: dict[str, Any] | None = None
+  """RL from verifiable rewards (:class:`jaxnll.train.policy.PolicyConfig` as a dict), or None."""
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -74,4 +76,8 @@ def restore_state(directory: str, abstract_state, step: int | None = None):
 
 def build_trainer(config: RunConfig) -> Trainer:
   model = make_model(config.model, seed=config.seed)
+  if config.policy is not None:  # RL starts from the parameters of a trained run
+    from jaxnll.train.policy import init_model
+
+    init_model(model, config.policy)
   return Trainer(model, make_optimizer(config.train, config.steps))
