@@ -13,6 +13,10 @@ from jaxnll.nll import segment_nll as segment_nll
 from jaxnll.nll import selective_sequence_nll as selective_sequence_nll
 from jaxnll.nll import sequence_nll as sequence_nll
 from jaxnll.nll import token_nll as token_nll
+from jaxnll.policy import group_advantages as group_advantages
+from jaxnll.policy import k3_kl as k3_kl
+from jaxnll.policy import policy_loss_terms as policy_loss_terms
+from jaxnll.policy import ppo_clip_loss as ppo_clip_loss
 from jaxnll.preference import dpo_loss as dpo_loss
 from jaxnll.preference import orpo_loss as orpo_loss
 from jaxnll.preference import preference_metrics as preference_metrics

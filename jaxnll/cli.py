@@ -52,6 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def _add_train(p: argparse.ArgumentParser) -> None:
   from jaxnll.train.model import KINDS
   from jaxnll.train.objectives import LOSS_MODES
+  from jaxnll.train.policy import add_arguments as add_policy_arguments
   from jaxnll.train.preference import CLI_KINDS
   from jaxnll.train.preference import add_arguments as add_preference_arguments
   from jaxnll.train.run import RunConfig
@@ -77,9 +78,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument(
     "--loss",
-    choices=LOSS_MODES + CLI_KINDS,
+    choices=(*LOSS_MODES, *CLI_KINDS, "grpo"),
     default=d.train.loss,
-    help="loss mode; dpo|ipo|simpo|orpo: preference optimisation of an --init run",
+    help="loss mode; dpo|ipo|simpo|orpo: preference optimisation of an --init run; "
+    "grpo: RL from verifiable rewards of an --init run",
   )
   p.add_argument("--pack", action="store_true", help="pack several samples per row")
   p.add_argument(
@@ -122,7 +124,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   _add_devices(p)
   add_distill_arguments(p)
+  p.add_argument(
+    "--init",
+    metavar="RUN_DIR",
+    help="trained run to start from (and the frozen reference of) preference or RL training",
+  )
   add_preference_arguments(p)
+  add_policy_arguments(p)
 
 
 def _add_devices(p: argparse.ArgumentParser) -> None:
@@ -158,7 +166,7 @@ def _init_devices(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
-  from jaxnll.train import preference
+  from jaxnll.train import policy, preference
   from jaxnll.train.loop import fit
   from jaxnll.train.model import default_config
   from jaxnll.train.run import RunConfig
@@ -182,7 +190,7 @@ def _run_train(args: argparse.Namespace) -> int:
     model=model,
     train=dataclasses.replace(
       d.train,
-      loss=d.train.loss if preference_config else args.loss,
+      loss=d.train.loss if preference_config else policy.loss_mode(args.loss),
       accum=args.accum,
       fused=args.fused,
       learning_rate=d.train.learning_rate if args.lr is None else args.lr,
@@ -196,6 +204,7 @@ def _run_train(args: argparse.Namespace) -> int:
     distill=distill_config(args),
     preference=preference_config,
   )
+  config = policy.apply_config(config, policy.config_from_args(args))
   run = preference.fit if preference_config else fit
   summary = run(
     config,

@@ -186,3 +186,50 @@ def orpo_loss(chosen_nll, chosen_count, rejected_nll, rejected_count, *, beta=0.
   odds = lambda ell: ell - jnp.log(1.0 - jnp.exp(ell))
   loss = -ell_w - beta * jnp.log(jax.nn.sigmoid(odds(ell_w) - odds(ell_l)))
   return jnp.where(valid, loss, 0.0)
+
+
+def ppo_clip_loss(
+  token_nll: Float[Array, "B T"],
+  old_token_nll: Float[Array, "B T"],
+  advantages: Float[Array, " B"] | Float[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  clip_low: float = 0.2,
+  clip_high: float = 0.2,
+  ref_token_nll: Float[Array, "B T"] | None = None,
+  kl_coef: float = 0.0,
+) -> Float[Array, " B"]:
+  """The clipped surrogate written in log-probabilities, ``log π = -nll``.
+
+  ``ratio = π / π_old``; the KL term is k3 with ``ρ = π_ref / π`` (samples from ``π``).
+  """
+  inside = span_mask != 0
+  w = span_mask.astype(F32)
+  logp = jnp.where(inside, -token_nll.astype(F32), 0.0)
+  logp_old = jnp.where(inside, -jax.lax.stop_gradient(old_token_nll).astype(F32), 0.0)
+  adv = jax.lax.stop_gradient(advantages).astype(F32)
+  adv = jnp.where(inside, adv[:, None] if adv.ndim == 1 else adv, 0.0)
+  ratio = jnp.exp(logp - logp_old)
+  surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip_low, 1 + clip_high) * adv)
+  loss = -surrogate
+  if ref_token_nll is not None and kl_coef:
+    logp_ref = jnp.where(inside, -jax.lax.stop_gradient(ref_token_nll).astype(F32), 0.0)
+    rho = jnp.exp(logp_ref - logp)
+    loss = loss + kl_coef * (rho - 1.0 - jnp.log(rho))
+  return jnp.sum(jnp.where(inside, loss * w, 0.0), axis=-1)
+
+
+def group_advantages(
+  rewards: Float[Array, " N"], group_size: int, *, normalize_std: bool = True
+) -> Float[Array, " N"]:
+  """``(r - group mean) / group std`` by a Python loop over groups (0 for a constant group)."""
+  out = []
+  r = rewards.astype(F32)
+  for g in range(r.shape[0] // group_size):
+    x = r[g * group_size : (g + 1) * group_size]
+    same = jnp.all(x == x[0])
+    a = x - jnp.mean(x)
+    if normalize_std:
+      a = a / jnp.where(same, 1.0, jnp.std(x))
+    out.append(jnp.where(same, 0.0, a))
+  return jnp.concatenate(out)

@@ -342,6 +342,8 @@ def parse_record(record, where: str) -> Example:
     if not any(m.role == "assistant" for m in parsed):
       raise DataError(f"{where}: no assistant message, so nothing to learn from")
     return Example(parsed, family="jsonl", source=where)
+  if "prompt" in record and "answer" in record and "response" not in record:
+    record = {"prompt": record["prompt"], "response": record["answer"]}  # verifiable answers
   if "prompt" in record or "response" in record:
     for key in ("prompt", "response"):
       if key not in record:

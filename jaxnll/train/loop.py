@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxnll import parallel
 from jaxnll.train import data as data_lib
-from jaxnll.train import generate, runtime, teacher
+from jaxnll.train import generate, policy, runtime, teacher
 from jaxnll.train import metrics as metrics_lib
 from jaxnll.train import preference as preference_lib
 from jaxnll.train import run as run_lib
@@ -37,7 +37,7 @@ from jaxnll.train.step import eval_step, make_schedule, micro_batches, train_ste
 #: Task builders, tried in order: ``builder(run_config, train_examples, out_dir, log=...)``
 #: returns the :class:`~jaxnll.train.objectives.Task` of a run it handles, else None; a run no
 #: builder claims is supervised fine-tuning (``config.train``'s objective).
-TASK_BUILDERS = [teacher.make_task, preference_lib.make_task]
+TASK_BUILDERS = [teacher.make_task, preference_lib.make_task, policy.make_task]
 
 
 def make_task(config: RunConfig, train_examples, out_dir: str, *, log=print) -> Task:

@@ -180,17 +180,38 @@ class Attention(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, x, positions, mask):
-    b, t, d = x.shape
+  def _qkv(self, x, positions):
+    b, t, _ = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, H, K]
-    q = rotary(q, positions, self.rope_base)
-    k = rotary(k, positions, self.rope_base)
+    return rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base), v
+
+  def _attend(self, q, k, v, mask):
+    b, t = q.shape[:2]
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(self.head_dim)
     # A finite minimum, never -inf: a fully masked row (none here) could not turn into NaN.
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return self.out(jnp.einsum("bhqs,bshk->bqhk", weights, v).reshape(b, t, d))
+    return self.out(jnp.einsum("bhqs,bshk->bqhk", weights, v).reshape(b, t, -1))
+
+  def __call__(self, x, positions, mask):
+    q, k, v = self._qkv(x, positions)
+    return self._attend(q, k, v, mask)
+
+  def prefill(self, x, positions, mask):
+    """``__call__`` that also returns the keys and values ``[B, T, H, K]`` (the KV cache)."""
+    q, k, v = self._qkv(x, positions)
+    return self._attend(q, k, v, mask), (k, v)
+
+  def step(self, x, pos, cache):
+    """One new token per row (``x: [B, 1, D]`` at position ``pos: [B]``) against the cache:
+    its key and value are written at ``pos``, and it attends to positions ``<= pos``."""
+    q, k, v = self._qkv(x, pos[:, None])
+    rows = jnp.arange(x.shape[0])
+    keys = cache[0].at[rows, pos].set(k[:, 0])
+    values = cache[1].at[rows, pos].set(v[:, 0])
+    mask = (jnp.arange(keys.shape[1])[None, :] <= pos[:, None])[:, None, None, :]
+    return self._attend(q, keys, values, mask), (keys, values)
 
 
 class MLP(nnx.Module):
@@ -219,6 +240,16 @@ class Block(nnx.Module):
   def __call__(self, x, positions, mask):
     x = x + self.attn(self.norm1(x), positions, mask)
     return x + self.mlp(self.norm2(x))
+
+  def prefill(self, x, positions, mask):
+    y, cache = self.attn.prefill(self.norm1(x), positions, mask)
+    x = x + y
+    return x + self.mlp(self.norm2(x)), cache
+
+  def step(self, x, pos, cache):
+    y, cache = self.attn.step(self.norm1(x), pos, cache)
+    x = x + y
+    return x + self.mlp(self.norm2(x)), cache
 
 
 class _LanguageModel(nnx.Module):
@@ -282,6 +313,28 @@ class _LanguageModel(nnx.Module):
     hidden = self.final_norm(x)
     return hidden if return_hidden else self.logits(hidden)
 
+  # Cached decoding (:mod:`jaxnll.train.generate`): ``prefill`` runs the left-aligned prompts
+  # of a ``[B, T]`` row batch once and returns the next-token logits at each row's last prompt
+  # position with a cache; ``decode_step`` feeds one token per row at position ``pos`` and
+  # returns the next logits.  Both equal the full forward's logits at the same positions.
+
+  def prefill(
+    self, tokens: Int[Array, "B T"], lengths: Int[Array, " B"]
+  ) -> tuple[Float[Array, "B V"], Any]:
+    """Logits ``[B, V]`` at position ``lengths - 1`` of each row, and the decoding cache."""
+    tokens = jnp.asarray(tokens)
+    _, positions = _default_layout(tokens, None, None)
+    hidden, cache = self._prefill(self.embed(tokens), positions, lengths)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return self.logits(self.final_norm(last)), cache
+
+  def decode_step(
+    self, token: Int[Array, " B"], pos: Int[Array, " B"], cache
+  ) -> tuple[Float[Array, "B V"], Any]:
+    """Logits ``[B, V]`` after ``token`` at position ``pos`` of each row, and the new cache."""
+    x, cache = self._step(self.embed(token[:, None]), pos, cache)
+    return self.logits(self.final_norm(x[:, 0])), cache
+
 
 class Transformer(_LanguageModel):
   """Decoder-only transformer: embed, ``num_layers`` pre-norm blocks, final norm, head."""
@@ -295,6 +348,22 @@ class Transformer(_LanguageModel):
     for block in self.blocks:
       x = self._stop(block(x, positions, mask), span_mask)
     return x
+
+  def _prefill(self, x, positions, lengths):
+    del lengths  # causal: positions past a prompt do not change the ones before it
+    mask = attention_mask(jnp.ones(positions.shape, jnp.int32))
+    cache = []
+    for block in self.blocks:
+      x, kv = block.prefill(x, positions, mask)
+      cache.append(kv)
+    return x, tuple(cache)
+
+  def _step(self, x, pos, cache):
+    new = []
+    for block, kv in zip(self.blocks, cache, strict=True):
+      x, kv = block.step(x, pos, kv)
+      new.append(kv)
+    return x, tuple(new)
 
 
 # ----------------------------------------------------------------------------- LSTM
@@ -328,3 +397,37 @@ class LSTMLM(_LanguageModel):
     for cell in self.cells:
       x = self._stop(x + _scan_lstm(cell, x, restart), span_mask)
     return x
+
+  def _prefill(self, x, positions, lengths):
+    # The state of each layer after each row's last prompt token (frozen past it).
+    cache = []
+    for cell in self.cells:
+      ys, carry = _scan_lstm_prefix(cell, x, lengths)
+      x = x + ys
+      cache.append(carry)
+    return x, tuple(cache)
+
+  def _step(self, x, pos, cache):
+    del pos
+    new, x = [], x[:, 0]
+    for cell, carry in zip(self.cells, cache, strict=True):
+      carry, y = cell(carry, x)
+      x = x + y
+      new.append(carry)
+    return x[:, None], tuple(new)
+
+
+def _scan_lstm_prefix(cell: nnx.LSTMCell, x: Array, lengths: Array):
+  """:func:`_scan_lstm` over one segment a row, also returning the state after ``lengths``."""
+  graphdef, state = nnx.split(cell)
+  zeros = jnp.zeros(x.shape[:1] + (cell.hidden_features,), x.dtype)
+
+  def step(carry, inputs):
+    x_t, t = inputs
+    new, y = nnx.merge(graphdef, state)(carry, x_t)
+    keep = (t < lengths)[:, None]
+    return jax.tree.map(lambda n, c: jnp.where(keep, n, c), new, carry), y
+
+  times = jnp.arange(x.shape[1])
+  carry, ys = jax.lax.scan(step, (zeros, zeros), (jnp.swapaxes(x, 0, 1), times))
+  return jnp.swapaxes(ys, 0, 1), carry

@@ -716,7 +716,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group(
     "preference optimisation (--loss dpo|ipo|simpo|orpo: train a trained run on answer pairs)"
   )
-  g.add_argument("--init", metavar="RUN_DIR", help="trained run to start from (and reference)")
   g.add_argument("--beta", type=float, help="β of the loss (default: 0.1; simpo 2.0)")
   g.add_argument("--gamma", type=float, help="SimPO's target margin γ (default: 0.5)")
   g.add_argument(
@@ -729,9 +728,11 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
   given = {"beta": args.beta, "gamma": args.gamma, "label_smoothing": args.label_smoothing}
   given = {k: v for k, v in given.items() if v is not None}
   if args.loss not in KINDS:
-    flags = [f"--{k.replace('_', '-')}" for k in given] + (["--init"] if args.init else [])
+    flags = [f"--{k.replace('_', '-')}" for k in given]
     if flags:
       raise ValueError(f"{', '.join(flags)} need --loss dpo|ipo|simpo|orpo")
+    if args.init and args.loss != "grpo":
+      raise ValueError("--init needs --loss dpo|ipo|simpo|orpo|grpo")
     return None
   if args.init is None:
     raise ValueError(f"--loss {args.loss} needs --init RUN_DIR (a trained run to start from)")

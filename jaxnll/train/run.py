@@ -73,6 +73,8 @@ class RunConfig:
   """Teacher distillation (:class:`jaxnll.train.teacher.DistillConfig` as a dict), or None."""
   preference: dict[str, Any] | None = None
   """Preference training (:class:`jaxnll.train.preference.PreferenceConfig` as a dict), or None."""
+  policy: dict[str, Any] | None = None
+  """RL from verifiable rewards (:class:`jaxnll.train.policy.PolicyConfig` as a dict), or None."""
   schedule_steps: int | None = None
   """Length of the learning-rate schedule (None: ``steps``). Fixed when the run starts:
   ``--resume --steps M`` past it keeps the schedule, so the extra steps run at the final
@@ -241,4 +243,8 @@ def restore_state(directory: str, abstract_state, step: int | None = None):
 
 def build_trainer(config: RunConfig) -> Trainer:
   model = make_model(config.model, seed=config.seed)
+  if config.policy is not None:  # RL starts from the parameters of a trained run
+    from jaxnll.train.policy import init_model
+
+    init_model(model, config.policy)
   return Trainer(model, make_optimizer(config.train, config.total_schedule_steps))

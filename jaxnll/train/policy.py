@@ -1,0 +1,455 @@
+"""Reinforcement learning from verifiable rewards: GRPO / DAPO / Dr. GRPO on a trained run.
+
+``jaxnll train --loss grpo --init RUN_DIR [--group-size G] [--prompts-per-step P]
+[--clip-low ε_l] [--clip-high ε_h] [--kl-coef β] [--normalize tokens|samples|constant]``
+starts the policy from the trained model of ``RUN_DIR`` and, every step,
+
+1. draws ``P`` training prompts (from ``(seed, step)``) and samples ``G`` answers to each from
+   the current policy (:func:`jaxnll.train.generate.sample`, KV cache, key
+   ``fold_in(key(seed), step)``, so ``--resume`` repeats the very same answers);
+2. scores each answer with a **verifiable reward**: 1 if it equals the reference answer
+   exactly (the embedded task families — arithmetic, reversing, copying, upper-casing,
+   translation, look-ups — or a JSONL of ``{"prompt", "answer"}``), else 0;
+3. computes group advantages (:func:`jaxnll.group_advantages`), the per-token NLL of the
+   answers under the sampling policy (``old``) and under the frozen initial model
+   (``ref``);
+4. takes one optimizer step on :func:`jaxnll.ppo_clip_loss` (k3 KL to the reference with
+   ``β > 0``), normalised as ``--normalize`` says, exactly under accumulation and devices
+   (numerator and denominator per micro-batch, :mod:`jaxnll.train.objectives`).
+
+One update per batch of answers: the ratio is 1 at the update and the loss's gradient is the
+(group-normalised) REINFORCE gradient; clipping matters once several updates reuse one batch
+(not offered here; the clip fraction is logged and is 0).
+
+Logged per step in ``metrics.jsonl``: ``loss``, ``reward`` (mean over the answers),
+``kl_loss`` (k3 per answer token), ``clip_loss`` (fraction of answer tokens clipped),
+``entropy_loss`` (mean entropy per answer token), ``response_length`` (mean tokens per
+answer).  ``summary.json`` has ``reward_before`` / ``reward_after``: the mean held-out reward of
+greedy answers.  ``reward.png`` plots reward and KL.
+
+References: Z. Shao et al., *DeepSeekMath* (2024; GRPO); Q. Yu et al., *DAPO* (2025); Z. Liu
+et al., *Understanding R1-Zero-Like Training* (2025; Dr. GRPO); J. Schulman et al., *Proximal
+Policy Optimization Algorithms* (2017).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnll.nll import span_counts, token_nll
+from jaxnll.policy import group_advantages as _group_advantages
+from jaxnll.policy import k3_kl, ppo_clip_loss
+from jaxnll.spans import shift_targets
+from jaxnll.train import data as data_lib
+from jaxnll.train import generate
+from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux
+
+F32 = jnp.float32
+NORMALIZE = ("tokens", "samples", "constant")
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+  """RL settings (JSON-friendly; saved in the run's ``config.json`` as ``policy``).
+
+  Attributes:
+    init: run directory of the trained start (its latest checkpoint is the initial policy
+      and the frozen reference).
+    group_size: ``G`` answers sampled per prompt.
+    prompts_per_step: ``P`` prompts per step (``P·G`` rows a step).
+    clip_low, clip_high: ``ε_low``, ``ε_high`` of the clipped ratio.
+    kl_coef: ``β`` of the k3 KL to the reference.
+    normalize: ``"tokens"`` (DAPO), ``"samples"`` (GRPO), ``"constant"`` (Dr. GRPO: the
+      summed loss over ``max_new ·`` answers).
+    temperature, top_k, top_p: sampling of the answers.
+    max_new: most tokens sampled per answer.
+    eval_prompts: held-out prompts whose greedy answers give the reported reward (0: all).
+  """
+
+  init: str
+  group_size: int = 8
+  prompts_per_step: int = 8
+  clip_low: float = 0.2
+  clip_high: float = 0.28
+  kl_coef: float = 0.0
+  normalize: str = "tokens"
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new: int = 40
+  eval_prompts: int = 0
+
+  def __post_init__(self):
+    if self.normalize not in NORMALIZE:
+      raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+    for name in ("group_size", "prompts_per_step", "max_new"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if self.group_size < 2:
+      raise ValueError(
+        f"group_size must be >= 2 (advantages compare answers), got {self.group_size}"
+      )
+    if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+      raise ValueError(
+        f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}"
+      )
+    if self.kl_coef < 0.0:
+      raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+    if not self.temperature > 0.0:
+      raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> PolicyConfig:
+    return cls(**d)
+
+
+# ----------------------------------------------------------------------------- per-token NLL
+
+
+def _token_nll_and_entropy(model, tokens, targets, mask):
+  """Per-token NLL of ``targets`` and entropy of each position's distribution, ``[B, T]``
+  (0 outside ``mask``).
+
+  Stand-in through materialised logits and :func:`jaxnll.token_nll`; the fused
+  ``jaxnll.linear_token_nll(hidden, model.head_weight(), targets, mask,
+  return_entropy=True)`` computes the same without the ``[B, T, V]`` logits.
+  """
+  logits = model(tokens)
+  nll = jnp.where(mask, token_nll(logits, targets), 0.0)
+  logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return nll, jnp.where(mask, entropy, 0.0)
+
+
+@nnx.jit
+def _answer_nll(model, tokens, span_mask, segment_ids):
+  targets, mask = shift_targets(tokens, span_mask, segment_ids)
+  return _token_nll_and_entropy(model, tokens, targets, mask)[0]
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy(Objective):
+  """The clipped policy-gradient numerator of one micro-batch and its aux.
+
+  Reads the batch of :class:`PolicyTask`: the sampled rows (``tokens``, ``span_mask`` over
+  the answer, ``segment_ids``, ``positions``), ``advantages`` ``[B]`` and the shifted
+  per-token ``old_nll`` / ``ref_nll`` ``[B, T]``.  ``denominator``: answer tokens
+  (``"tokens"``), answers with at least one token (``"samples"``, the numerator summing
+  per-answer means) or ``max_new ·`` answers (``"constant"``) — plain sums, so adding them
+  over micro-batches and devices reproduces the full batch.  Also reports ``kl_sum`` /
+  ``kl_count``, ``clip_sum`` / ``clip_count``, ``entropy_sum`` / ``entropy_count`` (per answer
+  token) and the per-answer NLL as ``sample_sums`` / ``sample_counts``.
+  """
+
+  config: PolicyConfig
+
+  def __call__(self, model: nnx.Module, batch: Batch):
+    c = self.config
+    targets, mask, valid_mask, num_segments = batch_masks(batch)
+    nll, entropy = _token_nll_and_entropy(model, batch["tokens"], targets, mask)
+    sg = jax.lax.stop_gradient
+    old, ref, adv = batch["old_nll"], batch["ref_nll"], batch["advantages"]
+    sums = ppo_clip_loss(
+      nll,
+      old,
+      adv,
+      mask,
+      clip_low=c.clip_low,
+      clip_high=c.clip_high,
+      ref_token_nll=ref,
+      kl_coef=c.kl_coef,
+    )
+    counts = span_counts(mask)
+    answered = jnp.sum(counts > 0, dtype=F32)
+    if c.normalize == "samples":
+      numerator = jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0))
+      denominator = answered
+    else:
+      numerator = jnp.sum(sums)
+      denominator = jnp.sum(counts) if c.normalize == "tokens" else c.max_new * answered
+    ratio = jnp.exp(jnp.where(mask, old - sg(nll), 0.0))
+    a = adv[:, None]
+    clipped = mask & (((ratio > 1 + c.clip_high) & (a > 0)) | ((ratio < 1 - c.clip_low) & (a < 0)))
+    token_count = jnp.sum(counts)
+    sample_sums = jnp.sum(sg(nll), axis=-1)[:, None]
+    aux = common_aux(batch, mask, valid_mask, sample_sums, num_segments)
+    aux.update(
+      denominator=denominator,
+      kl_sum=jnp.sum(k3_kl(sg(nll), ref, mask)),
+      kl_count=token_count,
+      clip_sum=jnp.sum(clipped, dtype=F32),
+      clip_count=token_count,
+      entropy_sum=jnp.sum(sg(entropy)),
+      entropy_count=token_count,
+    )
+    return numerator, aux
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def load_init(run_dir: str):
+  """The trained model of ``run_dir`` (latest checkpoint): ``(model, run_config, step)``."""
+  from jaxnll.train.teacher import load_teacher
+
+  try:
+    return load_teacher(run_dir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(str(e).replace("--teacher", "--init")) from None
+
+
+def init_model(model: nnx.Module, policy: dict[str, Any]) -> None:
+  """Sets ``model``'s parameters to those of the ``--init`` run (same architecture)."""
+  start, run, _ = load_init(PolicyConfig.from_dict(policy).init)
+  if run.model != model.config:
+    raise ValueError(f"--init run's model {run.model} differs from this run's {model.config}")
+  nnx.update(model, nnx.state(start, nnx.Param))
+
+
+def reward(answer: str, reference: str) -> float:
+  """The verifiable reward: 1.0 for an exact match of the answer, else 0.0."""
+  return float(answer.strip() == reference.strip())
+
+
+class PolicyTask(Task):
+  """What :func:`jaxnll.train.loop.fit` needs for RL from verifiable rewards (module doc)."""
+
+  def __init__(self, config: PolicyConfig, run, train_examples, out_dir: str, *, log=print):
+    if jax.process_count() > 1:
+      raise ValueError("--loss grpo runs in a single process (any device mesh there)")
+    super().__init__(Policy(config))
+    self.config, self.run, self.out_dir = config, run, out_dir
+    self.reference, init_run, step = load_init(config.init)
+    if init_run.model != run.model:
+      raise ValueError(f"--init run's model {init_run.model} differs from {run.model}")
+    self.length = run.batch.length
+    self.examples = list(train_examples)
+    from jaxnll.train.run import load_examples
+
+    heldout = data_lib.drop_long(load_examples(run.data)[1], self.length)
+    self.heldout = heldout[: config.eval_prompts] if config.eval_prompts else heldout
+    self.seed = run.seed
+    self._last: dict[str, float] = {}
+    log(
+      f"policy: from {config.init} (step {step}); {config.prompts_per_step} prompts x "
+      f"{config.group_size} answers a step, normalize={config.normalize}, "
+      f"clip=({config.clip_low}, {config.clip_high}), kl_coef={config.kl_coef}"
+    )
+
+  def stream(self, samples, spec, *, seed: int, start_step: int = 0):
+    """Prompt indices for each step (``P`` distinct prompts from ``(seed, step)``), each
+    repeated ``G`` times as the batch's ``sample_ids``."""
+    del samples, spec
+    c, n = self.config, len(self.examples)
+    step = start_step
+    while True:
+      rng = np.random.default_rng([seed, step])
+      ids = rng.choice(n, size=min(c.prompts_per_step, n), replace=False)
+      rows = np.repeat(ids, c.group_size).astype(np.int32)[:, None]
+      epoch = step * c.prompts_per_step // n
+      last = (step + 1) * c.prompts_per_step // n > epoch
+      yield data_lib.Step(epoch, last, {"sample_ids": rows})
+      step += 1
+
+  def _rows(self, examples):
+    prompts = [data_lib.encode_prompt(ex)[-(self.length - 1) :] for ex in examples]
+    tokens, lengths = generate.prompt_rows(prompts, self.length)
+    return prompts, tokens, lengths
+
+  def prepare(self, batch: Batch, model, step: int) -> Batch:
+    """Samples the answers, scores them and adds advantages and old / reference NLLs."""
+    c = self.config
+    ids = np.asarray(batch["sample_ids"])[:, 0]
+    examples = [self.examples[i] for i in ids]
+    prompts, tokens, lengths = self._rows(examples)
+    key = jax.random.fold_in(jax.random.key(self.seed), step)
+    out, end = jax.device_get(
+      generate.sample(
+        model,
+        tokens,
+        lengths,
+        key,
+        max_new=c.max_new,
+        temperature=c.temperature,
+        top_k=c.top_k,
+        top_p=c.top_p,
+      )
+    )
+    rewards = np.asarray(
+      [
+        reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response)
+        for r, (p, ex) in enumerate(zip(prompts, examples, strict=True))
+      ],
+      np.float32,
+    )
+    pos = np.arange(self.length)[None]
+    start = np.asarray([len(p) for p in prompts])[:, None]
+    span = (pos >= start) & (pos < end[:, None])
+    seg = (pos < end[:, None]).astype(np.int32)
+    rows = {
+      "tokens": np.where(seg > 0, out, data_lib.PAD).astype(np.int32),
+      "span_mask": span,
+      "segment_ids": seg,
+      "positions": np.broadcast_to(pos, out.shape).astype(np.int32),
+      "sample_ids": batch["sample_ids"],
+    }
+    old = _answer_nll(model, rows["tokens"], rows["span_mask"], rows["segment_ids"])
+    ref = _answer_nll(self.reference, rows["tokens"], rows["span_mask"], rows["segment_ids"])
+    adv = _group_advantages(jnp.asarray(rewards), c.group_size)
+    self._last = {
+      "reward": float(rewards.mean()),
+      "response_length": float((end - start[:, 0]).mean()),
+    }
+    return {
+      **rows,
+      "advantages": np.asarray(adv),
+      "old_nll": np.asarray(old),
+      "ref_nll": np.asarray(ref),
+    }
+
+  def annotate(self, record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
+    """Adds ``reward``, ``response_length``, ``kl``, ``clip_fraction`` and ``entropy``."""
+    record.update(self._last)
+    record["kl"] = float(out["kl_loss"])
+    record["clip_fraction"] = float(out["clip_loss"])
+    record["entropy"] = float(out["entropy_loss"])
+    return record
+
+  def report(self, model) -> dict[str, float]:
+    """Mean held-out reward of greedy answers (and ``reward.png`` once steps are logged)."""
+    prompts, tokens, lengths = self._rows(self.heldout)
+    out, end = jax.device_get(generate.greedy(model, tokens, lengths, max_new=self.config.max_new))
+    got = [
+      reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response)
+      for r, (p, ex) in enumerate(zip(prompts, self.heldout, strict=True))
+    ]
+    path = os.path.join(self.out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+      plot_reward(path, os.path.join(self.out_dir, "reward.png"))
+    return {"reward": float(np.mean(got))}
+
+
+def plot_reward(metrics_path: str, out_path: str) -> None:
+  """``reward.png``: mean sampled reward and k3 KL per step."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(metrics_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  records = [r for r in records if "reward" in r]
+  if not records:
+    return
+  steps = [r["step"] for r in records]
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.plot(steps, [r["reward"] for r in records], label="reward (sampled answers)")
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean reward")
+  ax2 = ax.twinx()
+  ax2.plot(steps, [r["kl"] for r in records], color="tab:red", label="KL to the start (k3)")
+  ax2.set_ylabel("KL per token")
+  fig.legend(loc="upper left")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+
+
+def make_task(run, train_examples, out_dir: str, *, log=print) -> PolicyTask | None:
+  """The :class:`PolicyTask` of a run whose ``run.policy`` is set, else ``None``."""
+  if getattr(run, "policy", None) is None:
+    return None
+  return PolicyTask(PolicyConfig.from_dict(run.policy), run, train_examples, out_dir, log=log)
+
+
+# ----------------------------------------------------------------------------- command line
+
+#: Defaults of an RL run where the command line keeps the SFT defaults.
+RL_STEPS, RL_LR, RL_WARMUP = 60, 3e-4, 5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The ``jaxnll train --loss grpo`` options."""
+  g = parser.add_argument_group("RL from verifiable rewards (--loss grpo)")
+  g.add_argument("--group-size", type=int, metavar="G", help="answers per prompt (default: 8)")
+  g.add_argument("--prompts-per-step", type=int, metavar="P", help="prompts a step (default: 8)")
+  g.add_argument("--clip-low", type=float, help="ε_low of the ratio clip (default: 0.2)")
+  g.add_argument("--clip-high", type=float, help="ε_high of the ratio clip (default: 0.28)")
+  g.add_argument("--kl-coef", type=float, help="β of the k3 KL to --init (default: 0)")
+  g.add_argument(
+    "--normalize",
+    choices=NORMALIZE,
+    help="tokens: token mean (DAPO, default); samples: per-answer means (GRPO); "
+    "constant: sum / (max_new · answers) (Dr. GRPO)",
+  )
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+  """``RunConfig.policy`` from parsed arguments (``None`` unless ``--loss grpo``)."""
+  given = {
+    "group_size": args.group_size,
+    "prompts_per_step": args.prompts_per_step,
+    "clip_low": args.clip_low,
+    "clip_high": args.clip_high,
+    "kl_coef": args.kl_coef,
+    "normalize": args.normalize,
+  }
+  given = {k: v for k, v in given.items() if v is not None}
+  if args.loss != "grpo":
+    if given:
+      flags = ", ".join("--" + k.replace("_", "-") for k in given)
+      raise ValueError(f"{flags} need --loss grpo")
+    return None
+  if args.init is None:
+    raise ValueError("--loss grpo needs --init RUN_DIR (a trained run to start from)")
+  return PolicyConfig(init=os.path.abspath(args.init), **given).to_dict()
+
+
+def apply_config(config, policy: dict[str, Any] | None):
+  """The run configuration of an RL run: the ``--init`` run's model, the sub-sequence loss
+  setting, ``P·G`` rows a step, and the RL defaults for steps and learning rate where the
+  command line kept the SFT ones."""
+  if policy is None:
+    return config
+  from jaxnll.train.run import RunConfig
+
+  d = RunConfig()
+  p = PolicyConfig.from_dict(policy)
+  _, init_run, _ = load_init(p.init)
+  train = dataclasses.replace(
+    config.train,
+    learning_rate=RL_LR
+    if config.train.learning_rate == d.train.learning_rate
+    else config.train.learning_rate,
+    warmup_steps=RL_WARMUP,
+  )
+  return dataclasses.replace(
+    config,
+    model=init_run.model,
+    train=train,
+    batch=dataclasses.replace(config.batch, rows=p.prompts_per_step * p.group_size, pack=False),
+    steps=RL_STEPS if config.steps == d.steps else config.steps,
+    policy=policy,
+  )
+
+
+def loss_mode(loss: str) -> str:
+  """The ``TrainConfig.loss`` of a command-line ``--loss`` (``grpo`` trains no SFT loss)."""
+  return "subsequence" if loss == "grpo" else loss

@@ -1,0 +1,143 @@
+"""Tests for jaxnll/train/policy.py: the Policy objective (exact under accumulation for each
+normalisation), rewards, and `jaxnll train --loss grpo --init RUN_DIR` (records, summary,
+exact resume with the sampling keys)."""
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnll import cli
+from jaxnll.train import data as data_lib
+from jaxnll.train import policy as policy_train
+from jaxnll.train.loop import fit
+from jaxnll.train.model import ModelConfig, make_model
+from jaxnll.train.run import RunConfig
+from jaxnll.train.step import accumulate_gradients, micro_batches
+
+TINY = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32)
+
+
+def _policy_batch(model, ref_model, rows=8, length=48):
+  examples = [
+    ex for ex in data_lib.embedded_examples("train") if len(data_lib.encode(ex)[0]) <= length
+  ]
+  picked = examples[::97][:rows]
+  batch = data_lib.pad_batch(
+    data_lib.encode_all(picked, length), list(range(rows)), rows=rows, length=length
+  )
+  args = (batch["tokens"], batch["span_mask"], batch["segment_ids"])
+  old = policy_train._answer_nll(model, *args)
+  # A perturbed "old" policy so ratios differ from 1 and clipping happens.
+  old = old + 0.5 * jax.random.normal(jax.random.key(3), old.shape)
+  ref = policy_train._answer_nll(ref_model, *args)
+  adv = jnp.asarray([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 1.0][:rows])
+  return {
+    **batch,
+    "advantages": np.asarray(adv),
+    "old_nll": np.asarray(old),
+    "ref_nll": np.asarray(ref),
+  }
+
+
+@pytest.mark.parametrize("normalize", policy_train.NORMALIZE)
+def test_policy_objective_is_exact_under_accumulation(normalize):
+  model, ref_model = make_model(TINY, seed=0), make_model(TINY, seed=1)
+  batch = _policy_batch(model, ref_model)
+  objective = policy_train.Policy(
+    policy_train.PolicyConfig(init="unused", normalize=normalize, kl_coef=0.1, max_new=20)
+  )
+
+  @jax.jit
+  def run(batch):
+    grads, totals, _ = accumulate_gradients(model, batch, objective)
+    den = totals["denominator"]
+    return jax.tree.map(lambda g: g / den, grads), totals["loss_sum"] / den, totals
+
+  full = run(micro_batches(batch, 1))
+  accum = run(micro_batches(batch, 4))
+  np.testing.assert_allclose(accum[1], full[1], rtol=1e-5)
+  for a, f in zip(jax.tree.leaves(accum[0]), jax.tree.leaves(full[0]), strict=True):
+    np.testing.assert_allclose(a, f, rtol=1e-4, atol=1e-7)
+  totals = full[2]
+  counts = np.asarray(batch["span_mask"]).sum(-1)  # shifted counts equal span lengths
+  want_den = {"tokens": counts.sum(), "samples": (counts > 0).sum(), "constant": 20 * 8}
+  assert float(totals["denominator"]) == want_den[normalize]
+  assert 0 < float(totals["clip_sum"]) < float(totals["clip_count"])
+  assert float(totals["kl_sum"]) > 0 and float(totals["entropy_sum"]) > 0
+
+
+def test_reward_is_exact_match():
+  assert policy_train.reward("42", "42") == 1.0
+  assert policy_train.reward("42 ", "42") == 1.0
+  assert policy_train.reward("421", "42") == 0.0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("rl")
+  data = str(root / "answers.jsonl")
+  with open(data, "w") as f:  # the {"prompt", "answer"} form of a verifiable data set
+    for ex in data_lib.embedded_examples("all")[::70]:
+      f.write(json.dumps({"prompt": ex.prompt, "answer": ex.response}) + "\n")
+  args = ["train", "--data", data, "--d-model", "16", "--layers", "1", "--batch-size", "8"]
+  args += ["--no-progress", "--eval-every", "0", "--table-rows", "0"]
+  assert cli.main(args + ["--out", str(root / "sft"), "--steps", "3"]) == 0
+  return root, args
+
+
+def test_train_grpo_logs_rewards_and_resumes_exactly(runs):
+  root, args = runs
+  rl = ["--loss", "grpo", "--init", str(root / "sft"), "--group-size", "4"]
+  rl += ["--prompts-per-step", "2", "--kl-coef", "0.05", "--normalize", "samples"]
+  out = root / "grpo"
+  assert cli.main(args + ["--out", str(out), "--steps", "3"] + rl) == 0
+  config = json.load(open(out / "config.json"))
+  assert config["policy"]["group_size"] == 4 and config["policy"]["normalize"] == "samples"
+  assert config["batch"]["rows"] == 8 and config["train"]["loss"] == "subsequence"
+  records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for r in records:
+    for key in ("reward", "kl", "clip_fraction", "entropy", "response_length"):
+      assert np.isfinite(r[key]), key
+    assert 0.0 <= r["reward"] <= 1.0 and r["clip_fraction"] == 0.0  # one update per batch
+  summary = json.load(open(out / "summary.json"))
+  assert "reward_before" in summary and "reward_after" in summary
+  assert (out / "reward.png").exists()
+
+  # Stopped after 1 step and resumed: the same answers (sampling keys) and losses.
+  saved = RunConfig.from_dict(config)
+  part = root / "part"
+  fit(saved, str(part), stop_after=1, progress=False, log=lambda _: None)
+  fit(saved, str(part), resume=True, progress=False, log=lambda _: None)
+  again = [json.loads(line) for line in open(part / "metrics.jsonl")]
+  for a, b in zip(again, records, strict=True):
+    for key in ("loss", "reward", "kl", "entropy", "response_length", "sample_nll"):
+      assert a[key] == b[key], (key, a[key], b[key])
+
+
+@pytest.mark.parametrize(
+  "extra,match",
+  [
+    (["--loss", "grpo"], "needs --init"),
+    (["--group-size", "4"], "--group-size need --loss grpo"),
+    (["--loss", "grpo", "--init", "{root}/nowhere"], "--init .* no config.json"),
+    (["--loss", "grpo", "--init", "{root}/sft", "--group-size", "1"], "group_size must be >= 2"),
+  ],
+)
+def test_bad_policy_arguments_are_clear_errors(runs, capsys, extra, match):
+  root, args = runs
+  extra = [x.format(root=root) for x in extra]
+  assert cli.main(args + ["--out", str(root / "bad"), "--steps", "1"] + extra) == 2
+  assert re.search(match, capsys.readouterr().err)
+
+
+def test_init_model_refuses_another_architecture(runs):
+  root, _ = runs
+  other = make_model(dataclasses.replace(TINY, d_model=32, d_ff=64))
+  with pytest.raises(ValueError, match="differs"):
+    policy_train.init_model(other, {"init": str(root / "sft")})
