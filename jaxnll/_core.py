@@ -13,8 +13,10 @@ With ``lse = logsumexp(z)``, ``α = label_smoothing`` and ``ζ = z_loss``:
    \\qquad
    \\frac{\\partial \\ell}{\\partial z_v} = p_v (1 + 2ζ\\,\\mathrm{lse}) - (1-α)[v = y] - α / V,
 
-where ``p = softmax(z)`` and ``z̄`` is the mean logit.  With a soft-cap ``c`` the raw logit
-``x`` maps to ``z = c·tanh(x / c)`` and the chain rule adds ``dz/dx = 1 - (z / c)²``.
+where ``p = softmax(z)`` and ``z̄`` is the mean logit.  With a soft-cap ``c`` and a temperature
+``τ`` the raw logit ``x`` maps to ``z = c·tanh(x / c) / τ`` and the chain rule adds
+``dz/dx = (1 - (τz / c)²) / τ``.  Every backward rebuilds ``p`` from the row max ``m`` and
+``s = Σ exp(z - m)`` as ``exp(z - m) / s`` (never ``exp(z - lse)`` with a rounded ``lse``).
 """
 
 from __future__ import annotations

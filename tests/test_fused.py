@@ -759,13 +759,11 @@ def test_every_entry_accepts_empty_batches_and_rows(shape, implementation):
       (b, t),
     ),
   }
-  for name, (fn, out_shape) in entries.items():
-    out = jax.jit(fn)(hidden, weight)
+  for name, (fn, out_shape) in entries.items():  # eager: nothing to compile for no positions
+    out = fn(hidden, weight)
     assert out.shape == out_shape and out.dtype == jnp.float32, name
     assert np.all(np.asarray(out) == 0.0), name
-    dh, dw = jax.jit(jax.grad(lambda h, w, fn=fn: jnp.sum(fn(h, w)), argnums=(0, 1)))(
-      hidden, weight
-    )
+    dh, dw = jax.grad(lambda h, w, fn=fn: jnp.sum(fn(h, w)), argnums=(0, 1))(hidden, weight)
     assert dh.shape == hidden.shape and np.all(np.asarray(dw) == 0.0), name
 
 

@@ -393,7 +393,7 @@ def _plan(opts, hidden, weight, token_chunk, vocab_chunk, weight_layout, **kw):
 
 def linear_sequence_nll(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -420,12 +420,14 @@ def linear_sequence_nll(
      \\quad = \\texttt{sequence\\_nll(hidden @ weight + bias, targets, span\\_mask)},
 
   but only target positions are computed: the cost grows with the number of target tokens,
-  not ``B·T``.  The forward keeps one float32 log-sum-exp per target token; the backward
+  not ``B·T``.  The forward keeps the float32 row max and sum of exponentials per target
+  token (the backward rebuilds the exact softmax from them, ``exp(z - m) / s``); the backward
   recomputes the logits a ``[C, K]`` block at a time (one matmul forward, three backward).
 
   Args:
     hidden: ``[B, T, D]`` final hidden states, any floating dtype.
-    weight: ``[D, V]`` head kernel (Flax ``Linear`` layout), any floating dtype.  Matmuls run
+    weight: ``[D, V]`` head kernel (Flax ``Linear`` layout), or with ``weight_layout="vd"`` a
+      ``[V, D]`` table (an embedding, as tied heads use), any floating dtype.  Matmuls run
       in ``result_type(hidden, weight)`` and accumulate in float32.
     targets: ``[B, T]`` integer ids, already shifted (:func:`jaxnll.shift_targets`); only read
       inside the span.  An id outside ``[0, V)`` inside the span makes that sample NaN
@@ -435,7 +437,8 @@ def linear_sequence_nll(
       weights get no gradient.
     bias: optional ``[V]`` head bias.
     reduction: ``"sum"`` (``-log Pr(y|x)``) or ``"mean"`` (per target token; 0 if empty).
-    z_loss, label_smoothing, logit_softcap: as in :func:`jaxnll.token_nll`.
+    z_loss, label_smoothing, logit_softcap, temperature: as in :func:`jaxnll.token_nll`
+      (``temperature=τ`` scores ``logits / τ`` after the soft-cap).
     vocab_axis: inside ``shard_map``, the mesh axis over which the vocabulary is sharded:
       ``weight`` (and ``bias``) are then the local columns (shard ``i`` holding ids
       ``[i·V, (i+1)·V)``), each device computes only its slice, the per-token log-sum-exp
@@ -446,9 +449,13 @@ def linear_sequence_nll(
       ``shard_map`` for a given mesh.
     vocab_size: the true vocabulary when the (sharded) columns are padded, for example to a
       multiple of the shard count; padding columns never count.
+    weight_layout: ``"dv"`` (``weight: [D, V]``) or ``"vd"`` (``weight: [V, D]``, read in
+      place: row blocks contracted on ``D``, no transposed copy; its gradient is ``[V, D]``).
     implementation: ``"chunked"`` (token × vocabulary blocks), ``"xla"`` (materialise the
       logits and call :func:`jaxnll.sequence_nll`) or ``"reference"``
-      (:func:`jaxnll.reference.linear_sequence_nll`).
+      (:mod:`jaxnll.reference` on float32 logits).  The materialised paths zero the hidden
+      rows outside the span first, so NaN/inf there reaches no gradient either.  ``B = 0``
+      or ``T = 0`` gives zeros.
     token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512).  The
       skipping granularity: a batch with ``n`` targets runs ``ceil(n / token_chunk)`` blocks.
     vocab_chunk: vocabulary columns per block, default :data:`DEFAULT_VOCAB_CHUNK` (2048;
@@ -490,7 +497,7 @@ def linear_sequence_nll(
 
 def linear_nll_loss(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -535,8 +542,9 @@ def linear_nll_loss(
     hidden, weight, targets, span_mask, bias: as in :func:`linear_sequence_nll`.
     normalize: ``"tokens"`` (``Σ sums / Σ counts``, the default), ``"samples"`` (mean of
       per-sample means over non-empty samples) or ``"sum"``.
-    z_loss, label_smoothing, logit_softcap: as in :func:`jaxnll.token_nll`.
+    z_loss, label_smoothing, logit_softcap, temperature: as in :func:`jaxnll.token_nll`.
     vocab_axis, vocab_size: vocabulary-parallel head, as in :func:`linear_sequence_nll`.
+    weight_layout: ``"dv"`` or ``"vd"``, as in :func:`linear_sequence_nll`.
     implementation: as in :func:`linear_sequence_nll` (``"xla"`` and ``"reference"``
       materialise the logits, then :func:`jaxnll.batch_loss`).
     schedule: ``"auto"``, ``"one_pass"`` or ``"two_pass"`` (above).
