@@ -124,8 +124,10 @@ def _token_nll_rows_fwd(x, targets, mask, opts):
 def _token_nll_rows_bwd(opts, res, g):
   x, targets, mask, stats = res
   # The barrier keeps XLA from sharing one f32 conversion of the logits between the forward
-  # reductions and this pass (which would materialise it): each converts on the fly.
-  x = jax.lax.optimization_barrier(x)
+  # reductions and this pass (which would materialise it): each converts on the fly.  The
+  # row max goes through it too: the forward's ``exp(z - max)`` broadcasts the same value,
+  # and one broadcast shared by both passes would be materialised as a [..., V] f32 buffer.
+  x, stats = jax.lax.optimization_barrier((x, stats))
   return _row_grad(x, stats, targets, mask, g, opts), None, None
 
 
