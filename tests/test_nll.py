@@ -602,3 +602,16 @@ def test_temperature_outside_its_domain_is_refused(tau):
   logits, targets, _ = make()
   with pytest.raises(ValueError, match="temperature"):
     nll.token_nll(logits, targets, temperature=tau)
+
+
+def test_exact_softmax_backward_needs_no_logits_sized_buffer():
+  """Forward + backward temp memory (compile only) stays a small fraction of the bf16 logits:
+  the row statistics the backward reads must not bring a ``[..., V]`` f32 broadcast along."""
+  shapes = (
+    jax.ShapeDtypeStruct((4, 64, 4096), jnp.bfloat16),
+    jax.ShapeDtypeStruct((4, 64), jnp.int32),
+    jax.ShapeDtypeStruct((4, 64), jnp.bool_),
+  )
+  step = jax.value_and_grad(lambda z, y, m: jnp.sum(jnp.where(m, nll.token_nll(z, y), 0.0)))
+  temp = jax.jit(step).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 4 * 64 * 4096 * 2 / 16, temp
