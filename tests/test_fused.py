@@ -570,12 +570,10 @@ def test_vd_layout_on_the_transpose_equals_dv(implementation):
   def entries(h, w, b, layout):
     o = kw | dict(bias=b, weight_layout=layout, logit_softcap=4.0, temperature=0.8)
     nll, ent = linear_token_nll(h, w, targets, mask, return_entropy=True, **o)
-    out = [
-      linear_sequence_nll(h, w, targets, mask, **o),
-      linear_segment_nll(h, w, targets, mask, seg, num_segments=2, **o),
-      nll,
-      ent,
-    ]
+    out = [linear_sequence_nll(h, w, targets, mask, **o), nll, ent]
+    if implementation != "chunked":  # one materialised matmul serves every entry
+      return out
+    out.append(linear_segment_nll(h, w, targets, mask, seg, num_segments=2, **o))
     for schedule in ("one_pass", "two_pass"):
       out.append(linear_nll_loss(h, w, targets, mask, schedule=schedule, **o)[0])
     return out
@@ -668,7 +666,7 @@ def np_token_outputs(hidden, weight, bias, targets, mask, tau, cap=None):
   return np.where(inside, nll, 0.0), np.where(inside, ent, 0.0), np.exp(logp), logp, ent
 
 
-@pytest.mark.parametrize("tau,cap", [(1.0, None), (0.6, None), (2.5, 3.0)])
+@pytest.mark.parametrize("tau,cap", [(0.6, None), (2.5, 3.0)])
 def test_token_entry_values_entropy_and_gradients(tau, cap):
   hidden, weight, bias, targets, mask = make(seed=22)
   k = jax.random.split(jax.random.key(5), 2)

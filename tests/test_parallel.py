@@ -246,7 +246,8 @@ def test_2d_mesh_train_step_equals_single_device(mesh_spec, fused, tied, accum):
 def test_segment_and_token_entries_vocab_parallel_equal_single_device(layout):
   """``linear_segment_nll`` and ``linear_token_nll`` (entropy included, temperature on) with the
   vocabulary split over 4 shards (37 columns: padded) and the batch over 2, in both weight
-  layouts (and the scalar loss): values and gradients (per-output cotangents) equal the single-device ones."""
+  layouts (the scalar loss too): values and gradients (per-output cotangents) equal the
+  single-device ones."""
   mesh = parallel.make_mesh("data=2,model=4")
   h, w, b, y, m = make(seed=5, v=37)
   w = w.T if layout == "vd" else w
