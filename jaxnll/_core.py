@@ -175,8 +175,9 @@ def grad_logits(
   The softmax is rebuilt from the row's running max ``m`` and sum ``s = Σ exp(z - m)`` as
   ``p = exp(z - m) / s``, never as ``exp(z - lse)``: a rounded float32 ``lse = m + log s``
   loses ``log s`` next to a large ``m`` (at bf16-max logits ``exp(z - lse)`` is 1, not 1/3;
-  at logits near 1e4 its error is ~1e-4).  ``entropy = (mu, scale_h)`` adds
-  ``scale_h · ∂H/∂z = -scale_h · p (z - mu)`` with ``mu = Σ p z`` (the entropy gradient).
+  at logits near 1e4 its error is ~1e-4).  ``entropy = (nu, scale_h)`` adds
+  ``scale_h · ∂H/∂z = -scale_h · p (z - m - nu)`` with ``nu = Σ p (z - m)`` (the entropy
+  gradient ``-p (log p + H)``, written relative to ``m`` so nothing of size ``m`` rounds).
   """
   p = jnp.exp(z - m[..., None]) * (1.0 / s)[..., None]
   q = p
@@ -192,9 +193,9 @@ def grad_logits(
   if scale is not None:
     g = g * scale[..., None]
   if entropy is not None:
-    mu, scale_h = entropy
+    nu, scale_h = entropy
     # p = 0 at a -inf logit (a masked vocabulary entry): no (0 · inf) NaN.
-    dh = jnp.where(p > 0, p * (z - mu[..., None]), 0.0)
+    dh = jnp.where(p > 0, p * ((z - m[..., None]) - nu[..., None]), 0.0)
     g = g - scale_h[..., None] * dh
   return g * softcap_grad(z, opts)
 

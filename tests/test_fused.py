@@ -789,3 +789,19 @@ def test_nan_hidden_at_context_never_reaches_the_materialised_paths_gradients(im
   got, clean = vg(dirty, weight, bias), vg(hidden, weight, bias)
   assert np.isfinite(float(got[0]))
   assert_close(got, clean, rtol=0, atol=0)
+
+
+def test_token_entry_entropy_is_exact_at_logits_near_1e4():
+  """The entropy is summed relative to the row max (``log s - Σ p (z - m)``): nothing of size
+  1e4 rounds, so it (and its gradient) stays within f32 rounding of float64."""
+  v = 1000
+  bias = 1e4 + 2 * jax.random.normal(jax.random.key(7), (v,))
+  h, w = jnp.zeros((1, 3, 8)), jnp.zeros((8, v))
+  y, m = jnp.arange(3)[None], jnp.ones((1, 3), bool)
+  f = lambda b: linear_token_nll(h, w, y, m, bias=b, return_entropy=True, vocab_chunk=96)[1]
+  ent, grad = jax.jit(jax.value_and_grad(lambda b: f(b).sum()))(bias)
+  z = np.asarray(bias, np.float64)
+  logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+  p, want = np.exp(logp), -(np.exp(logp) * logp).sum()
+  np.testing.assert_allclose(ent, 3 * want, rtol=1e-6)
+  np.testing.assert_allclose(grad, -3 * p * (logp + want), rtol=1e-4, atol=1e-7)

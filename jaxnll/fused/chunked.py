@@ -66,11 +66,13 @@ def stats_pass(bt: Compacted):
       if real is not None:
         e = jnp.where(real, e, 0.0)
       rescale = jnp.exp(m - m_new)
-      s = s * rescale + jnp.sum(e, axis=1)
+      s_old, s = s, s * rescale + jnp.sum(e, axis=1)
       if opts.label_smoothing:
         zsum = zsum + jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
-      if entropy:  # Σ exp(z - m)·z, online like s (a -inf logit adds 0, not NaN)
-        zdot = zdot * rescale + jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=1)
+      if entropy:  # Σ exp(z - m)·(z - m), online like s (a -inf logit adds 0, not NaN)
+        zdot = bt.shift_moment(zdot, s_old, m, m_new, rescale) + jnp.sum(
+          jnp.where(e > 0, e * (z - m_new[:, None]), 0.0), axis=1
+        )
       return m_new, s, zsum, zdot
 
     zero = bt.full((rows,), F32)
@@ -164,7 +166,9 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
     if opts.label_smoothing:
       zsum = jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
     e = e if real is None else jnp.where(real, e, 0.0)
-    zdot = jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=1) if bt.plan.entropy else None
+    zdot = None
+    if bt.plan.entropy:
+      zdot = jnp.sum(jnp.where(e > 0, e * (zr - m[:, None]), 0.0), axis=1)
     stats, lse, zsum = bt.combine(m, jnp.sum(e, axis=1), zsum, zdot)
     local = y - bt.offset
     here = (local >= 0) & (local < cols)

@@ -202,13 +202,20 @@ class Compacted:
     z = _core.all_sum(jnp.where(here, _core.softcap(z, self.opts), 0.0), self.opts)
     return jnp.where(_core.target_in_range(y, self.vocab), z, jnp.nan)
 
+  @staticmethod
+  def shift_moment(t, s, m, m_new, rescale):
+    """``Σ exp(z - m_new)·(z - m_new)`` from ``t = Σ exp(z - m)·(z - m)`` and ``s = Σ exp(z - m)``
+    (``rescale = exp(m - m_new)``); 0 while nothing is summed (``m`` still the initial min)."""
+    return jnp.where(s > 0, rescale * (t + s * (m - m_new)), 0.0)
+
   def combine(self, m, s, zsum, zdot=None):
     """Per-token ``(stats, lse, zsum)`` from each shard's running max ``m``, sum of
-    ``exp(z - m)`` ``s``, logit sum and (with ``plan.entropy``) ``zdot = Σ exp(z - m)·z``
+    ``exp(z - m)`` ``s``, logit sum and (with ``plan.entropy``) ``zdot = Σ exp(z - m)·(z - m)``
     (one collective each; the identity without a vocabulary axis).
 
-    ``stats = (m, s)`` over the whole vocabulary, plus the mean logit ``mu = Σ p z`` with
-    ``plan.entropy``: the residuals the gradient rebuilds the exact softmax from.
+    ``stats = (m, s)`` over the whole vocabulary, plus ``nu = Σ p (z - m)`` (the mean logit
+    relative to the max) with ``plan.entropy``: the residuals the gradient rebuilds the exact
+    softmax (and the entropy's gradient) from; ``H = log s - nu``.
     """
     top = _core.all_max(m, self.opts)
     rescale = jnp.exp(m - top)
@@ -216,7 +223,8 @@ class Compacted:
     lse = top + jnp.log(total)
     stats = (top, total)
     if self.plan.entropy:
-      stats = stats + (_core.all_sum(zdot * rescale, self.opts) / total,)
+      moment = _core.all_sum(self.shift_moment(zdot, s, m, top, rescale), self.opts)
+      stats = stats + (moment / total,)
     return stats, lse, (None if zsum is None else _core.all_sum(zsum, self.opts))
 
   def token_loss(self, lse, zy, zsum, ok):
@@ -228,9 +236,9 @@ class Compacted:
     return tuple(self.part(x, i) for x in stats_c)
 
   def entropy(self, stats_c):
-    """Compacted entropies ``H = lse - mu`` of ``softmax(z)`` (0 past the last target)."""
-    m, s, mu = stats_c
-    return jnp.where(self.valid, m + jnp.log(jnp.where(self.valid, s, 1.0)) - mu, 0.0)
+    """Compacted entropies ``H = log s - nu`` of ``softmax(z)`` (0 past the last target)."""
+    _, s, nu = stats_c
+    return jnp.where(self.valid, jnp.log(jnp.where(self.valid, s, 1.0)) - nu, 0.0)
 
   def grad_block(self, z, i, start, stats, scale, entropy_scale=None):
     """``scale · ∂ℓ/∂x (+ entropy_scale · ∂H/∂x)`` for logits block ``z`` of chunk ``i``
