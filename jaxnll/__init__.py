@@ -6,7 +6,9 @@ The public API, one name per line (see ``DESIGN.md`` for the contract).
 from jaxnll.checks import checked as checked
 from jaxnll.distill import distill_cross_entropy as distill_cross_entropy
 from jaxnll.fused import linear_nll_loss as linear_nll_loss
+from jaxnll.fused import linear_segment_nll as linear_segment_nll
 from jaxnll.fused import linear_sequence_nll as linear_sequence_nll
+from jaxnll.fused import linear_token_nll as linear_token_nll
 from jaxnll.nll import batch_loss as batch_loss
 from jaxnll.nll import loss_terms as loss_terms
 from jaxnll.nll import segment_nll as segment_nll

@@ -13,8 +13,10 @@ With ``lse = logsumexp(z)``, ``α = label_smoothing`` and ``ζ = z_loss``:
    \\qquad
    \\frac{\\partial \\ell}{\\partial z_v} = p_v (1 + 2ζ\\,\\mathrm{lse}) - (1-α)[v = y] - α / V,
 
-where ``p = softmax(z)`` and ``z̄`` is the mean logit.  With a soft-cap ``c`` the raw logit
-``x`` maps to ``z = c·tanh(x / c)`` and the chain rule adds ``dz/dx = 1 - (z / c)²``.
+where ``p = softmax(z)`` and ``z̄`` is the mean logit.  With a soft-cap ``c`` and a temperature
+``τ`` the raw logit ``x`` maps to ``z = c·tanh(x / c) / τ`` and the chain rule adds
+``dz/dx = (1 - (τz / c)²) / τ``.  Every backward rebuilds ``p`` from the row max ``m`` and
+``s = Σ exp(z - m)`` as ``exp(z - m) / s`` (never ``exp(z - lse)`` with a rounded ``lse``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class TokenOptions:
   vocab_size: int | None = None
   """The true vocabulary when the (sharded) vocabulary axis is padded; columns at or beyond
   it are padding and never count.  None: every column is a real token."""
+  temperature: float = 1.0
+  """``τ``: the loss scores ``logits / τ`` (after the soft-cap), as sampling at ``τ`` does."""
 
   def __post_init__(self):
     check_token_options(self)
@@ -86,19 +90,25 @@ def all_sum(x: jax.Array, opts: "TokenOptions") -> jax.Array:
 
 
 def softcap(x: jax.Array, opts: TokenOptions) -> jax.Array:
-  """``c·tanh(x / c)`` in float32, or ``x`` as float32 when no cap is set."""
+  """The scored logits ``z = c·tanh(x / c) / τ`` in float32 (no cap: ``x / τ``; ``τ = 1``:
+  no division).  Monotonic in ``x``, so a row maximum can be taken before it."""
   x = x.astype(F32)
-  if opts.logit_softcap is None:
-    return x
-  c = opts.logit_softcap
-  return c * jnp.tanh(x / c)
+  if opts.logit_softcap is not None:
+    c = opts.logit_softcap
+    x = c * jnp.tanh(x / c)
+  if opts.temperature != 1.0:
+    x = x / opts.temperature
+  return x
 
 
 def softcap_grad(z: jax.Array, opts: TokenOptions) -> jax.Array | float:
-  """``dz/dx`` of the soft-cap, written with the capped value ``z``."""
+  """``dz/dx`` of :func:`softcap`, written with the scored value ``z``."""
+  tau = opts.temperature
   if opts.logit_softcap is None:
-    return 1.0
-  return 1.0 - jnp.square(z / opts.logit_softcap)
+    return 1.0 if tau == 1.0 else 1.0 / tau
+  capped = z if tau == 1.0 else z * tau
+  g = 1.0 - jnp.square(capped / opts.logit_softcap)
+  return g if tau == 1.0 else g / tau
 
 
 def loss_from_stats(
@@ -124,23 +134,44 @@ def loss_from_stats(
 
 def grad_logits(
   z: jax.Array,
-  lse: jax.Array,
+  m: jax.Array,
+  s: jax.Array,
   targets: jax.Array,
   vocab_offset: int | jax.Array,
   vocab_size: int,
   opts: TokenOptions,
+  *,
+  scale: jax.Array | None = None,
+  entropy: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-  """``∂ℓ/∂x`` for a block of capped logits ``z[..., v]`` holding vocabulary ids
-  ``vocab_offset + v`` (``vocab_size`` is the full vocabulary).  Float32."""
-  p = jnp.exp(z - lse[..., None])
+  """``scale·∂ℓ/∂x`` for a block of scored logits ``z[..., v]`` holding vocabulary ids
+  ``vocab_offset + v`` (``vocab_size`` is the full vocabulary).  Float32.
+
+  The softmax is rebuilt from the row's running max ``m`` and sum ``s = Σ exp(z - m)`` as
+  ``p = exp(z - m) / s``, never as ``exp(z - lse)``: a rounded float32 ``lse = m + log s``
+  loses ``log s`` next to a large ``m`` (at bf16-max logits ``exp(z - lse)`` is 1, not 1/3;
+  at logits near 1e4 its error is ~1e-4).  ``entropy = (nu, scale_h)`` adds
+  ``scale_h · ∂H/∂z = -scale_h · p (z - m - nu)`` with ``nu = Σ p (z - m)`` (the entropy
+  gradient ``-p (log p + H)``, written relative to ``m`` so nothing of size ``m`` rounds).
+  """
+  p = jnp.exp(z - m[..., None]) * (1.0 / s)[..., None]
+  q = p
   if opts.z_loss:
-    p = p * (1.0 + 2.0 * opts.z_loss * lse)[..., None]
+    lse = m + jnp.log(s)
+    q = p * (1.0 + 2.0 * opts.z_loss * lse)[..., None]
   ids = vocab_offset + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
   hit = ids == targets[..., None]
   alpha = opts.label_smoothing
-  g = p - jnp.where(hit, 1.0 - alpha, 0.0)
+  g = q - jnp.where(hit, 1.0 - alpha, 0.0)
   if alpha:
     g = g - alpha / vocab_size
+  if scale is not None:
+    g = g * scale[..., None]
+  if entropy is not None:
+    nu, scale_h = entropy
+    # p = 0 at a -inf logit (a masked vocabulary entry): no (0 · inf) NaN.
+    dh = jnp.where(p > 0, p * ((z - m[..., None]) - nu[..., None]), 0.0)
+    g = g - scale_h[..., None] * dh
   return g * softcap_grad(z, opts)
 
 

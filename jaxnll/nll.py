@@ -59,7 +59,7 @@ def _take_target(x, targets):
 
 
 def _row_stats(x, targets, mask, opts: TokenOptions):
-  """Per-row loss and log-sum-exp of logits ``x[..., V]`` (float32 results).
+  """Per-row loss, max ``m`` and ``s = Σ exp(z - m)`` of logits ``x[..., V]`` (float32).
 
   ``x`` may be the local slice of a vocabulary sharded over ``opts.vocab_axis``.
   """
@@ -88,16 +88,17 @@ def _row_stats(x, targets, mask, opts: TokenOptions):
   loss = _core.loss_from_stats(lse, target_logit, logit_sum, vocab, opts)
   if mask is not None:
     loss = jnp.where(mask, loss, 0.0)
-    lse = jnp.where(mask, lse, 0.0)
-  return loss, lse
+    row_max = jnp.where(mask, row_max, 0.0)
+    sum_exp = jnp.where(mask, sum_exp, 1.0)
+  return loss, (row_max, sum_exp)
 
 
-def _row_grad(x, lse, targets, mask, g, opts: TokenOptions):
+def _row_grad(x, stats, targets, mask, g, opts: TokenOptions):
   """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``x``'s dtype."""
   shard = x.shape[-1]
   offset, vocab, padded = _core.vocab_layout(shard, opts)
   z = _core.softcap(x, opts)
-  dz = _core.grad_logits(z, lse, targets, offset, vocab, opts)
+  dz = _core.grad_logits(z, *stats, targets, offset, vocab, opts)
   # A zero cotangent sends back exactly nothing (not NaN · 0 from a bad row); a bad target
   # whose loss is differentiated sends back NaN, as its loss is.
   dz = jnp.where(g[..., None] != 0, dz * g[..., None], 0.0)
@@ -117,17 +118,20 @@ def _token_nll_rows(x, targets, mask, opts):
 
 
 def _token_nll_rows_fwd(x, targets, mask, opts):
-  loss, lse = _row_stats(x, targets, mask, opts)
-  # Residuals: the f32 log-sum-exp only; the softmax is recomputed in the backward.
-  return loss, (x, targets, mask, lse)
+  loss, stats = _row_stats(x, targets, mask, opts)
+  # Residuals: the f32 row max and sum of exponentials; the softmax is recomputed from them
+  # in the backward (exact where ``exp(z - lse)`` with a rounded lse is not).
+  return loss, (x, targets, mask, stats)
 
 
 def _token_nll_rows_bwd(opts, res, g):
-  x, targets, mask, lse = res
+  x, targets, mask, stats = res
   # The barrier keeps XLA from sharing one f32 conversion of the logits between the forward
-  # reductions and this pass (which would materialise it): each converts on the fly.
-  x = jax.lax.optimization_barrier(x)
-  return _row_grad(x, lse, targets, mask, g, opts), None, None
+  # reductions and this pass (which would materialise it): each converts on the fly.  The
+  # row max goes through it too: the forward's ``exp(z - max)`` broadcasts the same value,
+  # and one broadcast shared by both passes would be materialised as a [..., V] f32 buffer.
+  x, stats = jax.lax.optimization_barrier((x, stats))
+  return _row_grad(x, stats, targets, mask, g, opts), None, None
 
 
 _token_nll_rows.defvjp(_token_nll_rows_fwd, _token_nll_rows_bwd)
@@ -174,12 +178,14 @@ def token_nll(
   logit_softcap: float | None = None,
   vocab_axis: str | None = None,
   vocab_size: int | None = None,
+  temperature: float = 1.0,
 ) -> Float[Array, "..."]:
   """Per-position negative log-likelihood, ``logsumexp(logits) - logits[target]``.
 
   .. math::
 
-     \\ell_t = \\log \\sum_v e^{z_{t,v}} - z_{t, y_t} \\;(+\\, \\zeta \\operatorname{lse}_t^2)
+     \\ell_t = \\log \\sum_v e^{z_{t,v}} - z_{t, y_t} \\;(+\\, \\zeta \\operatorname{lse}_t^2),
+     \\qquad z_t = c \\tanh(x_t / c) / \\tau
 
   Never a full log-softmax: the forward keeps only the float32 log-sum-exp per position and
   the backward recomputes the softmax in one fused elementwise pass, so forward and backward
@@ -198,9 +204,14 @@ def token_nll(
       Each device only touches its slice; the row statistics are combined with collectives.
     vocab_size: the true vocabulary when the logits' vocabulary axis is padded (for example
       to a multiple of the shard count); padding columns never count.
+    temperature: ``τ > 0``: the loss scores ``logits / τ`` after the soft-cap (the
+      distribution sampling at temperature ``τ`` draws from); the chain rule brings ``1/τ``
+      into the gradient.
 
   Returns:
-    float32 ``[...]`` per-position losses.  Gradients come back in ``logits.dtype``.
+    float32 ``[...]`` per-position losses.  Gradients come back in ``logits.dtype``.  The
+    backward rebuilds the softmax from the f32 row max and sum of exponentials, so it is the
+    exact softmax even where a rounded ``lse`` is not (bf16-max logits, logits near ``1e4``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -210,7 +221,9 @@ def token_nll(
   """
   logits, targets = _core.as_array("logits", logits), _core.as_array("targets", targets)
   _check_logits_targets(logits, targets, batched=False)
-  opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
+  opts = TokenOptions(
+    z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size, temperature=temperature
+  )
   return _token_nll(jnp.asarray(logits), jnp.asarray(targets), None, opts)
 
 
@@ -270,7 +283,7 @@ def sequence_nll(
     span_mask: ``[B, T]`` bool mask or float weights of the target positions.
     reduction: ``"sum"`` (``-log Pr(y|x)``) or ``"mean"`` (per target token).
     **token_opts: ``z_loss``, ``label_smoothing``, ``logit_softcap``, ``vocab_axis``,
-      ``vocab_size`` as in :func:`token_nll`.
+      ``vocab_size``, ``temperature`` as in :func:`token_nll`.
 
   Returns:
     float32 ``[B]``.

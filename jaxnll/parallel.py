@@ -7,9 +7,10 @@ Everything here is a thin layer over :class:`jax.sharding.Mesh`, :func:`jax.shar
 :func:`jax.distributed.initialize` — the multi-controller runtime TPU pods and GPU clusters
 already use:
 
-* **Vocabulary-parallel loss.** :func:`linear_nll_loss`, :func:`linear_sequence_nll` and
-  :func:`sequence_nll` take the single-device arguments plus a ``mesh`` and run the loss of
-  :mod:`jaxnll.fused` / :mod:`jaxnll.nll` inside a ``shard_map`` with the head weight (or the
+* **Vocabulary-parallel loss.** :func:`linear_nll_loss`, :func:`linear_sequence_nll`,
+  :func:`linear_segment_nll`, :func:`linear_token_nll` and :func:`sequence_nll` take the
+  single-device arguments plus a ``mesh`` and run the loss of :mod:`jaxnll.fused` /
+  :mod:`jaxnll.nll` inside a ``shard_map`` with the head weight (or the
   logits) split along the vocabulary over the ``model`` axis and the batch over ``data``.
   Each device computes only its ``V / n`` columns; per-token statistics (max, sum of
   exponentials, target logit) are combined with one collective each, as in Megatron-style
@@ -284,39 +285,146 @@ def linear_sequence_nll(
   )
 
 
+def linear_segment_nll(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  segment_ids: Int[Array, "B T"],
+  *,
+  mesh: Mesh,
+  num_segments: int,
+  bias: Float[Array, " V"] | None = None,
+  data_axis: str | Sequence[str] | None = None,
+  model_axis: str = MODEL,
+  **options,
+) -> Float[Array, "B S"]:
+  """:func:`jaxnll.linear_segment_nll` with the head split along the vocabulary over ``mesh``.
+
+  .. math::
+
+     L_{b,s} = \\sum_t [\\mathrm{seg}_{b,t} = s]\\, w_{b,t}\\, \\ell_{b,t},
+     \\quad \\ell \\text{ from per-shard statistics combined with collectives.}
+
+  Args:
+    hidden, weight, targets, span_mask, segment_ids, num_segments, bias: as in
+      :func:`jaxnll.linear_segment_nll` (global arrays).
+    mesh, data_axis, model_axis: as in :func:`linear_nll_loss`.
+    **options: ``reduction`` and the other options of :func:`jaxnll.linear_segment_nll`.
+
+  Returns:
+    float32 ``[B, num_segments]`` (split over ``data_axis``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxnll
+    >>> mesh = make_mesh({"model": 1}, devices=jax.devices()[:1])
+    >>> h = jax.random.normal(jax.random.key(0), (1, 4, 8))
+    >>> w = jax.random.normal(jax.random.key(1), (8, 11))
+    >>> y, span, seg = jnp.ones((1, 4), int), jnp.ones((1, 4), bool), jnp.array([[1, 1, 2, 2]])
+    >>> got = linear_segment_nll(h, w, y, span, seg, mesh=mesh, num_segments=2)
+    >>> bool(jnp.allclose(got, jaxnll.linear_segment_nll(h, w, y, span, seg, num_segments=2)))
+    True
+  """
+  options = dict(options, num_segments=num_segments)
+  return _fused_entry(
+    "segment", hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options,
+    extra=segment_ids,
+  )  # fmt: skip
+
+
+def linear_token_nll(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  mesh: Mesh,
+  bias: Float[Array, " V"] | None = None,
+  data_axis: str | Sequence[str] | None = None,
+  model_axis: str = MODEL,
+  **options,
+) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+  """:func:`jaxnll.linear_token_nll` with the head split along the vocabulary over ``mesh``.
+
+  .. math::
+
+     \\ell_{b,t} = \\mathrm{lse}(z_{b,t}) - z_{b,t,y}, \\qquad H_{b,t} = \\mathrm{lse}(z_{b,t})
+     - \\textstyle\\sum_v p_v z_v,
+
+  with the row max, sum of exponentials and ``Σ e^{z - m} z`` of each shard combined with one
+  collective each.
+
+  Args:
+    hidden, weight, targets, span_mask, bias: as in :func:`jaxnll.linear_token_nll`.
+    mesh, data_axis, model_axis: as in :func:`linear_nll_loss`.
+    **options: ``temperature``, ``return_entropy`` and the other options of
+      :func:`jaxnll.linear_token_nll`.
+
+  Returns:
+    float32 ``[B, T]`` (or ``(nll, entropy)``), split over ``data_axis``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxnll
+    >>> mesh = make_mesh({"model": 1}, devices=jax.devices()[:1])
+    >>> h = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    >>> w = jax.random.normal(jax.random.key(1), (8, 11))
+    >>> y, span = jnp.ones((2, 4), int), jnp.ones((2, 4), bool)
+    >>> got = linear_token_nll(h, w, y, span, mesh=mesh)
+    >>> bool(jnp.allclose(got, jaxnll.linear_token_nll(h, w, y, span)))
+    True
+  """
+  return _fused_entry(
+    "token", hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options
+  )
+
+
 def _fused_entry(
-  kind, hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options
+  kind, hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options, extra=None
 ):
-  fused_lib.api._check(hidden, weight, targets, span_mask, bias)
+  layout = options.get("weight_layout", "dv")
+  fused_lib.api._check(hidden, weight, targets, span_mask, bias, layout)
   data_axis, model_axis = _axes(mesh, data_axis, model_axis)
   _check_batch(mesh, data_axis, np.shape(hidden)[0])
   shards = axis_size(mesh, model_axis)
-  vocab = np.shape(weight)[1]
+  vocab_axis = 0 if layout == "vd" else 1
+  vocab = np.shape(weight)[vocab_axis]
   vocab_size = options.pop("vocab_size", None)
   vocab_size = vocab if vocab_size is None else vocab_size
-  weight = pad_vocab(jnp.asarray(weight), shards, axis=1)
+  weight = pad_vocab(jnp.asarray(weight), shards, axis=vocab_axis)
   bias = None if bias is None else pad_vocab(jnp.asarray(bias), shards)
-  rows, cols = P(data_axis), P(None, model_axis)
+  rows = P(data_axis)
+  cols = P(model_axis, None) if layout == "vd" else P(None, model_axis)
   normalize = options.get("normalize")
 
-  def local(h, w, b, y, m):
+  def local(h, w, b, y, m, *more):
     kw = dict(options, bias=b, vocab_axis=model_axis, vocab_size=vocab_size)
     if kind == "sequence":
       return fused_lib.linear_sequence_nll(h, w, y, m, **kw)
+    if kind == "segment":
+      return fused_lib.linear_segment_nll(h, w, y, m, *more, **kw)
+    if kind == "token":
+      return fused_lib.linear_token_nll(h, w, y, m, **kw)
     loss, sums = fused_lib.linear_nll_loss(h, w, y, m, **kw)
     counts = nll_lib.span_counts(m)
     return _scalar_loss(loss, sums, counts, normalize, data_axis), sums
 
-  out_specs = rows if kind == "sequence" else (P(), rows)
+  if kind == "loss":
+    out_specs = (P(), rows)
+  elif kind == "token" and options.get("return_entropy"):
+    out_specs = (rows, rows)
+  else:
+    out_specs = rows
+  args = (hidden, weight, bias, targets, span_mask) + (() if extra is None else (extra,))
   sharded = jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(rows, cols, None if bias is None else P(model_axis), rows, rows),
+    in_specs=(rows, cols, None if bias is None else P(model_axis), rows, rows)
+    + (() if extra is None else (rows,)),
     out_specs=out_specs,
   )
   # jit: shard_map's eager mode cannot run the kernels' custom_vjp; inside an outer jit this
   # is inlined.
-  return jax.jit(sharded)(hidden, weight, bias, targets, span_mask)
+  return jax.jit(sharded)(*args)
 
 
 def sequence_nll(

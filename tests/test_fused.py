@@ -22,7 +22,12 @@ from jax.test_util import check_grads  # noqa: E402
 
 import jaxnll  # noqa: E402
 from jaxnll import fused, reference  # noqa: E402
-from jaxnll.fused import linear_nll_loss, linear_sequence_nll  # noqa: E402
+from jaxnll.fused import (  # noqa: E402
+  linear_nll_loss,
+  linear_segment_nll,
+  linear_sequence_nll,
+  linear_token_nll,
+)
 
 B, T, D, V = 3, 7, 8, 36  # N = 21 positions
 
@@ -509,3 +514,296 @@ def test_scalar_entry_errors():
     linear_nll_loss(hidden, weight, targets, mask, normalize="mean")
   with pytest.raises(ValueError, match="schedule must be one of"):
     linear_nll_loss(hidden, weight, targets, mask, schedule="fast")
+
+
+# ----------------------------------------------------------------------------- gradient precision
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "xla"])
+def test_gradient_is_the_exact_softmax_at_bf16_max_logits(implementation):
+  """A rounded f32 log-sum-exp drops log 3 next to bf16-max logits: exp(z - lse) is 1, not 1/3."""
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  h, w = jnp.zeros((1, 1, 8), jnp.bfloat16), jnp.zeros((8, 4), jnp.bfloat16)
+  bias = jnp.array([0.0, big, big, big], jnp.bfloat16)
+  y, m = jnp.zeros((1, 1), int), jnp.ones((1, 1), bool)
+  for fn in (
+    lambda b: linear_sequence_nll(h, w, y, m, bias=b, implementation=implementation).sum(),
+    lambda b: linear_nll_loss(h, w, y, m, bias=b, implementation=implementation)[0],
+  ):
+    g = jax.jit(jax.grad(fn))(bias)
+    np.testing.assert_allclose(np.asarray(g, np.float32), [-1, 1 / 3, 1 / 3, 1 / 3], rtol=4e-3)
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+def test_gradient_error_at_f32_logits_near_1e4_is_f32_rounding(schedule):
+  """Logits near 1e4 (hidden 0, the bias carries them): the gradient is within ~1e-7 of the
+  float64 softmax (``exp(z - lse)`` with a rounded lse was off by ~2e-4)."""
+  v = 1000
+  bias = 1e4 + 3 * jax.random.normal(jax.random.key(0), (v,))
+  h, w = jnp.zeros((1, 4, 8)), jnp.zeros((8, v))
+  y, m = jnp.arange(4)[None], jnp.ones((1, 4), bool)
+  z = np.asarray(bias, np.float64)
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  want = 4 * p - np.eye(v)[:4].sum(0)
+  kw = dict(bias=None, vocab_chunk=128, token_chunk=2)
+  per_sample = lambda b: linear_sequence_nll(h, w, y, m, **(kw | dict(bias=b))).sum()
+  scalar = lambda b: linear_nll_loss(
+    h, w, y, m, normalize="sum", schedule=schedule, **kw | {"bias": b}
+  )[0]
+  for fn in (per_sample, scalar):
+    g = jax.jit(jax.grad(fn))(bias)
+    assert np.abs(np.asarray(g, np.float64) - want).max() < 2e-7
+
+
+# ----------------------------------------------------------------------------- weight_layout="vd"
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "xla", "reference"])
+def test_vd_layout_on_the_transpose_equals_dv(implementation):
+  """Every entry: a ``[V, D]`` table read in place equals the ``[D, V]`` kernel (values and all
+  gradients; the weight gradient comes back ``[V, D]``)."""
+  hidden, weight, bias, targets, mask = make(seed=20)
+  seg = jnp.asarray(np.arange(B * T).reshape(B, T) % 3)
+  kw = dict(implementation=implementation, bias=None)
+  if implementation == "chunked":
+    kw.update(token_chunk=4, vocab_chunk=10)
+
+  def entries(h, w, b, layout):
+    o = kw | dict(bias=b, weight_layout=layout, logit_softcap=4.0, temperature=0.8)
+    nll, ent = linear_token_nll(h, w, targets, mask, return_entropy=True, **o)
+    out = [linear_sequence_nll(h, w, targets, mask, **o), nll, ent]
+    if implementation != "chunked":  # one materialised matmul serves every entry
+      return out
+    out.append(linear_segment_nll(h, w, targets, mask, seg, num_segments=2, **o))
+    for schedule in ("one_pass", "two_pass"):
+      out.append(linear_nll_loss(h, w, targets, mask, schedule=schedule, **o)[0])
+    return out
+
+  def total(h, w, b, layout):
+    return sum(jnp.sum(x * (k + 1)) for k, x in enumerate(entries(h, w, b, layout)))
+
+  vg = lambda layout: jax.jit(
+    jax.value_and_grad(lambda h, w, b: total(h, w, b, layout), argnums=(0, 1, 2))
+  )
+  val, (dh, dw, db) = vg("vd")(hidden, weight.T, bias)
+  want_val, (want_dh, want_dw, want_db) = vg("dv")(hidden, weight, bias)
+  assert dw.shape == (V, D)
+  assert_close((val, dh, dw.T, db), (want_val, want_dh, want_dw, want_db))
+
+
+def test_vd_layout_makes_no_transposed_copy_at_the_gemma2_head():
+  """Compile-only fwd+bwd temp memory of the scalar loss at the Gemma-2 head (4 x 2048 tokens,
+  D 2304, V 256000, bf16): a ``[V, D]`` table costs what a ``[D, V]`` kernel does (passing
+  ``E.T`` as a ``[D, V]`` kernel costs a 1.1 GiB transposed copy)."""
+  n, d, v = 4 * 2048, 2304, 256000
+  bf = jnp.bfloat16
+  h = jax.ShapeDtypeStruct((4, n // 4, d), bf)
+  y, m = jax.ShapeDtypeStruct((4, n // 4), jnp.int32), jax.ShapeDtypeStruct((4, n // 4), bool)
+
+  def temp(weight, layout):
+    def loss(h, w, y, m):
+      return linear_nll_loss(h, w, y, m, weight_layout=layout)[0]
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return step.lower(h, weight, y, m).compile().memory_analysis().temp_size_in_bytes
+
+  dv = temp(jax.ShapeDtypeStruct((d, v), bf), "dv")
+  vd = temp(jax.ShapeDtypeStruct((v, d), bf), "vd")
+  assert abs(vd - dv) <= 0.05 * dv, (vd / 2**20, dv / 2**20)
+
+
+# ----------------------------------------------------------------------------- linear_segment_nll
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_segment_entry_matches_segment_nll_on_logits(reduction):
+  """Per-(row, segment) values and gradients (a different cotangent per output) equal
+  ``jaxnll.segment_nll`` on the materialised logits; segment 0 (padding) never counts."""
+  hidden, weight, bias, targets, mask = make(seed=21)
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 3], [0, 0, 3, 3, 3, 3, 1]])
+  weights = jnp.where(mask, jax.random.uniform(jax.random.key(3), mask.shape), 0.0)
+  ct = jax.random.normal(jax.random.key(4), (B, 3))
+  opts = dict(reduction=reduction, z_loss=1e-3, label_smoothing=0.1, temperature=1.5)
+
+  def fused_fn(h, w, b):
+    kw = dict(bias=b, token_chunk=4, vocab_chunk=10, **opts)
+    return linear_segment_nll(h, w, targets, weights, seg, num_segments=3, **kw)
+
+  def logits_fn(h, w, b):
+    logits = jnp.einsum("btd,dv->btv", h, w, precision="highest") + b
+    return jaxnll.segment_nll(logits, targets, weights, seg, num_segments=3, **opts)
+
+  run = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2)))
+  assert_close(run(fused_fn)(hidden, weight, bias), run(logits_fn)(hidden, weight, bias))
+  got = jax.jit(fused_fn)(hidden, weight, bias)
+  assert_close(got, logits_fn(hidden, weight, bias))
+  if reduction == "sum":  # the segments add up to the whole row
+    whole = linear_sequence_nll(
+      hidden,
+      weight,
+      targets,
+      jnp.where(seg > 0, weights, 0.0),
+      bias=bias,
+      **{k: v for k, v in opts.items() if k != "reduction"},
+    )
+    np.testing.assert_allclose(got.sum(1), whole, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- linear_token_nll
+
+
+def np_token_outputs(hidden, weight, bias, targets, mask, tau, cap=None):
+  """Float64 per-token NLL and entropy of softmax(cap(x) / tau), 0 outside the span."""
+  x = np.asarray(hidden, np.float64) @ np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
+  if cap is not None:
+    x = cap * np.tanh(x / cap)
+  z = x / tau
+  m = z.max(-1, keepdims=True)
+  lse = m[..., 0] + np.log(np.exp(z - m).sum(-1))
+  logp = z - lse[..., None]
+  nll = lse - np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0]
+  ent = -(np.exp(logp) * logp).sum(-1)
+  inside = np.asarray(mask) != 0
+  return np.where(inside, nll, 0.0), np.where(inside, ent, 0.0), np.exp(logp), logp, ent
+
+
+@pytest.mark.parametrize("tau,cap", [(0.6, None), (2.5, 3.0)])
+def test_token_entry_values_entropy_and_gradients(tau, cap):
+  hidden, weight, bias, targets, mask = make(seed=22)
+  k = jax.random.split(jax.random.key(5), 2)
+  ct_nll, ct_ent = (jax.random.normal(kk, (B, T)) for kk in k)
+  kw = dict(temperature=tau, logit_softcap=cap, token_chunk=4, vocab_chunk=10)
+
+  def fused_fn(h, w, b):
+    return linear_token_nll(h, w, targets, mask, bias=b, return_entropy=True, **kw)
+
+  nll, ent = jax.jit(fused_fn)(hidden, weight, bias)
+  want_nll, want_ent, p, logp, full_ent = np_token_outputs(
+    hidden, weight, bias, targets, mask, tau, cap
+  )
+  np.testing.assert_allclose(nll, want_nll, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(ent, want_ent, rtol=2e-6, atol=2e-6)
+  # The logits path agrees (token_nll at the same temperature), and the NLL alone too.
+  logits = jnp.einsum("btd,dv->btv", hidden, weight, precision="highest") + bias
+  on_logits = jaxnll.token_nll(logits, targets, temperature=tau, logit_softcap=cap)
+  np.testing.assert_allclose(nll, jnp.where(mask, on_logits, 0.0), rtol=1e-5, atol=1e-6)
+  alone = jax.jit(lambda *a: linear_token_nll(*a, bias=bias, **kw))(hidden, weight, targets, mask)
+  np.testing.assert_allclose(alone, nll, rtol=1e-6, atol=1e-6)
+
+  # Gradients with per-token cotangents for both outputs, against autodiff of the plain path.
+  def plain_fn(h, w, b):
+    x = jnp.einsum("btd,dv->btv", h, w, precision="highest") + b
+    if cap is not None:
+      x = cap * jnp.tanh(x / cap)
+    logp = jax.nn.log_softmax(x / tau, axis=-1)
+    tok = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    h_ = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.where(mask, tok, 0.0), jnp.where(mask, h_, 0.0)
+
+  def weighted(f):
+    def g(*a):
+      a_, b_ = f(*a)
+      return jnp.sum(a_ * ct_nll) + jnp.sum(b_ * ct_ent)
+
+    return jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2)))
+
+  got = weighted(fused_fn)(hidden, weight, bias)
+  assert_close(got, weighted(plain_fn)(hidden, weight, bias))
+  # Float64 bias gradient: ct·(p - onehot)/τ' + ct_H·(-p (log p + H))/τ' with the cap's chain rule.
+  onehot = np.eye(V)[np.asarray(targets)]
+  dz = np.asarray(ct_nll)[..., None] * (p - onehot) - np.asarray(ct_ent)[..., None] * p * (
+    logp + full_ent[..., None]
+  )
+  dz = np.where(np.asarray(mask)[..., None], dz, 0.0) / tau
+  if cap is not None:
+    x = np.asarray(hidden, np.float64) @ np.asarray(weight, np.float64) + np.asarray(bias)
+    dz = dz * (1 - np.tanh(x / cap) ** 2)
+  np.testing.assert_allclose(got[1][2], dz.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_token_entry_implementations_agree():
+  hidden, weight, bias, targets, mask = make(seed=23)
+  outs = {
+    impl: jax.jit(
+      lambda h, impl=impl: linear_token_nll(
+        h, weight, targets, mask, bias=bias, temperature=0.7, return_entropy=True,
+        implementation=impl,
+      )
+    )(hidden)
+    for impl in ("chunked", "xla", "reference")
+  }  # fmt: skip
+  assert_close(outs["xla"], outs["reference"])
+  assert_close(outs["chunked"], outs["reference"])
+
+
+# ----------------------------------------------------------------------------- empty batches
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+@pytest.mark.parametrize("implementation", ["chunked", "xla", "reference"])
+def test_every_entry_accepts_empty_batches_and_rows(shape, implementation):
+  b, t = shape
+  hidden, weight = jnp.ones((b, t, D)), jnp.ones((D, V))
+  targets, mask, seg = jnp.zeros(shape, int), jnp.ones(shape, bool), jnp.ones(shape, int)
+  kw = dict(implementation=implementation)
+  entries = {
+    "sequence": (lambda h, w: linear_sequence_nll(h, w, targets, mask, **kw), (b,)),
+    "loss": (lambda h, w: linear_nll_loss(h, w, targets, mask, **kw)[0], ()),
+    "segment": (
+      lambda h, w: fused.linear_segment_nll(h, w, targets, mask, seg, num_segments=2, **kw),
+      (b, 2),
+    ),
+    "token": (
+      lambda h, w: fused.linear_token_nll(h, w, targets, mask, return_entropy=True, **kw)[1],
+      (b, t),
+    ),
+  }
+  for name, (fn, out_shape) in entries.items():  # eager: nothing to compile for no positions
+    out = fn(hidden, weight)
+    assert out.shape == out_shape and out.dtype == jnp.float32, name
+    assert np.all(np.asarray(out) == 0.0), name
+    dh, dw = jax.grad(lambda h, w, fn=fn: jnp.sum(fn(h, w)), argnums=(0, 1))(hidden, weight)
+    assert dh.shape == hidden.shape and np.all(np.asarray(dw) == 0.0), name
+
+
+# ----------------------------------------------------------------------------- NaN at context
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_nan_hidden_at_context_never_reaches_the_materialised_paths_gradients(implementation):
+  hidden, weight, bias, targets, mask = make(seed=24)
+  outside = ~np.asarray(mask)
+  dirty = jnp.where(outside[..., None], jnp.nan, hidden).at[0, 0, 0].set(jnp.inf)
+  dirty = jnp.where(jnp.asarray(outside)[..., None], dirty, hidden)
+  seg = jnp.ones((B, T), int)
+  kw = dict(implementation=implementation)
+
+  def total(h, w, b):
+    y = jnp.where(mask, targets, -100)
+    out = jnp.sum(linear_sequence_nll(h, w, y, mask, bias=b, **kw))
+    out += linear_nll_loss(h, w, y, mask, bias=b, **kw)[0]
+    out += jnp.sum(linear_segment_nll(h, w, y, mask, seg, num_segments=1, bias=b, **kw))
+    nll, ent = linear_token_nll(h, w, y, mask, bias=b, return_entropy=True, **kw)
+    return out + jnp.sum(nll) + jnp.sum(ent)
+
+  vg = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+  got, clean = vg(dirty, weight, bias), vg(hidden, weight, bias)
+  assert np.isfinite(float(got[0]))
+  assert_close(got, clean, rtol=0, atol=0)
+
+
+def test_token_entry_entropy_is_exact_at_logits_near_1e4():
+  """The entropy is summed relative to the row max (``log s - Σ p (z - m)``): nothing of size
+  1e4 rounds, so it (and its gradient) stays within f32 rounding of float64."""
+  v = 1000
+  bias = 1e4 + 2 * jax.random.normal(jax.random.key(7), (v,))
+  h, w = jnp.zeros((1, 3, 8)), jnp.zeros((8, v))
+  y, m = jnp.arange(3)[None], jnp.ones((1, 3), bool)
+  f = lambda b: linear_token_nll(h, w, y, m, bias=b, return_entropy=True, vocab_chunk=96)[1]
+  ent, grad = jax.jit(jax.value_and_grad(lambda b: f(b).sum()))(bias)
+  z = np.asarray(bias, np.float64)
+  logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+  p, want = np.exp(logp), -(np.exp(logp) * logp).sum()
+  np.testing.assert_allclose(ent, 3 * want, rtol=1e-6)
+  np.testing.assert_allclose(grad, -3 * p * (logp + want), rtol=1e-4, atol=1e-7)

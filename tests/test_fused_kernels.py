@@ -11,7 +11,13 @@ from jax import export
 from jax.sharding import PartitionSpec as P
 
 from jaxnll import parallel
-from jaxnll.fused import linear_nll_loss, linear_sequence_nll, token_chunked
+from jaxnll.fused import (
+  linear_nll_loss,
+  linear_segment_nll,
+  linear_sequence_nll,
+  linear_token_nll,
+  token_chunked,
+)
 
 KERNELS = ("chunked", "token_chunked", "pallas_tpu", "auto")
 B, T, D, V = 2, 9, 12, 200  # N = 18 positions; D and V divide neither 8 / 128 tiles nor 128
@@ -157,6 +163,58 @@ def test_vocabulary_sharded_with_padding_matches_reference(implementation):
   assert not np.any(np.asarray(dw[:, V:])) and not np.any(np.asarray(db[V:]))
 
 
+def every_entry(implementation, hidden, table, bias, targets, span, segments, **kw):
+  """Values and (hidden, table, bias) gradients of all four entries on a ``[V, D]`` table
+  (``weight_layout="vd"``), each output with its own cotangent; one jitted function."""
+  ct_b, ct_bt = jnp.arange(1.0, B + 1), jnp.cos(jnp.arange(B * T, dtype=jnp.float32))
+  ct_bt = ct_bt.reshape(B, T)
+  kw = dict(kw, weight_layout="vd", implementation=implementation)
+
+  def total(h, w, b):
+    seq = linear_sequence_nll(h, w, targets, span, bias=b, **kw)
+    loss, _ = linear_nll_loss(h, w, targets, span, bias=b, **kw)
+    seg = linear_segment_nll(h, w, targets, span, segments, num_segments=3, bias=b, **kw)
+    nll, ent = linear_token_nll(h, w, targets, span, bias=b, return_entropy=True, **kw)
+    outs = (seq, loss, seg, nll, ent)
+    value = jnp.sum(seq * ct_b) + loss + jnp.sum(seg * jnp.arange(1.0, 4.0))
+    return value + jnp.sum(nll * ct_bt) - jnp.sum(ent * ct_bt[::-1]), outs
+
+  return jax.jit(jax.value_and_grad(total, (0, 1, 2), has_aux=True))(hidden, table, bias)
+
+
+@pytest.mark.parametrize("implementation", ["token_chunked", "pallas_tpu"])
+def test_vd_table_temperature_segments_and_entropy_match_reference(implementation):
+  """A ``[V, D]`` table read in place, temperature after the soft-cap, packed segments and
+  per-token entropies: values and gradients of every entry equal the reference's."""
+  hidden, weight, bias, targets, span = make(6)
+  segments = jnp.where(jnp.arange(T) < 4, 1, 2)[None].repeat(B, 0).at[:, -1].set(0)
+  kw = dict(OPTIONS, temperature=0.7)
+  want = every_entry("reference", hidden, weight.T, bias, targets, span, segments, **kw)
+  bad = poisoned(hidden, weight.T, bias, targets, span)
+  got = every_entry(implementation, *bad, segments, token_chunk=4, vocab_chunk=128, **kw)
+  assert got[1][1].shape == want[1][1].shape == (V, D)
+  assert_close(got, want)
+
+
+def test_auto_exports_the_mosaic_kernels_for_a_vd_table_with_entropy():
+  """``"auto"`` keeps the Mosaic kernels for a ``[V, D]`` table, temperature and entropy."""
+  s = jax.ShapeDtypeStruct
+  args = (s((2, 64, 256), jnp.bfloat16), s((1024, 256), jnp.bfloat16), s((2, 64), jnp.int32))
+  args += (s((2, 64), bool),)
+
+  def fwd_bwd(h, w, y, m):
+    def fn(h, w):
+      kw = dict(weight_layout="vd", temperature=0.7, return_entropy=True)
+      nll, ent = linear_token_nll(h, w, y, m, **kw)
+      return jnp.sum(nll) + jnp.sum(ent)
+
+    return jax.value_and_grad(fn, (0, 1))(h, w)
+
+  text = export.export(jax.jit(fwd_bwd), platforms=("tpu",))(*args).mlir_module()
+  assert text.count("tpu_custom_call") == 3
+  assert "tensor<1024x256xbf16>" in text and "tensor<256x1024xbf16>" not in text
+
+
 def test_block_rows_follow_the_byte_budget_and_pad_rather_than_divide():
   budget = token_chunked.LOGITS_BLOCK_BYTES
   for vocab, rows in ((128256, 1040), (256000, 520), (151936, 880), (32768, 4096), (8000, 8192)):
@@ -187,7 +245,7 @@ def test_token_chunked_last_block_shifted_back_when_rows_are_not_whole_blocks(ch
     stats, loss, *grads = token_chunked.one_pass(bt, scale)
     again = token_chunked.grad_pass(bt, scale, token_chunked.stats_pass(bt)[0])
     cut = lambda x: x[: B * T]
-    return cut(stats), cut(loss), cut(grads[0]), *grads[1:], cut(again[0]), *again[1:]
+    return jax.tree.map(cut, stats), cut(loss), cut(grads[0]), *grads[1:], cut(again[0]), *again[1:]
 
   @jax.jit
   def both(hidden, weight, bias):

@@ -530,3 +530,95 @@ def test_vocab_size_larger_than_the_columns_is_an_error():
   logits, targets, mask = make(v=7)
   with pytest.raises(ValueError, match="vocab_size 9 is larger than the 7"):
     jaxnll.sequence_nll(logits, targets, mask, vocab_size=9)
+
+
+# ----------------------------------------------------------------------------- gradient precision
+
+
+def test_gradient_is_the_exact_softmax_at_bf16_max_logits():
+  """exp(z - lse) with a rounded f32 lse gives [-1, 1, 1, 1] here; the softmax is [0, ⅓, ⅓, ⅓]."""
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  logits = jnp.array([[[0.0, big, big, big]]], jnp.bfloat16)
+  targets, span = jnp.zeros((1, 1), int), jnp.ones((1, 1), bool)
+  for fn in (
+    lambda x: nll.token_nll(x, targets).sum(),
+    lambda x: nll.sequence_nll(x, targets, span).sum(),
+    lambda x: nll.selective_sequence_nll(x, targets, span).sum(),
+  ):
+    g = jax.jit(jax.grad(fn))(logits)
+    np.testing.assert_allclose(np.asarray(g, np.float32)[0, 0], [-1, 1 / 3, 1 / 3, 1 / 3], 4e-3)
+
+
+def test_gradient_error_at_f32_logits_near_1e4_matches_optax():
+  logits = 1e4 + 3 * jax.random.normal(jax.random.key(0), (4, 1000))
+  targets = jnp.arange(4)
+  want = np_softmax(logits) - np.eye(1000)[np.asarray(targets)]
+  err = lambda g: np.abs(np.asarray(g, np.float64) - want).max()
+  ours = err(grad_sum(jaxnll.token_nll, logits, targets))
+  theirs = err(
+    jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).sum())(logits)
+  )
+  assert ours < 1e-7 and ours <= 2 * theirs + 1e-8, (ours, theirs)
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+def np_scored(logits, tau, cap=None):
+  z = np.asarray(logits, np.float64)
+  if cap is not None:
+    z = cap * np.tanh(z / cap)
+  return z / tau
+
+
+@pytest.mark.parametrize("tau,cap", [(0.5, None), (2.0, 4.0)])
+def test_temperature_scores_logits_over_tau_after_the_cap(tau, cap):
+  logits, targets, mask = make(seed=31)
+  z = np_scored(logits, tau, cap)
+  kw = dict(temperature=tau, logit_softcap=cap)
+  np.testing.assert_allclose(
+    jax.jit(lambda x: nll.token_nll(x, targets, **kw))(logits),
+    np_token_nll(z, targets),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  np.testing.assert_allclose(
+    nll.sequence_nll(logits, targets, mask, **kw), np_sequence_nll(z, targets, mask), rtol=1e-5
+  )
+  # Gradient: (softmax(z) - onehot)·dz/dx, dz/dx = (1 - tanh²(x/c)) / τ.
+  dzdx = (
+    1.0 / tau if cap is None else (1 - np.tanh(np.asarray(logits, np.float64) / cap) ** 2) / tau
+  )
+  want = np.where(
+    np.asarray(mask)[..., None], (np_softmax(z) - np.eye(11)[np.asarray(targets)]) * dzdx, 0.0
+  )
+  np.testing.assert_allclose(
+    grad_sum(nll.sequence_nll, logits, targets, mask, **kw), want, 1e-5, 1e-6
+  )
+  sel = grad_sum(nll.selective_sequence_nll, logits, targets, mask, **kw)
+  np.testing.assert_allclose(sel, want, 1e-5, 1e-6)
+  seg = jnp.asarray(np.arange(7) % 2 + 1)[None].repeat(3, 0)
+  per_seg = nll.segment_nll(logits, targets, mask, seg, num_segments=2, **kw)
+  for s in (1, 2):
+    m = np.asarray(mask) & (np.asarray(seg) == s)
+    np.testing.assert_allclose(per_seg[:, s - 1], np_sequence_nll(z, targets, m), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("inf"), float("nan")])
+def test_temperature_outside_its_domain_is_refused(tau):
+  logits, targets, _ = make()
+  with pytest.raises(ValueError, match="temperature"):
+    nll.token_nll(logits, targets, temperature=tau)
+
+
+def test_exact_softmax_backward_needs_no_logits_sized_buffer():
+  """Forward + backward temp memory (compile only) stays a small fraction of the bf16 logits:
+  the row statistics the backward reads must not bring a ``[..., V]`` f32 broadcast along."""
+  shapes = (
+    jax.ShapeDtypeStruct((4, 64, 4096), jnp.bfloat16),
+    jax.ShapeDtypeStruct((4, 64), jnp.int32),
+    jax.ShapeDtypeStruct((4, 64), jnp.bool_),
+  )
+  step = jax.value_and_grad(lambda z, y, m: jnp.sum(jnp.where(m, nll.token_nll(z, y), 0.0)))
+  temp = jax.jit(step).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 4 * 64 * 4096 * 2 / 16, temp

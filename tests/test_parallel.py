@@ -238,3 +238,40 @@ def test_2d_mesh_train_step_equals_single_device(mesh_spec, fused, tied, accum):
   assert up.sharding.spec == P(None, "data")
   # The fused head runs vocabulary-parallel (shard_map over the model axis).
   assert ("shard_map" in jaxpr) == fused
+
+
+# ----------------------------------------------------------------------------- new fused entries
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_segment_and_token_entries_vocab_parallel_equal_single_device(layout):
+  """``linear_segment_nll`` and ``linear_token_nll`` (entropy included, temperature on) with the
+  vocabulary split over 4 shards (37 columns: padded) and the batch over 2, in both weight
+  layouts (the scalar loss too): values and gradients (per-output cotangents) equal the
+  single-device ones."""
+  mesh = parallel.make_mesh("data=2,model=4")
+  h, w, b, y, m = make(seed=5, v=37)
+  w = w.T if layout == "vd" else w
+  seg = jnp.asarray(np.arange(24).reshape(4, 6) % 3)
+  k = jax.random.split(jax.random.key(6), 3)
+  ct_seg, ct_nll, ct_ent = (
+    jax.random.normal(kk, s) for kk, s in zip(k, [(4, 2), (4, 6), (4, 6)], strict=True)
+  )
+  kw = dict(token_chunk=4, vocab_chunk=4, temperature=0.7, weight_layout=layout, **OPTS)
+
+  def total(segment, token, loss):
+    def f(h, w, b):
+      per = segment(h, w, y, m, seg, num_segments=2, bias=b, **kw)
+      nll, ent = token(h, w, y, m, bias=b, return_entropy=True, **kw)
+      scalar = loss(h, w, y, m, bias=b, **kw)[0]
+      return jnp.sum(per * ct_seg) + jnp.sum(nll * ct_nll) + jnp.sum(ent * ct_ent) + scalar
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, b)
+
+  got = total(
+    lambda *a, **o: parallel.linear_segment_nll(*a, mesh=mesh, **o),
+    lambda *a, **o: parallel.linear_token_nll(*a, mesh=mesh, **o),
+    lambda *a, **o: parallel.linear_nll_loss(*a, mesh=mesh, **o),
+  )
+  want = total(jaxnll.linear_segment_nll, jaxnll.linear_token_nll, jaxnll.linear_nll_loss)
+  assert_close(got, want)

@@ -10,6 +10,9 @@ implementation shares; one module per implementation (:mod:`~jaxnll.fused.chunke
 from jaxnll.fused.api import DEFAULT_TOKEN_CHUNK as DEFAULT_TOKEN_CHUNK
 from jaxnll.fused.api import DEFAULT_VOCAB_CHUNK as DEFAULT_VOCAB_CHUNK
 from jaxnll.fused.api import IMPLEMENTATIONS as IMPLEMENTATIONS
+from jaxnll.fused.api import LAYOUTS as LAYOUTS
 from jaxnll.fused.api import check_inputs as check_inputs
 from jaxnll.fused.api import linear_nll_loss as linear_nll_loss
+from jaxnll.fused.api import linear_segment_nll as linear_segment_nll
 from jaxnll.fused.api import linear_sequence_nll as linear_sequence_nll
+from jaxnll.fused.api import linear_token_nll as linear_token_nll

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -95,11 +96,11 @@ def _kernel(plan: Plan):
 def _sequence_value(plan, hidden, weight, bias, targets, span_mask):
   impl = _kernel(plan)
   bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  lse_c, loss_c = impl.stats_pass(bt)
+  stats_c, loss_c = impl.stats_pass(bt)
   sums = compact.per_sample(bt, loss_c, span_mask)
   if plan.reduction == "mean":
     sums = sums * safe_inverse(compact.counts(span_mask))
-  return sums, lse_c
+  return sums, stats_c
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -122,18 +123,20 @@ def _needed(hidden, weight, bias):
 def _sequence_fwd(plan, hidden, weight, bias, targets, span_mask):
   need = _needed(hidden, weight, bias)
   args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
-  out, lse_c = _sequence_value(plan, *args)
-  # Residuals: the inputs (already live) and one f32 log-sum-exp per position.
-  return out, (*args, lse_c, need)
+  out, stats_c = _sequence_value(plan, *args)
+  # Residuals: the inputs (already live) and the f32 row max and sum of exponentials per
+  # position (the exact softmax is rebuilt from them, not from a rounded log-sum-exp).
+  return out, (*args, stats_c, need)
 
 
 def _sequence_grads(plan, res, per_sample):
   """Gradients of ``Σ_b per_sample[b] · Σ_t w_t ℓ_t`` (hidden, weight, bias)."""
-  hidden, weight, bias, targets, span_mask, lse_c, need = res
+  hidden, weight, bias, targets, span_mask, stats_c, need = res
   need = tuple(x is not None for x in need)
   impl = _kernel(plan)
   bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  dh_c, dw, db = impl.grad_pass(bt, compact.compact_scale(bt, per_sample, span_mask), lse_c, need)
+  scale_c = compact.compact_scale(bt, per_sample, span_mask)
+  dh_c, dw, db = impl.grad_pass(bt, scale_c, stats_c, need)
   return compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
 
 
@@ -186,14 +189,14 @@ def _loss_fwd(plan, hidden, weight, bias, targets, span_mask):
   bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
   scale_c = compact.compact_scale(bt, per_sample, span_mask)
   if plan.one_pass:
-    lse_c, loss_c, dh_c, dw, db = impl.one_pass(bt, scale_c, wanted)
+    stats_c, loss_c, dh_c, dw, db = impl.one_pass(bt, scale_c, wanted)
   else:
-    lse_c, loss_c = impl.stats_pass(bt)
-    dh_c, dw, db = impl.grad_pass(bt, scale_c, lse_c, wanted)
+    stats_c, loss_c = impl.stats_pass(bt)
+    dh_c, dw, db = impl.grad_pass(bt, scale_c, stats_c, wanted)
   grads = compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
   sums = compact.per_sample(bt, loss_c, span_mask)
   loss = _batch_value(sums, counts, plan.normalize)
-  return (loss, sums), (grads, (hidden, weight, bias, targets, span_mask, lse_c, need))
+  return (loss, sums), (grads, (hidden, weight, bias, targets, span_mask, stats_c, need))
 
 
 def _scaled(ct, g):
@@ -223,46 +226,111 @@ def _loss_bwd(plan, res, cts):
 _loss.defvjp(_loss_fwd, _loss_bwd, symbolic_zeros=True)
 
 
+# ----------------------------------------------------------------------------- per-token entry
+#
+# Per-token outputs ``[B, T]`` (NLL, and the entropy with ``plan.entropy``) with per-token
+# cotangents: the backward turns them into the compacted per-token scales of the gradient
+# pass.  The per-segment entry is a (plain, differentiable) segment sum of these.
+
+
+def _token_outputs(bt: Compacted, stats_c, loss_c, span_mask):
+  mask = _core.mask_to_bool(span_mask)
+  nll = jnp.where(mask, bt.uncompact(loss_c).reshape(mask.shape), 0.0)
+  if not bt.plan.entropy:
+    return nll
+  ent = jnp.where(mask, bt.uncompact(bt.entropy(stats_c)).reshape(mask.shape), 0.0)
+  return nll, ent
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tokens(plan, hidden, weight, bias, targets, span_mask):
+  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
+  stats_c, loss_c = _kernel(plan).stats_pass(bt)
+  return _token_outputs(bt, stats_c, loss_c, span_mask)
+
+
+def _tokens_fwd(plan, hidden, weight, bias, targets, span_mask):
+  need = _needed(hidden, weight, bias)
+  args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
+  bt = Compacted(plan, *args)
+  stats_c, loss_c = _kernel(plan).stats_pass(bt)
+  return _token_outputs(bt, stats_c, loss_c, args[4]), (*args, stats_c, need)
+
+
+def _tokens_bwd(plan, res, cts):
+  hidden, weight, bias, targets, span_mask, stats_c, need = res
+  cts = cts if plan.entropy else (cts, None)
+  cts = [None if (c is None or isinstance(c, SymbolicZero)) else c for c in cts]
+  if all(c is None for c in cts):
+    return (None,) * 5
+  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
+  mask = _core.mask_to_bool(span_mask)
+
+  def compacted(ct):
+    return bt.compact(jnp.where(mask, ct.astype(F32), 0.0).reshape(-1))
+
+  scale_c = bt.compact(jnp.zeros(mask.size, F32)) if cts[0] is None else compacted(cts[0])
+  ent_c = None if cts[1] is None else compacted(cts[1])
+  need = tuple(x is not None for x in need)
+  dh_c, dw, db = _kernel(plan).grad_pass(bt, scale_c, stats_c, need, ent_c)
+  return (*compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias), None, None)
+
+
+_tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
+
+
 # ----------------------------------------------------------------------------- public API
 
+#: ``weight_layout=``: ``"dv"`` a ``[D, V]`` head kernel (Flax ``Linear``), ``"vd"`` a
+#: ``[V, D]`` table (an embedding, as tied heads use) read in place, without a transposed copy.
+LAYOUTS = ("dv", "vd")
 
-def _check(hidden, weight, targets, span_mask, bias):
+
+def _vocab_axis_of(weight_layout: str) -> int:
+  return 0 if weight_layout == "vd" else 1
+
+
+def _check(hidden, weight, targets, span_mask, bias, weight_layout="dv"):
   """Checks the arrays and returns them as arrays (Python lists converted; targets as int32
   with every id outside ``[0, 2**31)`` at ``-1``, so no wider id wraps to a valid one)."""
+  _core.check_choice("weight_layout", weight_layout, LAYOUTS)
   hidden, weight = _core.as_array("hidden", hidden), _core.as_array("weight", weight)
   targets, span_mask = _core.as_array("targets", targets), _core.as_array("span_mask", span_mask)
   bias = None if bias is None else _core.as_array("bias", bias)
+  vd = weight_layout == "vd"
+  spec = "[V, D]" if vd else "[D, V]"
   _core.check_floating("hidden", hidden)
   _core.check_floating("weight", weight)
   _core.check_integer("targets", targets)
   _core.check_mask("span_mask", span_mask)
   _core.check_rank("hidden", hidden, (3,), "[B, T, D]")
-  _core.check_rank("weight", weight, (2,), "[D, V]")
+  _core.check_rank("weight", weight, (2,), spec)
   hs, ws = jnp.shape(hidden), jnp.shape(weight)
-  if hs[2] != ws[0]:
+  d, v = (ws[1], ws[0]) if vd else ws
+  if hs[2] != d:
     raise ValueError(
-      f"weight must have shape [D, V] with D = hidden.shape[-1] = {hs[2]}, "
-      f"got hidden {hs} and weight {ws}"
+      f"weight must have shape {spec} with D = hidden.shape[-1] = {hs[2]}, "
+      f"got hidden {hs} and weight {ws} (weight_layout={weight_layout!r})"
     )
   for name, x in (("targets", targets), ("span_mask", span_mask)):
     if jnp.shape(x) != hs[:2]:
       raise ValueError(f"{name} must have shape [B, T] = {hs[:2]}, got shape {jnp.shape(x)}")
   if bias is not None:
     _core.check_floating("bias", bias)
-    if jnp.shape(bias) != ws[1:]:
-      raise ValueError(f"bias must have shape [V] = {ws[1:]}, got shape {jnp.shape(bias)}")
-  _core.check_vocab("weight", ws[1], ws)
+    if jnp.shape(bias) != (v,):
+      raise ValueError(f"bias must have shape [V] = {(v,)}, got shape {jnp.shape(bias)}")
+  _core.check_vocab("weight", v, ws)
   hidden, weight, span_mask = map(jnp.asarray, (hidden, weight, span_mask))
   bias = None if bias is None else jnp.asarray(bias)
   return hidden, weight, _core.int32_ids(targets), span_mask, bias
 
 
-def _chunks(token_chunk, vocab_chunk, num_tokens, weight):
+def _chunks(token_chunk, vocab_chunk, num_tokens, weight, weight_layout="dv"):
   """``(token_chunk, vocab_chunk, grad_vocab_chunk)`` after defaults and clipping."""
   for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
       raise ValueError(f"{name} must be a positive Python int or None, got {value!r}")
-  d, vocab = weight.shape
+  d, vocab = weight.shape[::-1] if weight_layout == "vd" else weight.shape
   tc = DEFAULT_TOKEN_CHUNK if token_chunk is None else token_chunk
   vc = max(1, min(DEFAULT_VOCAB_CHUNK if vocab_chunk is None else vocab_chunk, vocab))
   gc = vc
@@ -271,72 +339,116 @@ def _chunks(token_chunk, vocab_chunk, num_tokens, weight):
   return max(1, min(tc, num_tokens)), vc, gc
 
 
-def _plan(
-  implementation, opts, token_chunk, vocab_chunk, num_tokens, weight, *, schedule=None, **fields
-) -> Plan:
-  """The static plan of one call of a kernel of :data:`KERNELS` (``schedule``: the scalar
-  entry's, None for the per-sample entry).  ``"auto"`` carries one plan per platform."""
-  if implementation == "auto":
-    branches = tuple(
-      _plan(name, opts, token_chunk, vocab_chunk, num_tokens, weight, schedule=schedule, **fields)
-      for name in auto.BRANCHES
-    )
-    return auto.plan(branches, one_pass=schedule is not None)
-  one_pass = False
-  if schedule is not None and implementation == "chunked":
-    one_pass = schedule == "one_pass" or (schedule == "auto" and weight.dtype == F32)
-    if one_pass and token_chunk is None:
-      cap = ONE_PASS_BLOCK_BYTES // (4 * weight.shape[1])
-      token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, cap) // 8 * 8)
-  elif schedule is not None:
-    # Blocks of whole vocabulary rows: the gradients come from the block the loss used.
-    one_pass = schedule != "two_pass"
-  tc, vc, gc = _chunks(token_chunk, vocab_chunk, num_tokens, weight)
-  plan = Plan(
-    opts, tc, vc, one_pass=one_pass, grad_vocab_chunk=gc, implementation=implementation, **fields
-  )
-  configure = getattr(KERNELS[implementation], "configure", None)
-  if configure is not None:
-    plan = configure(plan, token_chunk, vocab_chunk, num_tokens, weight)
-  rows = -(-num_tokens // plan.token_chunk) * plan.token_chunk
-  return dataclasses.replace(plan, padded_rows=max(plan.padded_rows, rows))
+def _setup(hidden, weight, targets, span_mask, bias, implementation, weight_layout, **token):
+  """Checked arguments as arrays and their :class:`TokenOptions` (shared by every entry)."""
+  arrays = _check(hidden, weight, targets, span_mask, bias, weight_layout)
+  _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
+  return arrays, TokenOptions(**token)
 
 
-def _materialised(implementation, hidden, weight, bias, targets, span_mask, opts):
-  """``(per_sample(reduction), counts)`` of the paths that build the ``[B, T, V]`` logits."""
+def _is_empty(hidden) -> bool:
+  """No position at all (``B = 0`` or ``T = 0``): the entries return zeros (zero gradients)."""
+  return hidden.shape[0] * hidden.shape[1] == 0
+
+
+def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_layout):
+  """``(logits, lib, token_opts)`` of the paths that build the ``[B, T, V]`` logits.
+
+  Hidden rows outside the span are zeroed (a select) before the matmul, so NaN/inf there
+  reaches neither a value nor the weight gradient (``hᵀ·∂z`` would turn ``NaN · 0`` into NaN).
+  ``"xla"`` hands the logits to :mod:`jaxnll.nll`; ``"reference"`` scores them itself (soft-cap,
+  temperature, float32) and hands them to :mod:`jaxnll.reference`.
+  """
+  inside = _core.mask_to_bool(span_mask)[..., None]
+  hidden = jnp.where(inside, hidden, jnp.zeros((), hidden.dtype))
+  spec = "btd,vd->btv" if weight_layout == "vd" else "btd,dv->btv"
   if implementation == "reference":
     from jaxnll import reference
 
     if opts.vocab_axis is not None or opts.vocab_size is not None:
       raise ValueError(
-        'implementation="xla" takes no vocab_axis / vocab_size; use implementation="xla"'
+        'implementation="reference" takes no vocab_axis / vocab_size; use implementation="xla"'
       )
-    token_opts = dict(
-      z_loss=opts.z_loss, label_smoothing=opts.label_smoothing, logit_softcap=opts.logit_softcap
+    logits = jnp.einsum(spec, hidden, weight, preferred_element_type=F32)
+    if bias is not None:
+      logits = logits + bias.astype(F32)
+    if opts.logit_softcap is not None:
+      logits = opts.logit_softcap * jnp.tanh(logits / opts.logit_softcap)
+    logits = logits / opts.temperature
+    return logits, reference, dict(z_loss=opts.z_loss, label_smoothing=opts.label_smoothing)
+  from jaxnll import nll
+
+  logits = hidden @ weight if weight_layout == "dv" else jnp.einsum(spec, hidden, weight)
+  logits = logits if bias is None else logits + bias
+  return logits, nll, dataclasses.asdict(opts)
+
+
+def _plain_entropy(logits, mask, opts, implementation):
+  """Entropy of ``softmax(z)`` per position of materialised logits (0 outside ``mask``)."""
+  if opts.vocab_axis is not None:
+    raise ValueError(
+      'return_entropy with vocab_axis needs a fused implementation (implementation="chunked")'
     )
+  z = logits if implementation == "reference" else _core.softcap(logits, opts)
+  z = jnp.where(mask[..., None], z, 0.0)
+  logp = jax.nn.log_softmax(z, axis=-1)
+  live = logp > -jnp.inf  # a -inf logit has p = 0 and adds nothing (no 0 · inf NaN)
+  logp = jnp.where(live, logp, 0.0)
+  ent = -jnp.sum(jnp.where(live, jnp.exp(logp) * logp, 0.0), axis=-1)
+  return jnp.where(mask, ent, 0.0)
 
-    def per_sample(reduction):
-      return reference.linear_sequence_nll(
-        hidden, weight, targets, span_mask, bias=bias, reduction=reduction, **token_opts
-      )
 
-  else:
-    from jaxnll.nll import sequence_nll
-
-    logits = hidden @ weight
-    logits = logits if bias is None else logits + bias
-
-    def per_sample(reduction):
-      return sequence_nll(
-        logits, targets, span_mask, reduction=reduction, **dataclasses.asdict(opts)
-      )
-
-  return per_sample, compact.counts(span_mask)
+def _plan(
+  implementation,
+  opts,
+  hidden,
+  weight,
+  token_chunk,
+  vocab_chunk,
+  weight_layout,
+  *,
+  schedule=None,
+  **fields,
+) -> Plan:
+  """The static plan of one call of a kernel of :data:`KERNELS` (``schedule``: the scalar
+  entry's, None for the others).  ``"auto"`` carries one plan per platform."""
+  args = (opts, hidden, weight, token_chunk, vocab_chunk, weight_layout)
+  if implementation == "auto":
+    branches = tuple(_plan(name, *args, schedule=schedule, **fields) for name in auto.BRANCHES)
+    return auto.plan(branches, one_pass=schedule is not None)
+  b, t, _ = hidden.shape
+  num_tokens = b * t
+  vocab = weight.shape[_vocab_axis_of(weight_layout)]
+  one_pass = False
+  if schedule is not None and implementation == "chunked":
+    one_pass = schedule == "one_pass" or (schedule == "auto" and weight.dtype == F32)
+    if one_pass and token_chunk is None:
+      cap = ONE_PASS_BLOCK_BYTES // (4 * vocab)
+      token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, cap) // 8 * 8)
+  elif schedule is not None:
+    # Blocks of whole vocabulary rows: the gradients come from the block the loss used.
+    one_pass = schedule != "two_pass"
+  tc, vc, gc = _chunks(token_chunk, vocab_chunk, num_tokens, weight, weight_layout)
+  plan = Plan(
+    opts,
+    tc,
+    vc,
+    one_pass=one_pass,
+    grad_vocab_chunk=gc,
+    implementation=implementation,
+    weight_layout=weight_layout,
+    **fields,
+  )
+  configure = getattr(KERNELS[implementation], "configure", None)
+  if configure is not None:
+    plan = configure(plan, token_chunk, vocab_chunk, num_tokens, vocab)
+  rows = -(-num_tokens // plan.token_chunk) * plan.token_chunk
+  return dataclasses.replace(plan, padded_rows=max(plan.padded_rows, rows))
 
 
 def linear_sequence_nll(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -345,8 +457,10 @@ def linear_sequence_nll(
   z_loss: float = 0.0,
   label_smoothing: float = 0.0,
   logit_softcap: float | None = None,
+  temperature: float = 1.0,
   vocab_axis: str | None = None,
   vocab_size: int | None = None,
+  weight_layout: Literal["dv", "vd"] = "dv",
   implementation: str = "auto",
   token_chunk: int | None = None,
   vocab_chunk: int | None = None,
@@ -361,22 +475,25 @@ def linear_sequence_nll(
      \\quad = \\texttt{sequence\\_nll(hidden @ weight + bias, targets, span\\_mask)},
 
   but only target positions are computed: the cost grows with the number of target tokens,
-  not ``B·T``.  The forward keeps one float32 log-sum-exp per target token; the backward
+  not ``B·T``.  The forward keeps the float32 row max and sum of exponentials per target
+  token (the backward rebuilds the exact softmax from them, ``exp(z - m) / s``); the backward
   recomputes the logits a ``[C, K]`` block at a time (one matmul forward, three backward).
 
   Args:
     hidden: ``[B, T, D]`` final hidden states, any floating dtype.
-    weight: ``[D, V]`` head kernel (Flax ``Linear`` layout), any floating dtype.  Matmuls run
+    weight: ``[D, V]`` head kernel (Flax ``Linear`` layout), or with ``weight_layout="vd"`` a
+      ``[V, D]`` table (an embedding, as tied heads use), any floating dtype.  Matmuls run
       in ``result_type(hidden, weight)`` and accumulate in float32.
     targets: ``[B, T]`` integer ids, already shifted (:func:`jaxnll.shift_targets`); only read
       inside the span.  An id outside ``[0, V)`` inside the span makes that sample NaN
-      (:func:`jaxnll.checked` raises a clear error instead).
+      (:func:`checked` raises a clear error instead).
     span_mask: ``[B, T]`` bool mask or float weights of the target positions.  Positions
       outside it are never read: NaN/inf hidden states there reach no value or gradient.  Float
       weights get no gradient.
     bias: optional ``[V]`` head bias.
     reduction: ``"sum"`` (``-log Pr(y|x)``) or ``"mean"`` (per target token; 0 if empty).
-    z_loss, label_smoothing, logit_softcap: as in :func:`jaxnll.token_nll`.
+    z_loss, label_smoothing, logit_softcap, temperature: as in :func:`jaxnll.token_nll`
+      (``temperature=τ`` scores ``logits / τ`` after the soft-cap).
     vocab_axis: inside ``shard_map``, the mesh axis over which the vocabulary is sharded:
       ``weight`` (and ``bias``) are then the local columns (shard ``i`` holding ids
       ``[i·V, (i+1)·V)``), each device computes only its slice, the per-token log-sum-exp
@@ -387,14 +504,17 @@ def linear_sequence_nll(
       ``shard_map`` for a given mesh.
     vocab_size: the true vocabulary when the (sharded) columns are padded, for example to a
       multiple of the shard count; padding columns never count.
+    weight_layout: ``"dv"`` (``weight: [D, V]``) or ``"vd"`` (``weight: [V, D]``, read in
+      place: row blocks contracted on ``D``, no transposed copy; its gradient is ``[V, D]``).
     implementation: ``"auto"`` (default: the kernel of the platform the function is lowered
       for — TPU ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen by
       :func:`jax.lax.platform_dependent`), ``"chunked"`` (token × vocabulary blocks),
       ``"token_chunked"`` (token blocks, full-vocabulary matmuls:
       :mod:`jaxnll.fused.token_chunked`), ``"pallas_tpu"`` (Pallas Mosaic kernels, interpret
       mode off TPU: :mod:`jaxnll.fused.pallas_tpu`), ``"xla"`` (materialise the logits and call
-      :func:`jaxnll.sequence_nll`) or ``"reference"``
-      (:func:`jaxnll.reference.linear_sequence_nll`).
+      :func:`jaxnll.sequence_nll`) or ``"reference"`` (:mod:`jaxnll.reference` on float32
+      logits).  The materialised paths zero the hidden rows outside the span first, so
+      NaN/inf there reaches no gradient either.  ``B = 0`` or ``T = 0`` gives zeros.
     token_chunk: target tokens per block, default :data:`DEFAULT_TOKEN_CHUNK` (512; for
       ``"token_chunked"`` set by :data:`jaxnll.fused.token_chunked.LOGITS_BLOCK_BYTES`, for
       ``"pallas_tpu"`` the row block, 256).  The skipping granularity: a batch with ``n``
@@ -417,17 +537,23 @@ def linear_sequence_nll(
     >>> bool(jnp.allclose(fused, plain, rtol=1e-5)), float(fused[1])
     (True, 0.0)
   """
-  hidden, weight, targets, span_mask, bias = _check(hidden, weight, targets, span_mask, bias)
   _core.check_choice("reduction", reduction, ("sum", "mean"))
-  _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
-  opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
-  b, t, _ = hidden.shape
-  _chunks(token_chunk, vocab_chunk, b * t, weight)
+  (hidden, weight, targets, span_mask, bias), opts = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
+    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+    temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
+  )  # fmt: skip
+  if _is_empty(hidden):
+    return jnp.zeros(hidden.shape[:1], F32)
   if implementation in ("xla", "reference"):
-    return _materialised(implementation, hidden, weight, bias, targets, span_mask, opts)[0](
-      reduction
+    logits, lib, kw = _materialised(
+      implementation, hidden, weight, bias, span_mask, opts, weight_layout
     )
-  plan = _plan(implementation, opts, token_chunk, vocab_chunk, b * t, weight, reduction=reduction)
+    return lib.sequence_nll(logits, targets, span_mask, reduction=reduction, **kw)
+  plan = _plan(
+    implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
+    reduction=reduction,
+  )  # fmt: skip
   return _sequence(
     plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
   )
@@ -435,7 +561,7 @@ def linear_sequence_nll(
 
 def linear_nll_loss(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -444,8 +570,10 @@ def linear_nll_loss(
   z_loss: float = 0.0,
   label_smoothing: float = 0.0,
   logit_softcap: float | None = None,
+  temperature: float = 1.0,
   vocab_axis: str | None = None,
   vocab_size: int | None = None,
+  weight_layout: Literal["dv", "vd"] = "dv",
   implementation: str = "auto",
   schedule: str = "auto",
   token_chunk: int | None = None,
@@ -478,8 +606,9 @@ def linear_nll_loss(
     hidden, weight, targets, span_mask, bias: as in :func:`linear_sequence_nll`.
     normalize: ``"tokens"`` (``Σ sums / Σ counts``, the default), ``"samples"`` (mean of
       per-sample means over non-empty samples) or ``"sum"``.
-    z_loss, label_smoothing, logit_softcap: as in :func:`jaxnll.token_nll`.
+    z_loss, label_smoothing, logit_softcap, temperature: as in :func:`jaxnll.token_nll`.
     vocab_axis, vocab_size: vocabulary-parallel head, as in :func:`linear_sequence_nll`.
+    weight_layout: ``"dv"`` or ``"vd"``, as in :func:`linear_sequence_nll`.
     implementation: as in :func:`linear_sequence_nll` (``"xla"`` and ``"reference"``
       materialise the logits, then :func:`jaxnll.batch_loss`).
     schedule: ``"auto"``, ``"one_pass"`` or ``"two_pass"`` (above).
@@ -498,32 +627,216 @@ def linear_nll_loss(
     >>> bool(jnp.isclose(loss, sums.sum() / 10)), g.shape
     (True, (8, 11))
   """
-  hidden, weight, targets, span_mask, bias = _check(hidden, weight, targets, span_mask, bias)
-  from jaxnll.nll import NORMALIZATIONS
+  from jaxnll.nll import NORMALIZATIONS, batch_loss
 
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
-  _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
   _core.check_choice("schedule", schedule, SCHEDULES)
-  opts = TokenOptions(z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size)
+  (hidden, weight, targets, span_mask, bias), opts = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
+    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+    temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
+  )  # fmt: skip
+  if _is_empty(hidden):
+    return jnp.zeros((), F32), jnp.zeros(hidden.shape[:1], F32)
   if implementation in ("xla", "reference"):
-    from jaxnll.nll import batch_loss
-
-    per_sample, counts = _materialised(
-      implementation, hidden, weight, bias, targets, span_mask, opts
+    logits, lib, kw = _materialised(
+      implementation, hidden, weight, bias, span_mask, opts, weight_layout
     )
-    sums = per_sample("sum")
-    return batch_loss(sums, counts, normalize=normalize), sums
-  b, t, _ = hidden.shape
+    sums = lib.sequence_nll(logits, targets, span_mask, reduction="sum", **kw)
+    return batch_loss(sums, compact.counts(span_mask), normalize=normalize), sums
   plan = _plan(
-    implementation,
-    opts,
-    token_chunk,
-    vocab_chunk,
-    b * t,
-    weight,
-    normalize=normalize,
-    schedule=schedule,
-  )
+    implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
+    normalize=normalize, schedule=schedule,
+  )  # fmt: skip
   return _loss(
+    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  )
+
+
+def linear_segment_nll(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  segment_ids: Int[Array, "B T"],
+  *,
+  num_segments: int,
+  reduction: Literal["sum", "mean"] = "sum",
+  bias: Float[Array, " V"] | None = None,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  logit_softcap: float | None = None,
+  temperature: float = 1.0,
+  vocab_axis: str | None = None,
+  vocab_size: int | None = None,
+  weight_layout: Literal["dv", "vd"] = "dv",
+  implementation: str = "auto",
+  token_chunk: int | None = None,
+  vocab_chunk: int | None = None,
+) -> Float[Array, "B S"]:
+  """Per-sample NLL of packed rows through the LM head: one value per segment, one pass.
+
+  Equal (values and gradients) to
+  ``segment_nll(hidden @ weight + bias, targets, span_mask, segment_ids, ...)``:
+
+  .. math::
+
+     L_{b,s} = \\sum_t [\\mathrm{seg}_{b,t} = s]\\, w_{b,t}\\, \\ell(h_{b,t} W + \\beta,
+     \\; y_{b,t}) \\quad (\\text{"sum"}; \\text{"mean" divides by }
+     \\textstyle\\sum_t [\\mathrm{seg}_{b,t} = s]\\, w_{b,t}, 0 \\text{ if empty}),
+
+  computed in one span-compacted pass over the target tokens of every segment (no
+  ``[B, T, V]`` logits); the per-token losses are summed by segment id.  Segment ``0`` is
+  padding; samples are ids ``1..num_segments``, ``out[b, s - 1]`` being segment ``s`` of row
+  ``b``.  Each ``(row, segment)`` output takes its own cotangent: the backward turns them into
+  per-token scales of one recomputing gradient pass.
+
+  Args:
+    hidden: ``[B, T, D]`` final hidden states, any floating dtype.
+    weight: ``[D, V]`` head kernel, or ``[V, D]`` with ``weight_layout="vd"``.
+    targets: ``[B, T]`` integer ids, already shifted with
+      ``shift_targets(tokens, span, segment_ids)`` so nothing is predicted across a boundary.
+    span_mask: ``[B, T]`` bool mask or float weights of the target positions.
+    segment_ids: ``[B, T]`` integer segment of each position (0: padding; ids above
+      ``num_segments`` are ignored).
+    num_segments: ``S``, the number of segment columns of the result (a Python int).
+    reduction: ``"sum"`` or ``"mean"`` (per target token of the segment).
+    bias, z_loss, label_smoothing, logit_softcap, temperature, vocab_axis, vocab_size,
+      weight_layout, implementation, token_chunk, vocab_chunk: as in
+      :func:`linear_sequence_nll`.
+
+  Returns:
+    float32 ``[B, num_segments]``; gradients come back in the inputs' dtypes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> h = jax.random.normal(jax.random.key(0), (1, 6, 8))
+    >>> w = jax.random.normal(jax.random.key(1), (8, 11))
+    >>> y, span = jnp.ones((1, 6), int), jnp.array([[0, 1, 1, 0, 1, 0]], bool)
+    >>> seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+    >>> per = linear_segment_nll(h, w, y, span, seg, num_segments=3)
+    >>> whole = linear_sequence_nll(h, w, y, span)
+    >>> per.shape, bool(jnp.isclose(per.sum(), whole[0])), float(per[0, 2])
+    ((1, 3), True, 0.0)
+
+  References:
+    Krell et al., *Efficient Sequence Packing without Cross-contamination* (2021); the fused
+    head as in :func:`linear_sequence_nll`.
+  """
+  _core.check_choice("reduction", reduction, ("sum", "mean"))
+  _core.check_segments(segment_ids, num_segments, "targets", targets)
+  (hidden, weight, targets, span_mask, bias), opts = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
+    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+    temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
+  )  # fmt: skip
+  segment_ids = jnp.asarray(segment_ids)
+  if _is_empty(hidden):
+    return jnp.zeros((hidden.shape[0], num_segments), F32)
+  if implementation in ("xla", "reference"):
+    logits, lib, kw = _materialised(
+      implementation, hidden, weight, bias, span_mask, opts, weight_layout
+    )
+    return lib.segment_nll(
+      logits, targets, span_mask, segment_ids, num_segments=num_segments, reduction=reduction,
+      **kw,
+    )  # fmt: skip
+  plan = _plan(implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout)
+  tok = _tokens(
+    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  )
+  mask, weights = _core.mask_to_bool(span_mask), _core.mask_to_weights(span_mask)
+  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+
+
+def linear_token_nll(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  temperature: float = 1.0,
+  return_entropy: bool = False,
+  bias: Float[Array, " V"] | None = None,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  logit_softcap: float | None = None,
+  vocab_axis: str | None = None,
+  vocab_size: int | None = None,
+  weight_layout: Literal["dv", "vd"] = "dv",
+  implementation: str = "auto",
+  token_chunk: int | None = None,
+  vocab_chunk: int | None = None,
+) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+  """Per-token NLL of the target tokens (and each one's entropy) through the LM head.
+
+  With ``z = c·tanh(x / c) / τ`` the scored logits of ``x = hidden @ weight + bias``
+  (soft-cap first, then the temperature, as sampling at ``τ`` does):
+
+  .. math::
+
+     \\ell_{b,t} = \\log \\sum_v e^{z_{b,t,v}} - z_{b,t,y_{b,t}}, \\qquad
+     H_{b,t} = -\\sum_v p_{b,t,v} \\log p_{b,t,v}, \\quad p = \\mathrm{softmax}(z),
+     \\qquad \\frac{\\partial H}{\\partial z_v} = -p_v (\\log p_v + H),
+
+  both ``0`` outside the span, without the ``[B, T, V]`` logits and at the cost of the target
+  tokens only (span-compacted).  The primitive of policy-gradient and preference losses:
+  ``log π(y_t | ·) = -ℓ_t``.  Both outputs are differentiable with per-token cotangents
+  (one recomputing gradient pass for both).  ``z_loss`` / ``label_smoothing`` change ``ℓ`` as
+  in :func:`jaxnll.token_nll`, never the entropy.
+
+  Args:
+    hidden: ``[B, T, D]`` final hidden states, any floating dtype.
+    weight: ``[D, V]`` head kernel, or ``[V, D]`` with ``weight_layout="vd"``.
+    targets: ``[B, T]`` integer ids, already shifted; read only inside the span.
+    span_mask: ``[B, T]`` bool mask or float weights; non-zero positions are scored (the
+      weights select, they do not scale the per-token outputs).
+    temperature: ``τ > 0``; the chain rule brings ``1/τ`` into the gradients.
+    return_entropy: also return the entropy of ``softmax(z)`` at each target position.
+    bias, z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size, weight_layout,
+      implementation, token_chunk, vocab_chunk: as in :func:`linear_sequence_nll`.
+
+  Returns:
+    float32 ``[B, T]`` per-token NLL, or ``(nll, entropy)`` with ``return_entropy=True``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> h = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    >>> w = jax.random.normal(jax.random.key(1), (8, 11))
+    >>> y, span = jnp.ones((2, 5), int), jnp.array([[0, 1, 1, 1, 0]] * 2, bool)
+    >>> nll, ent = linear_token_nll(h, w, y, span, temperature=0.7, return_entropy=True)
+    >>> seq = linear_sequence_nll(h, w, y, span, temperature=0.7)
+    >>> bool(jnp.allclose(nll.sum(1), seq)), float(ent[0, 0]), bool(ent[0, 1] > 0)
+    (True, 0.0, True)
+
+  References:
+    Schulman et al., *Proximal Policy Optimization Algorithms* (2017); Shao et al.,
+    *DeepSeekMath* (GRPO, 2024); the fused head as in :func:`linear_sequence_nll`.
+  """
+  (hidden, weight, targets, span_mask, bias), opts = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
+    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+    temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
+  )  # fmt: skip
+  if not isinstance(return_entropy, bool):
+    raise TypeError(f"return_entropy must be a Python bool, got {return_entropy!r}")
+  if _is_empty(hidden):
+    zeros = jnp.zeros(hidden.shape[:2], F32)
+    return (zeros, zeros) if return_entropy else zeros
+  if implementation in ("xla", "reference"):
+    logits, lib, kw = _materialised(
+      implementation, hidden, weight, bias, span_mask, opts, weight_layout
+    )
+    mask = _core.mask_to_bool(span_mask)
+    tok = lib.token_nll(logits, jnp.where(mask, targets, 0), **kw)
+    nll = jnp.where(mask, tok, 0.0)
+    if not return_entropy:
+      return nll
+    return nll, _plain_entropy(logits, mask, opts, implementation)
+  plan = _plan(
+    implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
+    entropy=return_entropy,
+  )  # fmt: skip
+  return _tokens(
     plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
   )

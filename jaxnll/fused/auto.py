@@ -9,8 +9,8 @@ The branches must agree on every shape: they share one compaction (one sort) wit
 ``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``
 does; ``token_chunked`` reads a last block that would reach past it shifted back, and
 ``pallas_tpu`` pads its own rows to its block.
-The per-token residual is the pair ``(m, s)`` (row maximum, sum of ``exp(z - m)``), float32
-``[rows, 2]``; a kernel that keeps the log-sum-exp instead gives ``(lse, 1)``.  Gradients
+The per-token residual is the tuple ``(m, s[, nu])`` of every kernel (row maximum, sum of
+``exp(z - m)``, with the entropy the mean of ``z - m``), float32 ``[rows]`` each.  Gradients
 leave each branch in the inputs' dtypes.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -46,24 +45,15 @@ def plan(branches: tuple[Plan, ...], *, one_pass: bool) -> Plan:
 def _view(bt: Compacted, name: str, p: Plan) -> Compacted:
   """``bt`` (same compaction) as seen by the kernel ``name`` of plan ``p``: its own block
   (for ``token_chunked`` at most the compacted rows; ``pallas_tpu`` pads its own)."""
+  del name
   rows = bt.valid.shape[0]
-  chunk = min(p.token_chunk, rows) if name == "token_chunked" else p.token_chunk
+  chunk = min(p.token_chunk, rows) if p.implementation == "token_chunked" else p.token_chunk
   p = dataclasses.replace(p, token_chunk=chunk)
   sub = copy.copy(bt)
   sub.plan, sub.opts, sub.chunk = p, p.opts, chunk
   count = jnp.sum(bt.valid, dtype=jnp.int32)
   sub.num_chunks = (count + chunk - 1) // chunk
   return sub
-
-
-def _pair(stats):
-  return stats if stats.ndim == 2 else jnp.stack([stats, jnp.ones_like(stats)], axis=1)
-
-
-def _native(module, sub: Compacted, pair):
-  """The residual of ``pair`` in the form ``module``'s gradient pass takes."""
-  shape = jax.eval_shape(lambda: module.stats_pass(sub)[0]).shape
-  return pair if len(shape) == 2 else pair[:, 0] + jnp.log(pair[:, 1])
 
 
 def _cast(bt: Compacted, dh_c, dw, db):
@@ -78,7 +68,8 @@ def _dispatch(bt: Compacted, run):
   """``lax.platform_dependent`` over ``run(module, view)`` for every branch."""
   per_platform = {}
   for name, p in zip(BRANCHES, bt.plan.branches, strict=True):
-    branch = lambda module=_MODULES[name], name=name, p=p: run(module, _view(bt, name, p))
+    module = _MODULES[p.implementation]
+    branch = lambda module=module, name=name, p=p: run(module, _view(bt, name, p))
     for platform in _PLATFORMS[name]:
       per_platform[platform] = branch
   return lax.platform_dependent(**per_platform)
@@ -87,14 +78,15 @@ def _dispatch(bt: Compacted, run):
 def stats_pass(bt: Compacted):
   def run(module, sub):
     stats, loss = module.stats_pass(sub)
-    return _pair(stats), loss
+    return tuple(stats), loss
 
   return _dispatch(bt, run)
 
 
-def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
+def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
   def run(module, sub):
-    return _cast(bt, *module.grad_pass(sub, scale_c, _native(module, sub, stats_c), need))
+    grads = module.grad_pass(sub, scale_c, stats_c, need, entropy_scale_c)
+    return _cast(bt, *grads)
 
   return _dispatch(bt, run)
 
@@ -106,6 +98,6 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
     else:
       stats, loss = module.stats_pass(sub)
       grads = module.grad_pass(sub, scale_c, stats, need)
-    return (_pair(stats), loss, *_cast(bt, *grads))
+    return (tuple(stats), loss, *_cast(bt, *grads))
 
   return _dispatch(bt, run)

@@ -7,11 +7,16 @@ recomputes each tile.  Only ``[C, K]`` and ``[D, K]`` f32 buffers are live, whic
 
 The three passes share one interface with every implementation of :mod:`jaxnll.fused`:
 
-* ``stats_pass(bt) -> (lse_c, loss_c)``: per compacted position, float32;
-* ``grad_pass(bt, scale_c, lse_c, need) -> (dh_c, dweight, dbias)``: gradients of
-  ``Σ scale·ℓ`` by recomputation;
-* ``one_pass(bt, scale_c, need) -> (lse_c, loss_c, dh_c, dweight, dbias)``: loss and gradients
-  with each logits block computed once.
+* ``stats_pass(bt) -> (stats_c, loss_c)``: per compacted position, float32; ``stats_c`` is
+  the tuple of :meth:`Compacted.combine` (row max, sum of exponentials, and the mean logit
+  with ``plan.entropy``) that the gradient rebuilds the exact softmax from;
+* ``grad_pass(bt, scale_c, stats_c, need, entropy_scale_c=None) -> (dh_c, dweight, dbias)``:
+  gradients of ``Σ scale·ℓ (+ Σ entropy_scale·H)`` by recomputation;
+* ``one_pass(bt, scale_c, need) -> (stats_c, loss_c, dh_c, dweight, dbias)``: loss and
+  gradients with each logits block computed once.
+
+The weight is ``[D, V]`` or (``plan.weight_layout == "vd"``) ``[V, D]``; the per-chunk views
+of :class:`~jaxnll.fused.compact.Compacted` hide which.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from jax import lax
 
 from jaxnll import _core
 from jaxnll._core import F32
-from jaxnll.fused.compact import Compacted, dot
+from jaxnll.fused.compact import Compacted
 
 
 def _over_vocab(body, carry, vocab: int, chunk: int):
@@ -40,46 +45,56 @@ def _over_vocab(body, carry, vocab: int, chunk: int):
 
 
 def stats_pass(bt: Compacted):
-  """Forward over target chunks: ``(lse, loss)`` per compacted position, float32.
+  """Forward over target chunks: ``(stats, loss)`` per compacted position, float32.
 
   The log-sum-exp is online over vocabulary chunks, so only a ``[C, K]`` block is live.
   """
-  opts, rows = bt.opts, bt.chunk
+  opts, rows, entropy = bt.opts, bt.chunk, bt.plan.entropy
 
   def token_body(i, carry):
-    lse_c, loss_c = carry
+    stats_c, loss_c = carry
     h = bt.rows(i)
 
     def vocab_body(start, width, inner):
-      m, s, zsum = inner
+      m, s, zsum, zdot = inner
       z = bt.logits(h, bt.columns(start, width), start, width)
       real = bt.real(start, width)
       if real is not None:  # padding columns of a sharded vocabulary drop out
         z = jnp.where(real, z, jnp.finfo(F32).min)
       m_new = jnp.maximum(m, jnp.max(z, axis=1))
       e = jnp.exp(z - m_new[:, None])
-      s = s * jnp.exp(m - m_new) + jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1)
+      if real is not None:
+        e = jnp.where(real, e, 0.0)
+      rescale = jnp.exp(m - m_new)
+      s_old, s = s, s * rescale + jnp.sum(e, axis=1)
       if opts.label_smoothing:
         zsum = zsum + jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
-      return m_new, s, zsum
+      if entropy:  # Σ exp(z - m)·(z - m), online like s (a -inf logit adds 0, not NaN)
+        zdot = bt.shift_moment(zdot, s_old, m, m_new, rescale) + jnp.sum(
+          jnp.where(e > 0, e * (z - m_new[:, None]), 0.0), axis=1
+        )
+      return m_new, s, zsum, zdot
 
-    init = (bt.full((rows,), F32, jnp.finfo(F32).min), bt.full((rows,), F32))
-    m, s, zsum = _over_vocab(vocab_body, init + (init[1],), bt.cols, bt.plan.vocab_chunk)
-    lse, zsum = bt.combine(m, s, zsum if opts.label_smoothing else None)
+    zero = bt.full((rows,), F32)
+    init = (bt.full((rows,), F32, jnp.finfo(F32).min), zero, zero, zero)
+    m, s, zsum, zdot = _over_vocab(vocab_body, init, bt.cols, bt.plan.vocab_chunk)
+    stats, lse, zsum = bt.combine(m, s, zsum if opts.label_smoothing else None, zdot)
     zy = bt.target_logit(h, bt.part(bt.targets, i))
     loss = bt.token_loss(lse, zy, zsum, bt.part(bt.valid, i))
     at = (i * rows,)
-    return lax.dynamic_update_slice(lse_c, lse, at), lax.dynamic_update_slice(loss_c, loss, at)
+    stats_c = tuple(lax.dynamic_update_slice(a, x, at) for a, x in zip(stats_c, stats, strict=True))
+    return stats_c, lax.dynamic_update_slice(loss_c, loss, at)
 
   zeros = bt.full(bt.valid.shape, F32, rows=True)
-  return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros))
+  stats_c = (zeros,) * (3 if entropy else 2)
+  return lax.fori_loop(0, bt.num_chunks, token_body, (stats_c, zeros))
 
 
-def grad_pass(bt: Compacted, scale_c, lse_c, need=(True, True, True)):
-  """Gradients of ``Σ scale·ℓ`` by recomputation: vocabulary chunks outside, target chunks
-  inside, so each weight-gradient chunk is summed over all tokens in an f32 ``[D, K]`` buffer
-  and cast once.  ``need`` (hidden, weight, bias): a gradient nobody asked for costs no
-  matmul (a frozen head saves a third of the work).
+def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
+  """Gradients of ``Σ scale·ℓ`` (``+ Σ entropy_scale·H``) by recomputation: vocabulary chunks
+  outside, target chunks inside, so each weight-gradient chunk is summed over all tokens in
+  an f32 ``[D, K]`` buffer and cast once.  ``need`` (hidden, weight, bias): a gradient nobody
+  asked for costs no matmul (a frozen head saves a third of the work).
 
   Returns ``(dh_c [padded, D] f32, dweight in weight dtype, dbias in bias dtype)``, ``None``
   for what is not needed.
@@ -96,22 +111,24 @@ def grad_pass(bt: Compacted, scale_c, lse_c, need=(True, True, True)):
       dw_k, db_k, dh_c = inner
       h = bt.rows(i)
       z = bt.logits(h, w, start, width)
-      g = bt.grad_block(z, i, start, bt.part(lse_c, i), bt.part(scale_c, i))
+      es = None if entropy_scale_c is None else bt.part(entropy_scale_c, i)
+      g = bt.grad_block(z, i, start, bt.part_stats(stats_c, i), bt.part(scale_c, i), es)
       gq = g.astype(bt.cdt)
       if need_w:
-        dw_k = dw_k + dot(h, gq, (0, 0))
+        dw_k = dw_k + bt.weight_grad(h, gq)
       if need_b:
         db_k = db_k + jnp.sum(g, axis=0)
       if need_h:
-        dh = lax.dynamic_slice_in_dim(dh_c, i * rows, rows) + dot(gq, w, (1, 1))
+        dh = lax.dynamic_slice_in_dim(dh_c, i * rows, rows) + bt.hidden_grad(gq, w)
         dh_c = lax.dynamic_update_slice(dh_c, dh, (i * rows, 0))
       return dw_k, db_k, dh_c
 
-    dw_k = bt.full((weight.shape[0], width), F32) if need_w else None
+    dw_k = bt.full(bt.weight_shape(width), F32) if need_w else None
     db_k = bt.full((width,), F32) if need_b else None
     dw_k, db_k, dh_c = lax.fori_loop(0, bt.num_chunks, token_body, (dw_k, db_k, dh_c))
     if need_w:
-      dw = lax.dynamic_update_slice(dw, dw_k.astype(dw.dtype), (0, start))
+      at = (start, 0) if bt.vd else (0, start)
+      dw = lax.dynamic_update_slice(dw, dw_k.astype(dw.dtype), at)
     if need_b:
       db = lax.dynamic_update_slice(db, db_k.astype(db.dtype), (start,))
     return dh_c, dw, db
@@ -130,14 +147,14 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
   gradient is summed over token chunks in one f32 ``[D, V]`` buffer — the result itself for
   f32 weights.
 
-  Returns ``(lse_c, loss_c, dh_c [padded, D] f32, dweight f32, dbias f32)``, ``None`` for
+  Returns ``(stats_c, loss_c, dh_c [padded, D] f32, dweight f32, dbias f32)``, ``None`` for
   a gradient not in ``need`` (hidden, weight, bias).
   """
   rows, cols, opts = bt.chunk, bt.cols, bt.opts
   need_h, need_w, need_b = need[0], need[1], need[2] and bt.bias is not None
 
   def token_body(i, carry):
-    lse_c, loss_c, dh_c, dw, db = carry
+    stats_c, loss_c, dh_c, dw, db = carry
     h = bt.rows(i)
     y, ok, scale = bt.part(bt.targets, i), bt.part(bt.valid, i), bt.part(scale_c, i)
     z = bt.logits(h, bt.columns(0, cols), 0, cols)  # [C, V] f32 (the local columns)
@@ -148,7 +165,11 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
     zsum = None
     if opts.label_smoothing:
       zsum = jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
-    lse, zsum = bt.combine(m, jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1), zsum)
+    e = e if real is None else jnp.where(real, e, 0.0)
+    zdot = None
+    if bt.plan.entropy:
+      zdot = jnp.sum(jnp.where(e > 0, e * (zr - m[:, None]), 0.0), axis=1)
+    stats, lse, zsum = bt.combine(m, jnp.sum(e, axis=1), zsum, zdot)
     local = y - bt.offset
     here = (local >= 0) & (local < cols)
     zy = jnp.take_along_axis(z, jnp.where(here, local, 0)[:, None], axis=1)[:, 0]
@@ -158,13 +179,13 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
 
     def vocab_body(start, width, inner):
       dh, dw, db = inner
-      g = bt.grad_block(lax.dynamic_slice_in_dim(z, start, width, axis=1), i, start, lse, scale)
+      g = bt.grad_block(lax.dynamic_slice_in_dim(z, start, width, axis=1), i, start, stats, scale)
       gq = g.astype(bt.cdt)
       if need_h:
-        dh = dh + dot(gq, bt.columns(start, width), (1, 1))
+        dh = dh + bt.hidden_grad(gq, bt.columns(start, width))
       if need_w:
-        dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=1) + dot(h, gq, (0, 0))
-        dw = lax.dynamic_update_slice(dw, dw_k, (0, start))
+        dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=bt.wax) + bt.weight_grad(h, gq)
+        dw = lax.dynamic_update_slice(dw, dw_k, (start, 0) if bt.vd else (0, start))
       if need_b:
         db_k = lax.dynamic_slice_in_dim(db, start, width) + jnp.sum(g, axis=0)
         db = lax.dynamic_update_slice(db, db_k, (start,))
@@ -176,7 +197,7 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
     if need_h:
       dh_c = lax.dynamic_update_slice(dh_c, dh, (at, 0))
     return (
-      lax.dynamic_update_slice(lse_c, lse, (at,)),
+      tuple(lax.dynamic_update_slice(a, x, (at,)) for a, x in zip(stats_c, stats, strict=True)),
       lax.dynamic_update_slice(loss_c, loss, (at,)),
       dh_c,
       dw,
@@ -187,4 +208,5 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
   dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
   dw = bt.full(bt.weight.shape, F32) if need_w else None
   db = bt.full(bt.bias.shape, F32) if need_b else None
-  return lax.fori_loop(0, bt.num_chunks, token_body, (zeros, zeros, dh_c, dw, db))
+  stats_c = (zeros,) * (3 if bt.plan.entropy else 2)
+  return lax.fori_loop(0, bt.num_chunks, token_body, (stats_c, zeros, dh_c, dw, db))

@@ -40,6 +40,8 @@ class Plan:
   padded_rows: int = 0
   #: ``"auto"``: the plans of the per-platform kernels (see :mod:`jaxnll.fused.auto`).
   branches: tuple = ()
+  weight_layout: str = "dv"  # "dv": weight [D, V]; "vd": weight [V, D] (an embedding table)
+  entropy: bool = False  # the forward also keeps each row's mean logit (for the entropy)
 
   @property
   def grad_chunk(self) -> int:
@@ -110,9 +112,13 @@ class Compacted:
     self.plan, self.opts, self.chunk = plan, plan.opts, c
     self.hidden = hidden.reshape(n, d)
     self.weight, self.bias = weight, bias
+    # "vd": the head is a [V, D] table; blocks are its rows, contracted on D in place (no
+    # transposed copy), and the weight gradient comes back [V, D].
+    self.vd = plan.weight_layout == "vd"
+    self.wax = 0 if self.vd else 1  # the weight's vocabulary axis
     # ``cols`` local vocabulary columns holding ids ``offset + [0, cols)``; ``vocab`` is the
     # true vocabulary (all shards, without padding) that the loss formulas use.
-    self.cols = weight.shape[1]
+    self.cols = weight.shape[self.wax]
     self.offset, self.vocab, self.padded = _core.vocab_layout(self.cols, plan.opts)
     self.cdt = jnp.result_type(hidden.dtype, weight.dtype)
     flat = _core.mask_to_bool(span_mask).reshape(n)
@@ -157,13 +163,28 @@ class Compacted:
     return jnp.where(self.part(self.valid, i)[:, None], h, jnp.zeros((), h.dtype)).astype(self.cdt)
 
   def columns(self, start, width):
-    """Weight chunk ``[D, width]`` in the matmul dtype."""
-    w = lax.dynamic_slice_in_dim(in_loop(self.weight, start), start, width, axis=1)
+    """Weight chunk of vocabulary columns ``start + [0, width)`` in the matmul dtype, in the
+    weight's own layout: ``[D, width]`` ("dv") or ``[width, D]`` ("vd")."""
+    w = lax.dynamic_slice_in_dim(in_loop(self.weight, start), start, width, axis=self.wax)
     return w.astype(self.cdt)
 
+  def weight_shape(self, width):
+    """Shape of a weight(-gradient) chunk of ``width`` vocabulary columns."""
+    d = self.hidden.shape[1]
+    return (width, d) if self.vd else (d, width)
+
+  def hidden_grad(self, g, w):
+    """``g · wᵀ`` ``[C, D]`` f32 for a gradient block ``g [C, K]`` and weight chunk ``w``."""
+    return dot(g, w, (1, 0) if self.vd else (1, 1))
+
+  def weight_grad(self, h, g):
+    """The weight-gradient chunk ``hᵀ g`` (f32) in the weight's layout."""
+    return dot(g, h, (0, 0)) if self.vd else dot(h, g, (0, 0))
+
   def logits(self, h, w, start, width):
-    """Capped float32 logits ``[C, width]`` of local columns ``start + [0, width)``."""
-    z = dot(h, w, (1, 0))
+    """Scored float32 logits ``[C, width]`` (soft-capped, over ``τ``) of local columns
+    ``start + [0, width)``."""
+    z = dot(h, w, (1, 1) if self.vd else (1, 0))
     if self.bias is not None:
       z = z + lax.dynamic_slice_in_dim(self.bias, start, width).astype(F32)
     return _core.softcap(z, self.opts)
@@ -181,34 +202,73 @@ class Compacted:
     local = y - self.offset
     here = (local >= 0) & (local < self.cols)
     safe = jnp.where(here, local, 0)
-    cols = jnp.take(in_loop(self.weight, safe), safe, axis=1).astype(F32)  # [D, C]
-    z = jnp.sum(h.astype(F32) * cols.T, axis=1)
+    cols = jnp.take(in_loop(self.weight, safe), safe, axis=self.wax).astype(F32)
+    z = jnp.sum(h.astype(F32) * (cols if self.vd else cols.T), axis=1)
     if self.bias is not None:
       z = z + jnp.take(self.bias, safe).astype(F32)
     z = _core.all_sum(jnp.where(here, _core.softcap(z, self.opts), 0.0), self.opts)
     return jnp.where(_core.target_in_range(y, self.vocab), z, jnp.nan)
 
-  def combine(self, m, s, zsum):
-    """Per-token ``(lse, zsum)`` from each shard's running max ``m``, sum of ``exp(z - m)``
-    ``s`` and logit sum (one collective each; the identity without a vocabulary axis)."""
+  @staticmethod
+  def shift_moment(t, s, m, m_new, rescale):
+    """``Σ exp(z - m_new)·(z - m_new)`` from ``t = Σ exp(z - m)·(z - m)`` and ``s = Σ exp(z - m)``
+    (``rescale = exp(m - m_new)``); 0 while nothing is summed (``m`` still the initial min)."""
+    return jnp.where(s > 0, rescale * (t + s * (m - m_new)), 0.0)
+
+  def combine(self, m, s, zsum, zdot=None):
+    """Per-token ``(stats, lse, zsum)`` from each shard's running max ``m``, sum of
+    ``exp(z - m)`` ``s``, logit sum and (with ``plan.entropy``) ``zdot = Σ exp(z - m)·(z - m)``
+    (one collective each; the identity without a vocabulary axis).
+
+    ``stats = (m, s)`` over the whole vocabulary, plus ``nu = Σ p (z - m)`` (the mean logit
+    relative to the max) with ``plan.entropy``: the residuals the gradient rebuilds the exact
+    softmax (and the entropy's gradient) from; ``H = log s - nu``.
+    """
     top = _core.all_max(m, self.opts)
-    lse = top + jnp.log(_core.all_sum(s * jnp.exp(m - top), self.opts))
-    return lse, (None if zsum is None else _core.all_sum(zsum, self.opts))
+    rescale = jnp.exp(m - top)
+    total = _core.all_sum(s * rescale, self.opts)
+    lse = top + jnp.log(total)
+    stats = (top, total)
+    if self.plan.entropy:
+      moment = _core.all_sum(self.shift_moment(zdot, s, m, top, rescale), self.opts)
+      stats = stats + (moment / total,)
+    return stats, lse, (None if zsum is None else _core.all_sum(zsum, self.opts))
 
   def token_loss(self, lse, zy, zsum, ok):
     loss = _core.loss_from_stats(lse, zy, zsum, self.vocab, self.opts)
     return jnp.where(ok, loss, 0.0)
 
-  def grad_block(self, z, i, start, lse, scale):
-    """``scale · ∂ℓ/∂x`` for logits block ``z`` of chunk ``i`` (f32, zero past the targets)."""
+  def part_stats(self, stats_c, i):
+    """Chunk ``i`` of the compacted per-token statistics."""
+    return tuple(self.part(x, i) for x in stats_c)
+
+  def entropy(self, stats_c):
+    """Compacted entropies ``H = log s - nu`` of ``softmax(z)`` (0 past the last target)."""
+    _, s, nu = stats_c
+    return jnp.where(self.valid, jnp.log(jnp.where(self.valid, s, 1.0)) - nu, 0.0)
+
+  def grad_block(self, z, i, start, stats, scale, entropy_scale=None):
+    """``scale · ∂ℓ/∂x (+ entropy_scale · ∂H/∂x)`` for logits block ``z`` of chunk ``i``
+    (f32, zero past the targets); ``stats`` is the chunk of :meth:`combine`'s statistics."""
     y, ok = self.part(self.targets, i), self.part(self.valid, i)
-    g = _core.grad_logits(z, lse, y, self.offset + start, self.vocab, self.opts)
+    ent = None if entropy_scale is None else (stats[2], entropy_scale)
+    g = _core.grad_logits(
+      z,
+      stats[0],
+      stats[1],
+      y,
+      self.offset + start,
+      self.vocab,
+      self.opts,
+      scale=scale,
+      entropy=ent,
+    )
     keep = ok[:, None]
     real = self.real(start, z.shape[1])
     if real is not None:
       keep = keep & real
     # A target outside [0, V) whose loss is differentiated sends back NaN, as its loss is.
-    g = _core.poison_bad_targets(g * scale[:, None], y, self.vocab, jnp.where(ok, scale, 0.0))
+    g = _core.poison_bad_targets(g, y, self.vocab, jnp.where(ok, scale, 0.0))
     return jnp.where(keep, g, 0.0)
 
   # -- back to [B, T]

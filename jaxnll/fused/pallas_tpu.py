@@ -27,6 +27,13 @@ count as a small VMEM operand, so the scalar prefetch never varies over the voca
 ``shard_map``; where the *span mask* varies over a mesh axis, the interpreted kernels run
 every block instead — Mosaic on TPU always skips).
 
+A ``[V, D]`` head (``weight_layout="vd"``, an embedding table) is read in place in
+``[tv, D]`` tiles (every matmul contracts ``D`` on the table's rows; no transposed copy) and
+its gradient is written ``[V, D]``.  The temperature divides the (soft-capped) logits inside
+the kernels, and the chain rule's ``1/τ`` is applied to each tile's ``∂ℓ/∂z``.  With
+``plan.entropy`` the forward also sums ``exp(z - m)·(z - m)`` online (the entropy's
+``nu``), and the backward adds each row's entropy cotangent times ``∂H/∂z``.
+
 The vocabulary tiles are multiples of 128 columns; a last, partial tile is masked (its
 columns never count), ``D`` is padded to a multiple of 128 when it is not one already.
 Matmuls accumulate in f32 (``HIGHEST`` precision for f32 operands), as do every exp/log and
@@ -69,12 +76,13 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, weight) -> Plan:
-  """The plan with this kernel's tiles: ``tm`` rows (multiple of 8), ``tv`` columns (of 128)."""
+def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, vocab: int) -> Plan:
+  """The plan with this kernel's tiles: ``tm`` rows (multiple of 8), ``tv`` columns (of 128);
+  ``vocab``: the head's local vocabulary columns."""
   tm = DEFAULT_BLOCK_ROWS if token_chunk is None else _round_up(token_chunk, 8)
   tm = min(tm, _round_up(num_tokens, 8))
   tv = DEFAULT_VOCAB_TILE if vocab_chunk is None else _round_up(vocab_chunk, 128)
-  tv = min(tv, _round_up(weight.shape[1], 128))
+  tv = min(tv, _round_up(vocab, 128))
   return dataclasses.replace(plan, token_chunk=tm, vocab_chunk=tv, grad_vocab_chunk=tv)
 
 
@@ -94,7 +102,10 @@ class _Config:
   z_loss: float
   label_smoothing: float
   logit_softcap: float | None
+  temperature: float
   bias: bool
+  vd: bool  # the weight is [V, D]: tiles [tv, D]
+  entropy: bool  # the forward keeps Σ exp(z - m)(z - m); the backward takes ∂H cotangents
 
   @property
   def ragged(self) -> bool:  # the last tile reaches past the weight's columns
@@ -108,14 +119,17 @@ def _tile(cfg: _Config, lim_ref, h_ref, w_ref, b_ref, j):
   h = h_ref[...]
   w = w_ref[...].astype(cfg.cdt)
   if cfg.ragged:
-    wcol = j * cfg.tv + lax.broadcasted_iota(jnp.int32, w.shape, 1)
+    wcol = j * cfg.tv + lax.broadcasted_iota(jnp.int32, w.shape, 0 if cfg.vd else 1)
     w = jnp.where(wcol < cfg.cols, w, jnp.zeros((), w.dtype))
   precision = lax.Precision.HIGHEST if jnp.dtype(cfg.cdt) == F32 else None
-  z = jnp.dot(h, w, preferred_element_type=F32, precision=precision)
+  contract = (((1,), (1,)), ((), ())) if cfg.vd else (((1,), (0,)), ((), ()))
+  z = lax.dot_general(h, w, contract, preferred_element_type=F32, precision=precision)
   if cfg.bias:
     z = z + b_ref[...].astype(F32)
   if cfg.logit_softcap is not None:
     z = cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
+  if cfg.temperature != 1.0:
+    z = z / cfg.temperature
   col = j * cfg.tv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
   real = col < cfg.cols
   if cfg.padded:
@@ -138,7 +152,7 @@ def _split(cfg: _Config, refs):
 
 def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
   b_ref, lim_ref, refs = _split(cfg, refs)
-  y_ref, out_ref, m_ref, l_ref, zy_ref, zs_ref = refs
+  y_ref, out_ref, m_ref, l_ref, zy_ref, zs_ref, zd_ref = refs
   i, j = pl.program_id(0), pl.program_id(1)
 
   @pl.when(j == 0)
@@ -147,6 +161,7 @@ def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
     l_ref[...] = jnp.zeros(l_ref.shape, F32)
     zy_ref[...] = jnp.zeros(zy_ref.shape, F32)
     zs_ref[...] = jnp.zeros(zs_ref.shape, F32)
+    zd_ref[...] = jnp.zeros(zd_ref.shape, F32)
 
   @pl.when(i < s_ref[0])
   def _():
@@ -155,8 +170,14 @@ def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(zr, axis=1, keepdims=True))
     e = jnp.where(real, jnp.exp(zr - m_new[:, :1]), 0.0)
-    l_ref[...] = l_ref[...] * jnp.exp(m_prev - m_new) + jnp.sum(e, axis=1, keepdims=True)
+    rescale = jnp.exp(m_prev - m_new)
+    l_prev = l_ref[...]
+    l_ref[...] = l_prev * rescale + jnp.sum(e, axis=1, keepdims=True)
     m_ref[...] = m_new
+    if cfg.entropy:  # Σ exp(z - m)·(z - m), moved to the new max (0 before any column)
+      moved = jnp.where(l_prev > 0, rescale * (zd_ref[...] + l_prev * (m_prev - m_new)), 0.0)
+      part = jnp.where(e > 0, e * (zr - m_new[:, :1]), 0.0)
+      zd_ref[...] = moved + jnp.sum(part, axis=1, keepdims=True)
     hit = real & (col == y_ref[...])
     zy_ref[...] += jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
     if cfg.label_smoothing:
@@ -165,25 +186,34 @@ def _forward_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
   @pl.when(j == cfg.nv - 1)
   def _():
     lane = lax.broadcasted_iota(jnp.int32, out_ref.shape, 1)
-    m, s, zy, zs = (r[...][:, :1] for r in (m_ref, l_ref, zy_ref, zs_ref))
-    out = jnp.where(lane == 0, m, jnp.where(lane == 1, s, jnp.where(lane == 2, zy, zs)))
-    out_ref[...] = jnp.where(lane < 4, out, 0.0)
+    m, s, zy, zs, zd = (r[...][:, :1] for r in (m_ref, l_ref, zy_ref, zs_ref, zd_ref))
+    out = jnp.where(lane == 3, zs, jnp.where(lane == 4, zd, 0.0))
+    out_ref[...] = jnp.where(lane == 0, m, jnp.where(lane == 1, s, jnp.where(lane == 2, zy, out)))
 
 
 def _logit_grad(cfg: _Config, z, col, real, r, y):
-  """``scale · ∂ℓ/∂z`` of a tile from the row statistics ``r`` (lanes: m, 1/s, scale, lse,
-  valid)."""
+  """``scale · ∂ℓ/∂x (+ scale_h · ∂H/∂x)`` of a tile from the row statistics ``r`` (lanes:
+  m, 1/s, scale, lse, valid, and with the entropy nu, scale_h)."""
   m, inv_s, scale, lse, ok = (_lane(r, k) for k in range(5))
   p = jnp.exp(z - m) * inv_s
+  q = p
   if cfg.z_loss:
-    p = p * (1.0 + 2.0 * cfg.z_loss * lse)
+    q = p * (1.0 + 2.0 * cfg.z_loss * lse)
   alpha = cfg.label_smoothing
-  g = p - jnp.where(real & (col == y), 1.0 - alpha, 0.0)
+  g = q - jnp.where(real & (col == y), 1.0 - alpha, 0.0)
   if alpha:
     g = g - alpha / cfg.vocab
+  g = g * scale
+  if cfg.entropy:  # ∂H/∂z = -p (z - m - nu)
+    nu, scale_h = _lane(r, 5), _lane(r, 6)
+    g = g - scale_h * jnp.where(p > 0, p * ((z - m) - nu), 0.0)
+  tau = cfg.temperature
   if cfg.logit_softcap is not None:
-    g = g * (1.0 - jnp.square(z / cfg.logit_softcap))
-  return jnp.where(real & (ok > 0.5), g * scale, 0.0)
+    capped = z if tau == 1.0 else z * tau
+    g = g * (1.0 - jnp.square(capped / cfg.logit_softcap))
+  if tau != 1.0:
+    g = g * (1.0 / tau)
+  return jnp.where(real & (ok > 0.5), g, 0.0)
 
 
 def _hidden_grad_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
@@ -199,9 +229,8 @@ def _hidden_grad_kernel(cfg: _Config, s_ref, h_ref, w_ref, *refs):
   def _():
     _, w, z, col, real = _tile(cfg, lim_ref, h_ref, w_ref, b_ref, j)
     g = _logit_grad(cfg, z, col, real, r_ref[...], y_ref[...])
-    acc_ref[...] += lax.dot_general(
-      g.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=F32
-    )
+    contract = (((1,), (0,)), ((), ())) if cfg.vd else (((1,), (1,)), ((), ()))
+    acc_ref[...] += lax.dot_general(g.astype(w.dtype), w, contract, preferred_element_type=F32)
 
   @pl.when(j == cfg.nv - 1)
   def _():
@@ -226,9 +255,8 @@ def _weight_grad_kernel(cfg: _Config, need_w: bool, s_ref, h_ref, w_ref, *refs):
     g = _logit_grad(cfg, z, col, real, r_ref[...], y_ref[...])
     k = 0
     if need_w:
-      accs[0][...] += lax.dot_general(
-        h, g.astype(h.dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32
-      )
+      a, b = (g.astype(h.dtype), h) if cfg.vd else (h, g.astype(h.dtype))
+      accs[0][...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
       k = 1
     if cfg.bias:
       accs[k][...] += jnp.sum(g, axis=0, keepdims=True)
@@ -280,7 +308,8 @@ class _Operands:
     h = jnp.take(bt.hidden, order, axis=0)
     h = jnp.where(valid[:, None], h, jnp.zeros((), h.dtype)).astype(bt.cdt)
     self.h = jnp.pad(h, ((0, 0), (0, dp - d))) if dp != d else h
-    self.w = jnp.pad(bt.weight, ((0, dp - d), (0, 0))) if dp != d else bt.weight
+    pad = ((0, 0), (0, dp - d)) if bt.vd else ((0, dp - d), (0, 0))
+    self.w = jnp.pad(bt.weight, pad) if dp != d else bt.weight
     self.b = None if bt.bias is None else bt.bias.astype(F32).reshape(1, -1)
     # Local ids: the shard offset stays out of the scalar prefetch (whose values must not
     # vary over the vocabulary axis for Pallas' interpreter under shard_map).
@@ -311,7 +340,10 @@ class _Operands:
       z_loss=opts.z_loss,
       label_smoothing=opts.label_smoothing,
       logit_softcap=opts.logit_softcap,
+      temperature=opts.temperature,
       bias=bt.bias is not None,
+      vd=bool(bt.vd),
+      entropy=bool(plan.entropy),
     )
 
   def inputs(self, *extra):
@@ -336,11 +368,18 @@ class _Operands:
       i, _ = ij(a, b)
       return (jnp.minimum(i, jnp.maximum(s[0] - 1, 0)), 0)
 
-    def col(a, b, s):
+    def tile(a, b, s):
       i, j = ij(a, b)
-      return (0, jnp.where(i < s[0], j, cfg.nv - 1) if row_major else j)
+      return jnp.where(i < s[0], j, cfg.nv - 1) if row_major else j
 
-    specs = [pl.BlockSpec((cfg.tm, cfg.d), row), pl.BlockSpec((cfg.d, cfg.tv), col)]
+    def col(a, b, s):
+      return (0, tile(a, b, s))
+
+    def wcol(a, b, s):
+      return (tile(a, b, s), 0) if cfg.vd else (0, tile(a, b, s))
+
+    wblock = (cfg.tv, cfg.d) if cfg.vd else (cfg.d, cfg.tv)
+    specs = [pl.BlockSpec((cfg.tm, cfg.d), row), pl.BlockSpec(wblock, wcol)]
     if cfg.bias:
       specs.append(pl.BlockSpec((1, cfg.tv), col))
     if cfg.padded:
@@ -350,7 +389,7 @@ class _Operands:
 
 
 def _forward(ops: _Operands):
-  """``[R, 8]`` f32 per-row local statistics: lanes ``(m, s, z_y, Σz)``."""
+  """``[R, 8]`` f32 per-row local statistics: lanes ``(m, s, z_y, Σz, Σ exp(z - m)(z - m))``."""
   cfg = ops.cfg
 
   def run(scalars, *args, interpret):
@@ -359,7 +398,7 @@ def _forward(ops: _Operands):
       grid=(cfg.ni, cfg.nv),
       in_specs=ops.specs(True, 1),
       out_specs=pl.BlockSpec((cfg.tm, _STATS), lambda i, j, s: (i, 0)),
-      scratch_shapes=[pltpu.VMEM((cfg.tm, 128), F32) for _ in range(4)],
+      scratch_shapes=[pltpu.VMEM((cfg.tm, 128), F32) for _ in range(5)],
     )
     return pl.pallas_call(
       functools.partial(_forward_kernel, cfg),
@@ -374,32 +413,38 @@ def _forward(ops: _Operands):
 
 
 def stats_pass(bt: Compacted):
-  """Forward: ``(stats [rows, 2] = (m, s) over all shards, loss [rows])``, float32."""
+  """Forward: ``(stats, loss [rows])``, float32, ``stats = (m, s[, nu])`` over all shards
+  (:meth:`Compacted.combine`), each ``[rows]``."""
   ops = _Operands(bt)
   out = _forward(ops)[: ops.rows]
-  m, s, zy, zs = (out[:, k] for k in range(4))
+  m, s, zy, zs, zd = (out[:, k] for k in range(5))
   opts = bt.opts
-  top = _core.all_max(m, opts)
-  s = _core.all_sum(s * jnp.exp(m - top), opts)
+  stats, lse, zs = bt.combine(
+    m, s, zs if opts.label_smoothing else None, zd if bt.plan.entropy else None
+  )
   zy = _core.all_sum(zy, opts)
   zy = jnp.where(_core.target_in_range(bt.targets, bt.vocab), zy, jnp.nan)
-  zs = _core.all_sum(zs, opts) if opts.label_smoothing else None
-  loss = bt.token_loss(top + jnp.log(s), zy, zs, bt.valid)
-  stats = jnp.where(bt.valid[:, None], jnp.stack([top, s], axis=1), jnp.array([0.0, 1.0], F32))
+  loss = bt.token_loss(lse, zy, zs, bt.valid)
+  fill = (0.0, 1.0, 0.0)
+  stats = tuple(jnp.where(bt.valid, x, f) for x, f in zip(stats, fill, strict=False))
   return stats, loss
 
 
-def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
-  """Gradients of ``Σ scale·ℓ``: the hidden-gradient kernel and the weight-gradient kernel
-  (each skipped when its gradient is not needed).  ``dh_c`` is f32; ``dweight`` and
-  ``dbias`` come in the weight's and f32."""
+def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
+  """Gradients of ``Σ scale·ℓ (+ Σ entropy_scale·H)``: the hidden-gradient kernel and the
+  weight-gradient kernel (each skipped when its gradient is not needed).  ``dh_c`` is f32;
+  ``dweight`` and ``dbias`` come in the weight's and f32."""
   need_h, need_w, need_b = need[0], need[1], need[2] and bt.bias is not None
   ops = _Operands(bt)
   cfg = ops.cfg
-  m, s = stats_c[:, 0], stats_c[:, 1]
-  r = jnp.stack([m, 1.0 / s, scale_c, m + jnp.log(s), bt.valid.astype(F32)], axis=1)
+  m, s = stats_c[0], jnp.where(bt.valid, stats_c[1], 1.0)
+  lanes = [m, 1.0 / s, scale_c, m + jnp.log(s), bt.valid.astype(F32)]
+  if cfg.entropy:
+    es = jnp.zeros_like(m) if entropy_scale_c is None else entropy_scale_c
+    lanes += [stats_c[2], es]
+  r = jnp.stack(lanes, axis=1)
   r = jnp.where(bt.valid[:, None], r, 0.0)
-  r = jnp.pad(r, ((0, ops.prows - ops.rows), (0, _STATS - 5)))
+  r = jnp.pad(r, ((0, ops.prows - ops.rows), (0, _STATS - len(lanes))))
   itemsize = jnp.dtype(cfg.cdt).itemsize
   dh_c = dw = db = None
 
@@ -429,7 +474,11 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
 
   if need_w or need_b:
     out_shape, out_specs, scratch = [], [], []
-    if need_w:
+    if need_w and cfg.vd:
+      out_shape.append(ops.out((cfg.cols, cfg.d), bt.weight.dtype))
+      out_specs.append(pl.BlockSpec((cfg.tv, cfg.d), lambda j, i, s: (j, 0)))
+      scratch.append(pltpu.VMEM((cfg.tv, cfg.d), F32))
+    elif need_w:
       out_shape.append(ops.out((cfg.d, cfg.cols), bt.weight.dtype))
       out_specs.append(pl.BlockSpec((cfg.d, cfg.tv), lambda j, i, s: (0, j)))
       scratch.append(pltpu.VMEM((cfg.d, cfg.tv), F32))
@@ -458,8 +507,9 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
     outs = list(_on_platform(run_w, ops, *ops.inputs(ops.y, r)))
     if need_w:
       dw = outs.pop(0)
-      if dw.shape[0] != bt.hidden.shape[1]:
-        dw = dw[: bt.hidden.shape[1]]
+      d = bt.hidden.shape[1]
+      if cfg.d != d:
+        dw = dw[:, :d] if cfg.vd else dw[:d]
     if cfg.bias:
       db = outs.pop(0)[0] if need_b else None
   return dh_c, dw, db

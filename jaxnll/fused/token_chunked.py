@@ -22,13 +22,16 @@ full-vocabulary matmuls).
   every sum are float32.
 * The softmax in the gradient is ``exp(z - m) / s`` from the row maximum ``m`` and the sum
   ``s`` of ``exp(z - m)`` (not ``exp(z - lse)``, whose subtraction loses the low bits of
-  ``z - m`` once ``log s`` is added).  The per-token residual is therefore the pair
-  ``(m, s)``: ``stats`` below is float32 ``[rows, 2]``.
+  ``z - m`` once ``log s`` is added).  The per-token residual is therefore the tuple
+  ``(m, s)`` (plus ``nu``, the mean of ``z - m``, for the entropy), float32 ``[rows]`` each.
+* A ``[V, D]`` head (``weight_layout="vd"``) is contracted on ``D`` in place (``dot_general``
+  on the table's rows, no transposed copy); its gradient comes back ``[V, D]``.  Soft-cap and
+  temperature are those of :func:`jaxnll._core.softcap`.
 
 The passes follow the interface of :mod:`jaxnll.fused.chunked`:
 
 * ``stats_pass(bt) -> (stats_c, loss_c)``;
-* ``grad_pass(bt, scale_c, stats_c, need) -> (dh_c, dweight, dbias)``;
+* ``grad_pass(bt, scale_c, stats_c, need, entropy_scale_c=None) -> (dh_c, dweight, dbias)``;
 * ``one_pass(bt, scale_c, need) -> (stats_c, loss_c, dh_c, dweight, dbias)``.
 """
 
@@ -41,7 +44,7 @@ from jax import lax
 
 from jaxnll import _core
 from jaxnll._core import F32
-from jaxnll.fused.compact import Compacted, Plan, dot
+from jaxnll.fused.compact import Compacted, Plan
 
 #: Bytes of the f32 ``[C, V]`` logits block that set ``C`` (512 MiB: 1040 tokens at
 #: Llama-3's 128k vocabulary, 520 at Gemma-2's 256k, 880 at Qwen3's 152k, 4096 at Mistral's
@@ -67,10 +70,11 @@ def block_rows(vocab: int, num_tokens: int, token_chunk: int | None = None) -> i
   return max(1, min(c, -(-num_tokens // 8) * 8))
 
 
-def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, weight) -> Plan:
-  """The plan with this kernel's block: ``C`` from :func:`block_rows`."""
+def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, vocab: int) -> Plan:
+  """The plan with this kernel's block: ``C`` from :func:`block_rows` (``vocab``: the local
+  vocabulary columns of the head)."""
   del vocab_chunk  # one matmul spans the whole vocabulary
-  return dataclasses.replace(plan, token_chunk=block_rows(weight.shape[1], num_tokens, token_chunk))
+  return dataclasses.replace(plan, token_chunk=block_rows(vocab, num_tokens, token_chunk))
 
 
 def fresh(bt: Compacted, i):
@@ -96,53 +100,54 @@ def _block(bt: Compacted, i):
 
 
 def _stats(bt: Compacted, i, z, real):
-  """Row statistics of block ``i``: ``(m, s, loss)`` over every vocabulary shard."""
+  """Row statistics of block ``i``: ``(stats, loss)`` over every vocabulary shard, ``stats``
+  the tuple of :meth:`Compacted.combine` (``(m, s)``, and ``nu`` with ``plan.entropy``)."""
   opts = bt.opts
   zr = z if real is None else jnp.where(real, z, jnp.finfo(F32).min)
   m = jnp.max(zr, axis=1)
   e = jnp.exp(zr - m[:, None])
-  s = jnp.sum(e if real is None else jnp.where(real, e, 0.0), axis=1)
-  top = _core.all_max(m, opts)
-  s = _core.all_sum(s * jnp.exp(m - top), opts)
+  e = e if real is None else jnp.where(real, e, 0.0)
   zsum = None
   if opts.label_smoothing:
-    zsum = _core.all_sum(jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1), opts)
+    zsum = jnp.sum(z if real is None else jnp.where(real, z, 0.0), axis=1)
+  zdot = None
+  if bt.plan.entropy:  # Σ exp(z - m)·(z - m) (a -inf logit adds 0, not NaN)
+    zdot = jnp.sum(jnp.where(e > 0, e * (zr - m[:, None]), 0.0), axis=1)
+  stats, lse, zsum = bt.combine(m, jnp.sum(e, axis=1), zsum, zdot)
   y = bt.part(bt.targets, i)
   local = y - bt.offset
   here = (local >= 0) & (local < bt.cols)
   zy = jnp.take_along_axis(z, jnp.where(here, local, 0)[:, None], axis=1)[:, 0]
   zy = _core.all_sum(jnp.where(here, zy, 0.0), opts)
   zy = jnp.where(_core.target_in_range(y, bt.vocab), zy, jnp.nan)
-  loss = bt.token_loss(top + jnp.log(s), zy, zsum, bt.part(bt.valid, i) & fresh(bt, i))
-  return top, s, loss
+  loss = bt.token_loss(lse, zy, zsum, bt.part(bt.valid, i) & fresh(bt, i))
+  return stats, loss
 
 
-def logit_grad(bt: Compacted, z, i, m, s, scale, real):
-  """``scale · ∂ℓ/∂x`` of block ``i`` with the softmax ``exp(z - m) / s`` (f32, zero past the
-  last target and at padding columns)."""
-  opts = bt.opts
-  p = jnp.exp(z - m[:, None]) * (1.0 / s)[:, None]
-  if opts.z_loss:
-    p = p * (1.0 + 2.0 * opts.z_loss * (m + jnp.log(s)))[:, None]
-  y = bt.part(bt.targets, i)
-  hit = bt.offset + jnp.arange(z.shape[1], dtype=jnp.int32) == y[:, None]
-  alpha = opts.label_smoothing
-  g = p - jnp.where(hit, 1.0 - alpha, 0.0)
-  if alpha:
-    g = g - alpha / bt.vocab
-  g = g * _core.softcap_grad(z, opts)
-  keep = (bt.part(bt.valid, i) & fresh(bt, i))[:, None]
-  if real is not None:
-    keep = keep & real
-  return jnp.where(keep, g * scale[:, None], 0.0)
+def logit_grad(bt: Compacted, z, i, stats, scale, entropy_scale=None):
+  """``scale · ∂ℓ/∂x (+ entropy_scale · ∂H/∂x)`` of block ``i`` with the softmax
+  ``exp(z - m) / s`` (f32, zero past the last target, at rows of the previous block and at
+  padding columns)."""
+  g = bt.grad_block(z, i, 0, stats, scale, entropy_scale)
+  return jnp.where(fresh(bt, i)[:, None], g, 0.0)
+
+
+def _put_stats(bt: Compacted, stats_c, stats, i, keep):
+  return tuple(_put(bt, a, x, i, keep) for a, x in zip(stats_c, stats, strict=True))
+
+
+def _stats_init(bt: Compacted):
+  rows = bt.valid.shape[0]
+  zeros = bt.full((rows,), F32, rows=True)
+  return (zeros,) * (3 if bt.plan.entropy else 2), zeros
 
 
 def _accumulate(bt: Compacted, i, h, g, need, dh_c, dw, db):
   gq = g.astype(bt.cdt)
   if need[0]:
-    dh_c = _put(bt, dh_c, dot(gq, bt.columns(0, bt.cols), (1, 1)), i, fresh(bt, i))
+    dh_c = _put(bt, dh_c, bt.hidden_grad(gq, bt.columns(0, bt.cols)), i, fresh(bt, i))
   if need[1]:
-    dw = dw + dot(h, gq, (0, 0))
+    dw = dw + bt.weight_grad(h, gq)
   if need[2]:
     db = db + jnp.sum(g, axis=0)
   return dh_c, dw, db
@@ -160,28 +165,28 @@ def _need(bt: Compacted, need):
 
 
 def stats_pass(bt: Compacted):
-  """Forward over target blocks: ``(stats [rows, 2] = (m, s), loss [rows])``, float32."""
+  """Forward over target blocks: ``(stats, loss [rows])``, float32; ``stats = (m, s[, nu])``
+  each ``[rows]``."""
 
   def body(i, carry):
     stats_c, loss_c = carry
     _, z, real = _block(bt, i)
-    m, s, loss = _stats(bt, i, z, real)
+    stats, loss = _stats(bt, i, z, real)
     new = fresh(bt, i)
-    return _put(bt, stats_c, jnp.stack([m, s], axis=1), i, new), _put(bt, loss_c, loss, i, new)
+    return _put_stats(bt, stats_c, stats, i, new), _put(bt, loss_c, loss, i, new)
 
-  rows = bt.valid.shape[0]
-  init = (bt.full((rows, 2), F32, rows=True), bt.full((rows,), F32, rows=True))
-  return lax.fori_loop(0, bt.num_chunks, body, init)
+  return lax.fori_loop(0, bt.num_chunks, body, _stats_init(bt))
 
 
-def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True)):
-  """Gradients of ``Σ scale·ℓ``, recomputing each block once (two matmuls per block)."""
+def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
+  """Gradients of ``Σ scale·ℓ (+ Σ entropy_scale·H)``, recomputing each block once (two
+  matmuls per block)."""
   need = _need(bt, need)
 
   def body(i, carry):
-    h, z, real = _block(bt, i)
-    st = bt.part(stats_c, i)
-    g = logit_grad(bt, z, i, st[:, 0], st[:, 1], bt.part(scale_c, i), real)
+    h, z, _ = _block(bt, i)
+    es = None if entropy_scale_c is None else bt.part(entropy_scale_c, i)
+    g = logit_grad(bt, z, i, bt.part_stats(stats_c, i), bt.part(scale_c, i), es)
     return _accumulate(bt, i, h, g, need, *carry)
 
   return lax.fori_loop(0, bt.num_chunks, body, _grad_init(bt, need))
@@ -195,13 +200,11 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
   def body(i, carry):
     stats_c, loss_c, *grads = carry
     h, z, real = _block(bt, i)
-    m, s, loss = _stats(bt, i, z, real)
-    g = logit_grad(bt, z, i, m, s, bt.part(scale_c, i), real)
+    stats, loss = _stats(bt, i, z, real)
+    g = logit_grad(bt, z, i, stats, bt.part(scale_c, i))
     new = fresh(bt, i)
-    stats_c = _put(bt, stats_c, jnp.stack([m, s], axis=1), i, new)
+    stats_c = _put_stats(bt, stats_c, stats, i, new)
     loss_c = _put(bt, loss_c, loss, i, new)
     return (stats_c, loss_c, *_accumulate(bt, i, h, g, need, *grads))
 
-  rows = bt.valid.shape[0]
-  init = (bt.full((rows, 2), F32, rows=True), bt.full((rows,), F32, rows=True))
-  return lax.fori_loop(0, bt.num_chunks, body, init + _grad_init(bt, need))
+  return lax.fori_loop(0, bt.num_chunks, body, _stats_init(bt) + _grad_init(bt, need))
