@@ -34,6 +34,9 @@ RUN_FILES = [
   "summary.json",
   "checkpoints",
   "teacher_outputs.jsonl",
+  "margins.png",  # preference training
+  "chosen.jsonl",
+  "reward.png",  # policy-gradient training
 ]
 
 
