@@ -48,7 +48,8 @@ nitpick_ignore_regex = [
   (r"py:.*", r"(Array|ArrayLike|Float|Int|Bool|Shaped|Mesh|NamedSharding|PartitionSpec|P)"),
   (r"py:.*", r"(Callable|Sequence|Literal|Any|NamedTuple|optional)"),
   (r"py:class", r"(int|float|str|bool|dict|tuple|list|slice|None|ndarray)"),
-  (r"py:attr", r"Plan\..*"),  # fields of the fused kernels' static plan (a private dataclass)
+  # Members of the fused kernels' internal plan and compacted batch.
+  (r"py:(attr|meth)", r"(Plan|Compacted)\..*"),
 ]
 
 

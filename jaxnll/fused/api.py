@@ -701,9 +701,9 @@ def linear_segment_nll(
       ``num_segments`` are ignored).
     num_segments: ``S``, the number of segment columns of the result (a Python int).
     reduction: ``"sum"`` or ``"mean"`` (per target token of the segment).
-    bias, z_loss, label_smoothing, logit_softcap, temperature, vocab_axis, vocab_size,
-      weight_layout, implementation, token_chunk, vocab_chunk: as in
-      :func:`linear_sequence_nll`.
+    options: ``bias``, ``z_loss``, ``label_smoothing``, ``logit_softcap``, ``temperature``,
+      ``vocab_axis``, ``vocab_size``, ``weight_layout``, ``implementation``, ``token_chunk``,
+      ``vocab_chunk`` (keywords) as in :func:`linear_sequence_nll`.
 
   Returns:
     float32 ``[B, num_segments]``; gradients come back in the inputs' dtypes.
@@ -793,8 +793,9 @@ def linear_token_nll(
       weights select, they do not scale the per-token outputs).
     temperature: ``τ > 0``; the chain rule brings ``1/τ`` into the gradients.
     return_entropy: also return the entropy of ``softmax(z)`` at each target position.
-    bias, z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size, weight_layout,
-      implementation, token_chunk, vocab_chunk: as in :func:`linear_sequence_nll`.
+    options: ``bias``, ``z_loss``, ``label_smoothing``, ``logit_softcap``, ``vocab_axis``,
+      ``vocab_size``, ``weight_layout``, ``implementation``, ``token_chunk``, ``vocab_chunk``
+      (keywords) as in :func:`linear_sequence_nll`.
 
   Returns:
     float32 ``[B, T]`` per-token NLL, or ``(nll, entropy)`` with ``return_entropy=True``.
