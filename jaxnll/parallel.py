@@ -513,6 +513,37 @@ def head_sequence_nll(
   )
 
 
+def head_segment_nll(
+  hidden: Float[Array, "B T D"],
+  weight: Float[Array, "D V"],
+  targets: Int[Array, "B T"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  segment_ids: Int[Array, "B T"],
+  *,
+  num_segments: int,
+  model_axis: str = MODEL,
+  **options,
+) -> Float[Array, "B S"]:
+  """:func:`jaxnll.linear_segment_nll`, vocabulary-parallel when the context mesh asks for it
+  (see :func:`head_loss`)."""
+  mesh = _context_mesh(model_axis)
+  if mesh is None:
+    return fused_lib.linear_segment_nll(
+      hidden, weight, targets, span_mask, segment_ids, num_segments=num_segments, **options
+    )
+  return linear_segment_nll(
+    hidden,
+    weight,
+    targets,
+    span_mask,
+    segment_ids,
+    mesh=mesh,
+    num_segments=num_segments,
+    model_axis=model_axis,
+    **options,
+  )
+
+
 # ----------------------------------------------------------------------------- moved names
 # Sharded training state, batches and processes belong to the application and moved to
 # :mod:`jaxnll.train.runtime`.  Their old names here still resolve (with a
