@@ -451,7 +451,8 @@ def _records(path):
 def test_train_dpo_from_an_sft_run_and_resume(runs):
   root, args = runs
   out = root / "dpo"
-  assert cli.main(args + ["--loss", "dpo", "--out", str(out), "--steps", "3", "--accum", "2"]) == 0
+  dpo = ["--loss", "dpo", "--out", str(out), "--steps", "3", "--accum", "2", "--mesh", "data=2"]
+  assert cli.main(args + dpo) == 0
   saved = json.load(open(out / "config.json"))
   assert saved["preference"]["kind"] == "dpo" and saved["preference"]["beta"] == 0.1
   assert saved["model"] == json.load(open(root / "sft" / "config.json"))["model"]

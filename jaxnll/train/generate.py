@@ -123,7 +123,7 @@ def sample(
 
 def greedy(model, tokens, lengths, *, max_new: int):
   """Greedy continuation of each row's first ``lengths`` tokens, until EOS or ``max_new``:
-  :func:`sample` at temperature 0 with the model's cache.
+  :func:`sample` at temperature 0, with the model's cache where it has one.
 
   Args:
     model: a language model ``model(tokens) -> logits [B, T, V]``.
@@ -135,7 +135,9 @@ def greedy(model, tokens, lengths, *, max_new: int):
     ``(tokens, lengths)``: the rows with their continuations and the new lengths (a row stops
     after writing ``EOS`` or when it is full).
   """
-  return sample(model, tokens, lengths, max_new=max_new, temperature=0.0)
+  # Any callable ``model(tokens) -> logits`` decodes; the cache where the model has one.
+  cache = hasattr(model, "prefill") and hasattr(model, "decode_step")
+  return sample(model, tokens, lengths, max_new=max_new, temperature=0.0, cache=cache)
 
 
 def prompt_rows(prompts: Sequence[np.ndarray], width: int, rows: int | None = None):
