@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnll.nll import span_counts, token_nll
+from jaxnll.fused import linear_token_nll
+from jaxnll.nll import span_counts
 from jaxnll.policy import group_advantages as _group_advantages
 from jaxnll.policy import k3_kl, ppo_clip_loss
 from jaxnll.spans import shift_targets
@@ -122,17 +123,10 @@ class PolicyConfig:
 
 def _token_nll_and_entropy(model, tokens, targets, mask):
   """Per-token NLL of ``targets`` and entropy of each position's distribution, ``[B, T]``
-  (0 outside ``mask``).
-
-  Stand-in through materialised logits and :func:`jaxnll.token_nll`; the fused
-  ``jaxnll.linear_token_nll(hidden, model.head_weight(), targets, mask,
-  return_entropy=True)`` computes the same without the ``[B, T, V]`` logits.
-  """
-  logits = model(tokens)
-  nll = jnp.where(mask, token_nll(logits, targets), 0.0)
-  logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-  return nll, jnp.where(mask, entropy, 0.0)
+  (0 outside ``mask``), through the fused head (:func:`jaxnll.linear_token_nll`: no
+  ``[B, T, V]`` logits, only the target positions computed)."""
+  hidden = model(tokens, return_hidden=True)
+  return linear_token_nll(hidden, model.head_weight(), targets, mask, return_entropy=True)
 
 
 @nnx.jit
