@@ -365,8 +365,14 @@ def reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reductio
   if reduction == "sum":
     return sums
   counts = jnp.einsum("bt,bts->bs", jnp.where(mask, weights, 0.0), onehot, precision="highest")
-  nonzero = counts != 0
-  return jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
+  return safe_divide(sums, counts)
+
+
+def safe_divide(num, den) -> jax.Array:
+  """``num / den``, exactly 0 where ``den`` is 0, with a finite gradient there (the double
+  ``where`` of the JAX FAQ): an empty span or an all-masked batch costs 0, never NaN."""
+  nonzero = den != 0
+  return jnp.where(nonzero, num / jnp.where(nonzero, den, 1.0), 0.0)
 
 
 def mask_to_weights(span_mask: jax.Array) -> jax.Array:

@@ -236,8 +236,7 @@ def _reduce(token_losses, weights, mask, reduction):
   if reduction == "sum":
     return total
   count = jnp.sum(jnp.where(mask, weights, 0.0), dtype=F32)
-  nonzero = count != 0
-  return jnp.where(nonzero, total / jnp.where(nonzero, count, 1.0), 0.0)
+  return _core.safe_divide(total, count)
 
 
 def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=None, **token_opts):
@@ -432,9 +431,8 @@ def loss_terms(
   if normalize == "tokens":
     return jnp.sum(sums), jnp.sum(counts)
   if normalize == "samples":
-    nonzero = counts != 0
-    means = jnp.where(nonzero, sums / jnp.where(nonzero, counts, 1.0), 0.0)
-    return jnp.sum(means), jnp.sum(nonzero, dtype=F32)
+    means = _core.safe_divide(sums, counts)
+    return jnp.sum(means), jnp.sum(counts != 0, dtype=F32)
   return jnp.sum(sums), jnp.zeros((), F32)
 
 
@@ -445,8 +443,7 @@ def finish_loss(
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
   if normalize == "sum":
     return numerator
-  nonzero = denominator != 0
-  return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
+  return _core.safe_divide(numerator, denominator)
 
 
 def batch_loss(

@@ -277,7 +277,7 @@ def group_advantages(
   if normalize_std:
     std = jnp.sqrt(jnp.mean(jnp.square(centred), axis=1, keepdims=True))
     ok = ~flat & (std > 0)
-    centred = jnp.where(ok, centred / jnp.where(ok, std, 1.0), 0.0)
+    centred = jnp.where(ok, _core.safe_divide(centred, std), 0.0)
   return jnp.where(flat, 0.0, centred).reshape(n)
 
 

@@ -300,8 +300,7 @@ def counts(span_mask):
 
 
 def safe_inverse(x):
-  nonzero = x != 0
-  return jnp.where(nonzero, 1.0 / jnp.where(nonzero, x, 1.0), 0.0)
+  return _core.safe_divide(1.0, x)
 
 
 def compact_scale(bt: Compacted, per_sample, span_mask):

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnll._core import safe_divide
 from jaxnll.fused import linear_token_nll
 from jaxnll.nll import span_counts
 from jaxnll.policy import group_advantages as _group_advantages
@@ -173,7 +174,7 @@ class Policy(Objective):
     counts = span_counts(mask)
     answered = jnp.sum(counts > 0, dtype=F32)
     if c.normalize == "samples":
-      numerator = jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0))
+      numerator = jnp.sum(safe_divide(sums, counts))
       denominator = answered
     else:
       numerator = jnp.sum(sums)

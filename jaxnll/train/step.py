@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnll._core import safe_divide
 from jaxnll.train.objectives import SFT, Objective
 
 Batch = dict[str, Any]
@@ -167,8 +168,8 @@ def accumulate_gradients(model: nnx.Module, batch: Batch, objective: Objective):
 
 
 def ratio(num, den):
-  """``num / den``, 0 where ``den`` is 0 (the one safe division of the application)."""
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  """``num / den``, 0 where ``den`` is 0 (:func:`jaxnll._core.safe_divide`)."""
+  return safe_divide(num, den)
 
 
 def step_metrics(totals: dict[str, jax.Array]) -> dict[str, jax.Array]:
