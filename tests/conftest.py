@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import os
 import pathlib
+import re
 
 # Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices.
 _flag = "--xla_force_host_platform_device_count=8"
@@ -56,7 +57,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
+#: Where an implicit broadcast between ranks raises: everything but the application's code.
+#: The application (the small models, training, benchmarks) still broadcasts implicitly, so
+#: a test that runs it — its module or function names ``train``, ``nnx``, ``make_model`` — and
+#: the application's doctests run with rank promotion allowed.
+_APPLICATION_CODE = re.compile(
+  r"\btrain\b|\bnnx\b|make_model|jaxnll\.train|jaxnll\.bench|\bbench\b|\bcli\b"
+)
 
 settings.register_profile(
   "jaxnll",
@@ -89,6 +96,31 @@ def pytest_collection_modifyitems(items):
     fn = getattr(item, "function", None)
     if fn is not None and "pytest.raises" in inspect.getsource(fn):
       item.add_marker("own_errors")
+
+
+def _runs_application(item) -> bool:
+  path = str(getattr(item, "path", getattr(item, "fspath", "")))
+  if "/jaxnll/" in path:  # a doctest
+    return "/jaxnll/train/" in path or "/jaxnll/bench/" in path or path.endswith("cli.py")
+  module = getattr(item, "module", None)
+  for value in vars(module).values() if module is not None else ():
+    name = getattr(value, "__name__", "") or ""
+    if inspect.ismodule(value) and name.split(".")[0] == "flax" or name.startswith("jaxnll.train"):
+      return True  # a test module of the application
+  fn = getattr(item, "function", None)
+  try:
+    source = inspect.getsource(fn) if fn is not None else ""
+  except (OSError, TypeError):
+    source = ""
+  return bool(_APPLICATION_CODE.search(source))
+
+
+@pytest.fixture(autouse=True)
+def _rank_promotion(request):
+  """``jax_numpy_rank_promotion="raise"`` for the library (see :data:`_APPLICATION_CODE`)."""
+  mode = "allow" if _runs_application(request.node) else "raise"
+  with jax.numpy_rank_promotion(mode):
+    yield
 
 
 @pytest.fixture(autouse=True)

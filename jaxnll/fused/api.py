@@ -371,7 +371,7 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
       )
     logits = jnp.einsum(spec, hidden, weight, preferred_element_type=F32)
     if bias is not None:
-      logits = logits + bias.astype(F32)
+      logits = logits + bias.astype(F32)[None, None, :]
     if opts.logit_softcap is not None:
       logits = opts.logit_softcap * jnp.tanh(logits / opts.logit_softcap)
     logits = logits / opts.temperature
@@ -379,7 +379,7 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
   from jaxnll import nll
 
   logits = hidden @ weight if weight_layout == "dv" else jnp.einsum(spec, hidden, weight)
-  logits = logits if bias is None else logits + bias
+  logits = logits if bias is None else logits + bias[None, None, :]
   return logits, nll, dataclasses.asdict(opts)
 
 

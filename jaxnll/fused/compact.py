@@ -186,7 +186,7 @@ class Compacted:
     ``start + [0, width)``."""
     z = dot(h, w, (1, 1) if self.vd else (1, 0))
     if self.bias is not None:
-      z = z + lax.dynamic_slice_in_dim(self.bias, start, width).astype(F32)
+      z = z + lax.dynamic_slice_in_dim(self.bias, start, width).astype(F32)[None, :]
     return _core.softcap(z, self.opts)
 
   def real(self, start, width):
