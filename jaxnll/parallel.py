@@ -194,7 +194,7 @@ def _scalar_loss(loss, sums, counts, normalize, data_axis):
 
 def linear_nll_loss(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -261,7 +261,7 @@ def linear_nll_loss(
 
 def linear_sequence_nll(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -472,7 +472,7 @@ def _context_mesh(model_axis: str):
 
 def head_loss(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -496,7 +496,7 @@ def head_loss(
 
 def head_sequence_nll(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   *,
@@ -515,7 +515,7 @@ def head_sequence_nll(
 
 def head_segment_nll(
   hidden: Float[Array, "B T D"],
-  weight: Float[Array, "D V"],
+  weight: Float[Array, "D V"] | Float[Array, "V D"],
   targets: Int[Array, "B T"],
   span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
   segment_ids: Int[Array, "B T"],

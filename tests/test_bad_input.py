@@ -36,6 +36,8 @@ sel = jaxnll.selective_sequence_nll
 seg = functools.partial(jaxnll.segment_nll, num_segments=2)
 lin = jaxnll.linear_sequence_nll
 linloss = jaxnll.linear_nll_loss
+linseg = functools.partial(jaxnll.linear_segment_nll, num_segments=2)
+lintok = jaxnll.linear_token_nll
 dist = jaxnll.distill_cross_entropy
 segdist = functools.partial(distill.segment_distill_cross_entropy, num_segments=2)
 safe = jaxnll.checked
@@ -46,7 +48,7 @@ LOGITS_ENTRIES = [  # (callable, the arrays it takes)
   (sel, (L, Y, M)),
   (seg, (L, Y, M, S)),
 ]
-FUSED_ENTRIES = [(lin, (H, W, Y, M)), (linloss, (H, W, Y, M))]
+FUSED_ENTRIES = [(lin, (H, W, Y, M)), (linloss, (H, W, Y, M)), (lintok, (H, W, Y, M))]
 TOKEN_OPTION_ENTRIES = LOGITS_ENTRIES[:2] + FUSED_ENTRIES
 
 BAD_OPTIONS = [  # (option, value, exception, fragment)
@@ -159,11 +161,17 @@ def _rows():
     add((fn, _replace(args, 1, W[:, :0]), {}, ValueError, "weight must have a vocabulary axis"))
     add((fn, args, dict(bias=jnp.zeros(V + 1)), ValueError, "bias must have shape [V] = (5,)"))
     add((fn, args, dict(bias=jnp.zeros(V, int)), TypeError, "bias must be a floating array"))
-    add((fn, args, dict(implementation="pallas"), ValueError, "one of ('chunked', 'xla', 'ref"))
+    add((fn, args, dict(implementation="pallas"), ValueError, "one of ('auto', 'chunked', 'tok"))
     add((fn, args, dict(token_chunk=0), ValueError, "token_chunk must be a positive Python int"))
     add((fn, args, dict(vocab_chunk=2.0), ValueError, "vocab_chunk must be a positive Python int"))
     add((fn, jax.tree.map(lambda x: np.asarray(x).tolist(), args), {}, None, None))
   add((lin, FUSED_ENTRIES[0][1], dict(reduction="tokens"), ValueError, "one of ('sum', 'mean')"))
+  # The segment entry: the same checks of the arrays it shares with the others.
+  add((linseg, (H, W, Y, M, S), {}, None, None))
+  add((linseg, (H, W[:3], Y, M, S), {}, ValueError, "weight must have shape [D, V] with D ="))
+  add((linseg, (H, W, Y, M, S), dict(implementation="pallas"), ValueError, "one of ('auto'"))
+  add((lintok, (H, W, Y, M), dict(return_entropy=1), TypeError, "return_entropy must be a Python"))
+  add((lintok, (H, W, Y, M), dict(temperature=0.0), ValueError, "temperature must be"))
   add((linloss, FUSED_ENTRIES[1][1], dict(normalize="mean"), ValueError, "one of ('tokens', '"))
   add((linloss, FUSED_ENTRIES[1][1], dict(schedule="fast"), ValueError, "schedule must be one"))
 

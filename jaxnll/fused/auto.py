@@ -52,7 +52,8 @@ def _view(bt: Compacted, name: str, p: Plan) -> Compacted:
   sub = copy.copy(bt)
   sub.plan, sub.opts, sub.chunk = p, p.opts, chunk
   count = jnp.sum(bt.valid, dtype=jnp.int32)
-  sub.num_chunks = (count + chunk - 1) // chunk
+  # The default integer type, as in Compacted (int64 under ``jax_enable_x64``).
+  sub.num_chunks = jnp.asarray((count + chunk - 1) // chunk, dtype=int)
   return sub
 
 

@@ -9,8 +9,10 @@ Two architectures share one interface, so every loss in jaxnll can be tried on b
   segment start: the same sub-sequence losses serve a recurrent model (the book's RNN loss).
 
 Both return the final hidden states ``[B, T, D]`` (for the fused head + loss) or the logits
-``[B, T, V]``, and expose the output head as a ``[D, V]`` matrix (:meth:`head_weight`, the
-Flax ``Linear`` kernel layout that :func:`jaxnll.fused.linear_nll_loss` takes).
+``[B, T, V]``, and expose the output head for the fused losses as ``(weight, weight_layout)``
+(:meth:`output_head`): the ``[D, V]`` ``Linear`` kernel (``"dv"``), or with tied embeddings the
+``[V, D]`` embedding table itself (``"vd"``, read in place by
+:func:`jaxnll.fused.linear_nll_loss`: no transposed copy of the table).
 
 With ``context_gradient="stop"`` the model applies :func:`jaxnll.stop_gradient_outside` to its
 activations outside the given span (the embeddings and every layer's output): the forward pass
@@ -270,15 +272,25 @@ class _LanguageModel(nnx.Module):
     else:
       self.head = nnx.Linear(width, config.vocab_size, use_bias=False, rngs=rngs)
 
-  def head_weight(self) -> Float[Array, "D V"]:
-    """The output head as a ``[D, V]`` matrix: ``logits = hidden @ head_weight()``."""
+  def output_head(self) -> tuple[Float[Array, "D V"] | Float[Array, "V D"], str]:
+    """The output head as the fused losses take it: ``(weight, weight_layout)``, the ``[D, V]``
+    kernel with ``"dv"``, or the tied ``[V, D]`` embedding table with ``"vd"`` (no copy)."""
     if self.head is None:
-      return self.embed.embedding[...].T
-    return self.head.kernel[...]
+      return self.embed.embedding[...], "vd"
+    return self.head.kernel[...], "dv"
+
+  def head_weight(self) -> Float[Array, "D V"]:
+    """The output head as a ``[D, V]`` matrix: ``logits = hidden @ head_weight()`` (with tied
+    embeddings a transposed copy of the table; the fused losses take :meth:`output_head`)."""
+    weight, layout = self.output_head()
+    return weight.T if layout == "vd" else weight
 
   def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     """Applies the output head to hidden states from ``__call__(..., return_hidden=True)``."""
-    return hidden @ self.head_weight()
+    weight, layout = self.output_head()
+    if layout == "vd":
+      return jnp.einsum("btd,vd->btv", hidden, weight)
+    return hidden @ weight
 
   def _stop(self, x, span_mask):
     if self.config.context_gradient == "stop" and span_mask is not None:

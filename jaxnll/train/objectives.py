@@ -45,10 +45,16 @@ def segment_counts(mask: jax.Array, segment_ids: jax.Array, num_segments: int) -
   return jnp.sum(jnp.where(onehot, mask[..., None].astype(F32), 0.0), axis=1)
 
 
-def _fused_segment_sums(hidden, weight, targets, mask, segment_ids, num_segments):
+def _fused_segment_sums(hidden, weight, targets, mask, segment_ids, num_segments, weight_layout):
   """Per-segment target NLL through the fused head: one compacted pass for every segment."""
   return parallel.head_segment_nll(
-    hidden, weight, targets, mask, segment_ids, num_segments=num_segments
+    hidden,
+    weight,
+    targets,
+    mask,
+    segment_ids,
+    num_segments=num_segments,
+    weight_layout=weight_layout,
   )
 
 
@@ -128,15 +134,18 @@ class SFT(Objective):
     extra = {}
     if self.fused:
       hidden = model(batch["tokens"], return_hidden=True, **kwargs)
-      weight = model.head_weight()
+      # A tied head is the [V, D] embedding table, read in place ("vd": no transposed copy).
+      weight, layout = model.output_head()
       # Vocabulary-parallel (head split over ``model``) when the step runs under a mesh with a
       # ``model`` axis (:func:`jaxnll.parallel.head_loss`); the plain fused kernel otherwise.
-      numerator, row_sums = parallel.head_loss(hidden, weight, targets, train_mask, normalize="sum")
+      numerator, row_sums = parallel.head_loss(
+        hidden, weight, targets, train_mask, normalize="sum", weight_layout=layout
+      )
       if self.loss == "subsequence" and num_segments == 1:
         sample_sums = sg(row_sums)[:, None]
       else:
         sample_sums = _fused_segment_sums(
-          sg(hidden), sg(weight), targets, target_mask, seg, num_segments
+          sg(hidden), sg(weight), targets, target_mask, seg, num_segments, layout
         )
       if self.loss == "full":
         extra["full_sum"] = sg(numerator)
