@@ -268,12 +268,34 @@ def test_table(row):
     assert fragment in str(info.value), str(info.value)
 
 
+#: Public entries whose bad input is tabled in their own test module.
+COVERED_ELSEWHERE = {
+  "dpo_loss": "test_preference",
+  "simpo_loss": "test_preference",
+  "orpo_loss": "test_preference",
+  "preference_metrics": "test_preference",
+  "ppo_clip_loss": "test_policy",
+  "group_advantages": "test_policy",
+  "k3_kl": "test_policy",
+  "policy_loss_terms": "test_policy",
+}
+
+
+def _name(fn) -> str | None:
+  # Run-time shape checking wraps functions: compare the functions by name.
+  for candidate in (fn, getattr(fn, "__wrapped__", None), getattr(fn, "func", None)):
+    name = getattr(candidate, "__name__", None)
+    if name is not None:
+      return name
+  return None
+
+
 def test_the_table_covers_every_public_entry():
-  covered = {getattr(r[0], "__wrapped__", getattr(r[0], "func", r[0])) for r in TABLE}
-  covered |= {getattr(getattr(r[0], "__wrapped__", None), "func", None) for r in TABLE}
-  public = {getattr(jaxnll, n) for n in dir(jaxnll) if callable(getattr(jaxnll, n))}
-  public.discard(jaxnll.checked)  # it wraps the others in the table
-  assert public <= covered | {None}, public - covered
+  covered = {_name(r[0]) for r in TABLE}
+  covered |= {_name(getattr(r[0], "__wrapped__", None)) for r in TABLE}
+  public = {n for n in dir(jaxnll) if callable(getattr(jaxnll, n)) and not n.startswith("_")}
+  public.discard("checked")  # it wraps the others in the table
+  assert public <= covered | set(COVERED_ELSEWHERE), public - covered - set(COVERED_ELSEWHERE)
 
 
 # ----------------------------------------------------------------------------- one wrapper
