@@ -205,7 +205,7 @@ def _run_train(args: argparse.Namespace) -> int:
     preference=preference_config,
   )
   config = policy.apply_config(config, policy.config_from_args(args))
-  run = preference.fit if preference_config else fit
+  run = functools.partial(preference.fit, train_loop=fit) if preference_config else fit
   summary = run(
     config,
     args.out,

@@ -53,6 +53,7 @@ from jaxnll.policy import k3_kl, ppo_clip_loss
 from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
 from jaxnll.train import generate
+from jaxnll.train import run as run_lib
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux
 
 F32 = jnp.float32
@@ -218,6 +219,14 @@ def init_model(model: nnx.Module, policy: dict[str, Any]) -> None:
   nnx.update(model, nnx.state(start, nnx.Param))
 
 
+def _init_from_config(model: nnx.Module, config) -> None:
+  if config.policy is not None:  # RL starts from the parameters of a trained run
+    init_model(model, config.policy)
+
+
+run_lib.PARAM_INITIALIZERS.append(_init_from_config)
+
+
 def reward(answer: str, reference: str) -> float:
   """The verifiable reward: 1.0 for an exact match of the answer, else 0.0."""
   return float(answer.strip() == reference.strip())
@@ -236,9 +245,7 @@ class PolicyTask(Task):
       raise ValueError(f"--init run's model {init_run.model} differs from {run.model}")
     self.length = run.batch.length
     self.examples = list(train_examples)
-    from jaxnll.train.run import load_examples
-
-    heldout = data_lib.drop_long(load_examples(run.data)[1], self.length)
+    heldout = data_lib.drop_long(run_lib.load_examples(run.data)[1], self.length)
     self.heldout = heldout[: config.eval_prompts] if config.eval_prompts else heldout
     self.seed = run.seed
     self._last: dict[str, float] = {}
@@ -423,9 +430,7 @@ def apply_config(config, policy: dict[str, Any] | None):
   command line kept the SFT ones."""
   if policy is None:
     return config
-  from jaxnll.train.run import RunConfig
-
-  d = RunConfig()
+  d = run_lib.RunConfig()
   p = PolicyConfig.from_dict(policy)
   _, init_run, _ = load_init(p.init)
   train = dataclasses.replace(

@@ -641,6 +641,7 @@ def fit(
   resume: bool = False,
   overwrite: bool = False,
   log=print,
+  train_loop,
   **kwargs,
 ):
   """Trains the preference run ``config`` into ``out_dir`` (``jaxnll train --loss dpo ...``).
@@ -649,11 +650,11 @@ def fit(
   of :func:`jaxnll.train.run.check_run_dir`) is seeded with ``config.json``
   (:func:`run_config`) and a step-0 checkpoint holding the init run's parameters with a fresh
   optimizer; then :func:`jaxnll.train.loop.fit` continues from it, so ``--resume`` later works
-  as for SFT.  Writes ``margins.png`` besides the loop's outputs.
+  as for SFT (``train_loop``: that function, passed in so that this module need not import
+  the loop that registers it).  Writes ``margins.png`` besides the loop's outputs.
   """
   import orbax.checkpoint as ocp
 
-  from jaxnll.train import loop
   from jaxnll.train import run as run_lib
 
   if jax.process_count() > 1:
@@ -673,7 +674,7 @@ def fit(
       manager.save(0, args=ocp.args.StandardSave(nnx.state(trainer)), force=True)
       manager.wait_until_finished()
     log(f"policy: from {config.preference['init']} (step {init_step})")
-  summary = loop.fit(config, out_dir, resume=True, log=log, **kwargs)
+  summary = train_loop(config, out_dir, resume=True, log=log, **kwargs)
   from jaxnll.train import metrics as metrics_lib
 
   plot_margins(metrics_lib.read_records(os.path.join(out_dir, "metrics.jsonl")), out_dir)

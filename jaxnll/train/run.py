@@ -244,10 +244,13 @@ def restore_state(directory: str, abstract_state, step: int | None = None):
   return step, state
 
 
+#: ``initializer(model, config)`` hooks that set a fresh model's parameters (RL starts from a
+#: trained run's); the training modes that need one register it here when imported.
+PARAM_INITIALIZERS: list = []
+
+
 def build_trainer(config: RunConfig) -> Trainer:
   model = make_model(config.model, seed=config.seed)
-  if config.policy is not None:  # RL starts from the parameters of a trained run
-    from jaxnll.train.policy import init_model
-
-    init_model(model, config.policy)
+  for initialize in PARAM_INITIALIZERS:
+    initialize(model, config)
   return Trainer(model, make_optimizer(config.train, config.total_schedule_steps))
