@@ -65,7 +65,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 from jaxnll import _core
 from jaxnll._core import F32
@@ -93,16 +93,16 @@ def _check_tokens(name: str, x, like_shape) -> None:
 
 
 def ppo_clip_loss(
-  token_nll: Float[Array, "B T"],
-  old_token_nll: Float[Array, "B T"],
-  advantages: Float[Array, " B"] | Float[Array, "B T"],
-  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  token_nll: Float[ArrayLike, "B T"],
+  old_token_nll: Float[ArrayLike, "B T"],
+  advantages: Float[ArrayLike, " B"] | Float[ArrayLike, "B T"],
+  span_mask: Bool[ArrayLike, "B T"] | Float[ArrayLike, "B T"],
   *,
   clip_low: float = 0.2,
   clip_high: float = 0.2,
-  ref_token_nll: Float[Array, "B T"] | None = None,
+  ref_token_nll: Float[ArrayLike, "B T"] | None = None,
   kl_coef: float = 0.0,
-) -> Float[Array, " B"]:
+) -> Float[ArrayLike, " B"]:
   """Per-sample clipped policy-gradient loss (PPO / GRPO / DAPO) from per-token NLL.
 
   .. math::
@@ -191,10 +191,10 @@ def ppo_clip_loss(
 
 
 def k3_kl(
-  token_nll: Float[Array, "B T"],
-  ref_token_nll: Float[Array, "B T"],
-  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
-) -> Float[Array, " B"]:
+  token_nll: Float[ArrayLike, "B T"],
+  ref_token_nll: Float[ArrayLike, "B T"],
+  span_mask: Bool[ArrayLike, "B T"] | Float[ArrayLike, "B T"],
+) -> Float[ArrayLike, " B"]:
   """Per-sample sums of Schulman's k3 estimate of ``KL(π ‖ π_ref)`` over the span.
 
   .. math::
@@ -233,8 +233,8 @@ def k3_kl(
 
 
 def group_advantages(
-  rewards: Float[Array, " N"], group_size: int, *, normalize_std: bool = True
-) -> Float[Array, " N"]:
+  rewards: Float[ArrayLike, " N"], group_size: int, *, normalize_std: bool = True
+) -> Float[ArrayLike, " N"]:
   """GRPO advantages: each reward minus its group's mean, divided by the group's std.
 
   .. math::
@@ -282,12 +282,12 @@ def group_advantages(
 
 
 def policy_loss_terms(
-  sums: Float[Array, " B"],
-  counts: Float[Array, " B"],
+  sums: Float[ArrayLike, " B"],
+  counts: Float[ArrayLike, " B"],
   *,
   normalize: Literal["tokens", "samples", "sum"] = "tokens",
   constant: float = 1.0,
-) -> tuple[Float[Array, ""], Float[Array, ""]]:
+) -> tuple[Float[ArrayLike, ""], Float[ArrayLike, ""]]:
   """``(numerator, denominator)`` of a policy-gradient batch loss; add them over micro-batches
   and devices, then divide once (:func:`jaxnll.nll.finish_loss`).
 

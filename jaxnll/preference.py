@@ -45,7 +45,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 F32 = jnp.float32
 DPO_KINDS = ("sigmoid", "ipo", "hinge")
@@ -119,13 +119,13 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 
 def reward_margin(
-  chosen_nll: Float[Array, " P"],
-  rejected_nll: Float[Array, " P"],
-  ref_chosen_nll: Float[Array, " P"],
-  ref_rejected_nll: Float[Array, " P"],
+  chosen_nll: Float[ArrayLike, " P"],
+  rejected_nll: Float[ArrayLike, " P"],
+  ref_chosen_nll: Float[ArrayLike, " P"],
+  ref_rejected_nll: Float[ArrayLike, " P"],
   *,
   beta: float = 0.1,
-) -> Float[Array, " P"]:
+) -> Float[ArrayLike, " P"]:
   """The implicit reward margin ``h`` of the module docstring (float32 ``[P]``), the
   reference NLLs under ``stop_gradient``."""
   sg = jax.lax.stop_gradient
@@ -141,17 +141,17 @@ def reward_margin(
 
 
 def dpo_loss(
-  chosen_nll: Float[Array, " P"],
-  rejected_nll: Float[Array, " P"],
-  ref_chosen_nll: Float[Array, " P"],
-  ref_rejected_nll: Float[Array, " P"],
+  chosen_nll: Float[ArrayLike, " P"],
+  rejected_nll: Float[ArrayLike, " P"],
+  ref_chosen_nll: Float[ArrayLike, " P"],
+  ref_rejected_nll: Float[ArrayLike, " P"],
   *,
   beta: float = 0.1,
   kind: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
   label_smoothing: float = 0.0,
-  chosen_count: Float[Array, " P"] | None = None,
-  rejected_count: Float[Array, " P"] | None = None,
-) -> Float[Array, " P"]:
+  chosen_count: Float[ArrayLike, " P"] | None = None,
+  rejected_count: Float[ArrayLike, " P"] | None = None,
+) -> Float[ArrayLike, " P"]:
   """Direct preference optimisation loss per pair (DPO, conservative DPO, IPO, hinge).
 
   With the implicit reward margin ``h`` (module docstring):
@@ -232,14 +232,14 @@ def dpo_loss(
 
 
 def simpo_loss(
-  chosen_nll: Float[Array, " P"],
-  chosen_count: Float[Array, " P"],
-  rejected_nll: Float[Array, " P"],
-  rejected_count: Float[Array, " P"],
+  chosen_nll: Float[ArrayLike, " P"],
+  chosen_count: Float[ArrayLike, " P"],
+  rejected_nll: Float[ArrayLike, " P"],
+  rejected_count: Float[ArrayLike, " P"],
   *,
   beta: float = 2.0,
   gamma: float = 0.5,
-) -> Float[Array, " P"]:
+) -> Float[ArrayLike, " P"]:
   """SimPO loss per pair: a reference-free, length-normalised reward with a target margin.
 
   .. math::
@@ -289,13 +289,13 @@ def simpo_loss(
 
 
 def orpo_loss(
-  chosen_nll: Float[Array, " P"],
-  chosen_count: Float[Array, " P"],
-  rejected_nll: Float[Array, " P"],
-  rejected_count: Float[Array, " P"],
+  chosen_nll: Float[ArrayLike, " P"],
+  chosen_count: Float[ArrayLike, " P"],
+  rejected_nll: Float[ArrayLike, " P"],
+  rejected_count: Float[ArrayLike, " P"],
   *,
   beta: float = 0.1,
-) -> Float[Array, " P"]:
+) -> Float[ArrayLike, " P"]:
   """ORPO loss per pair: the chosen answer's NLL plus an odds-ratio preference term.
 
   .. math::
@@ -353,16 +353,16 @@ def orpo_loss(
 
 
 def preference_metrics(
-  chosen_nll: Float[Array, " P"],
-  rejected_nll: Float[Array, " P"],
-  ref_chosen_nll: Float[Array, " P"] | None = None,
-  ref_rejected_nll: Float[Array, " P"] | None = None,
+  chosen_nll: Float[ArrayLike, " P"],
+  rejected_nll: Float[ArrayLike, " P"],
+  ref_chosen_nll: Float[ArrayLike, " P"] | None = None,
+  ref_rejected_nll: Float[ArrayLike, " P"] | None = None,
   *,
   beta: float = 0.1,
-  chosen_count: Float[Array, " P"] | None = None,
-  rejected_count: Float[Array, " P"] | None = None,
+  chosen_count: Float[ArrayLike, " P"] | None = None,
+  rejected_count: Float[ArrayLike, " P"] | None = None,
   length_normalize: bool = False,
-) -> dict[str, Float[Array, " P"] | Bool[Array, " P"]]:
+) -> dict[str, Float[ArrayLike, " P"] | Bool[ArrayLike, " P"]]:
   """Per-pair diagnostics: implicit rewards, their margin, and whether the pair is ranked right.
 
   .. math::
