@@ -124,17 +124,23 @@ def test_no_import_cycle_between_jaxnll_modules():
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_library_shapes_are_checked_at_run_time_in_tests():
-  import jax.numpy as jnp
-  import jaxtyping
+_SHAPE_CHECK = """
+import jaxtyping
+jaxtyping.install_import_hook("jaxnll", "beartype.beartype")
+import jax.numpy as jnp
+import jaxnll
+logits, targets = jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32)  # T: 3 vs 4
+try:
+  jaxnll.sequence_nll(logits, targets, jnp.ones((2, 4), bool))
+except jaxtyping.TypeCheckError as e:
+  assert "targets" in str(e), e
+  print("checked")
+"""
 
-  import jaxnll
 
-  # try/except, not raises: a test asserting our own errors runs unchecked (conftest.py).
-  logits, targets = jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32)  # T: 3 vs 4
-  try:
-    jaxnll.sequence_nll(logits, targets, jnp.ones((2, 4), bool))
-  except jaxtyping.TypeCheckError as e:
-    assert "targets" in str(e)
-  else:
-    raise AssertionError("sequence_nll took targets [2, 4] for logits [2, 3, 5]")
+def test_library_shape_annotations_are_checked_under_the_import_hook():
+  # In a fresh process: the hook only checks modules imported after it is installed.
+  out = subprocess.run(
+    [sys.executable, "-c", _SHAPE_CHECK], capture_output=True, text=True, check=True
+  )
+  assert out.stdout.strip() == "checked", "sequence_nll took targets [2, 4] for logits [2, 3, 5]"

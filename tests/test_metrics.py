@@ -38,7 +38,7 @@ def _out(loss=1.5):
   return {
     "loss": loss,
     "target_loss": loss,
-    "target_tokens": 10.0,
+    "target_count": 10.0,
     "tokens": 40.0,
     "grad_norm": 0.5,
     "finite": True,
@@ -57,7 +57,7 @@ def test_step_record_and_records_file(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   for step in (1, 2, 3):
     metrics.append_record(path, dict(record, step=step))
-  metrics.truncate_records(path, 2)
+  assert [r["step"] for r in metrics.repair_records(path, 2)] == [1, 2]
   assert [r["step"] for r in metrics.read_records(path)] == [1, 2]
   assert json.loads(open(path).readline())["loss"] == 1.5
   assert metrics.read_records(str(tmp_path / "none.jsonl")) == []

@@ -451,7 +451,18 @@ def _records(path):
 def test_train_dpo_from_an_sft_run_and_resume(runs):
   root, args = runs
   out = root / "dpo"
-  dpo = ["--loss", "dpo", "--out", str(out), "--steps", "3", "--accum", "2", "--mesh", "data=2"]
+  dpo = [
+    "--loss",
+    "dpo",
+    "--out",
+    str(out),
+    "--steps",
+    "3",
+    "--accum",
+    "2",
+    "--mesh",
+    "data=2,model=4",
+  ]
   assert cli.main(args + dpo) == 0
   saved = json.load(open(out / "config.json"))
   assert saved["preference"]["kind"] == "dpo" and saved["preference"]["beta"] == 0.1
@@ -470,7 +481,13 @@ def test_train_dpo_from_an_sft_run_and_resume(runs):
   )
   assert (out / "margins.png").exists() and len(summary["samples"]) == 2
   # Resume continues from the last checkpoint with the saved preference settings.
-  assert cli.main(args + ["--loss", "dpo", "--out", str(out), "--steps", "4", "--resume"]) == 0
+  assert (
+    cli.main(
+      args
+      + ["--loss", "dpo", "--out", str(out), "--steps", "4", "--resume", "--mesh", "data=2,model=4"]
+    )
+    == 0
+  )
   assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
 
 
@@ -499,6 +516,8 @@ def test_bad_preference_arguments_are_clear_errors(runs, capsys, extra, match):
   assert cli.main(args + ["--out", str(root / "bad"), "--steps", "1"] + extra) == 2
   err = capsys.readouterr().err
   assert "jaxnll train: error:" in err and re.search(match, err), err
+  # A refused command leaves no run behind: the corrected one needs no --overwrite.
+  assert not (root / "bad" / "config.json").exists()
 
 
 def test_preference_flags_need_a_preference_loss(capsys):

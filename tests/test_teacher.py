@@ -221,3 +221,5 @@ def test_bad_distillation_arguments_are_clear_errors(runs, capsys, extra, match)
   err = capsys.readouterr().err
   assert "jaxnll train: error:" in err
   assert re.search(match, err), err
+  # A refused command leaves no run behind: the corrected one needs no --overwrite.
+  assert not (root / "bad" / "config.json").exists()

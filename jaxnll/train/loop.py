@@ -238,6 +238,11 @@ def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
     if overwrite:
       run_lib.clear_run_files(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+  runtime.barrier("jaxnll-fit-directory-made")
+  # The task checks its settings before config.json makes the directory a run: a refused
+  # command leaves nothing that a corrected one would have to --overwrite.
+  task = make_task(config, train_examples, out_dir, log=log)
+  if primary:
     run_lib.write_config(os.path.join(out_dir, "config.json"), config)
   runtime.barrier("jaxnll-fit-directory-ready")
   return _Run(
@@ -249,7 +254,7 @@ def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
     heldout_examples=heldout_examples,
     train_samples=data_lib.encode_all(train_examples, spec.length),
     heldout_samples=data_lib.encode_all(heldout_examples, spec.length),
-    task=make_task(config, train_examples, out_dir, log=log),
+    task=task,
   )
 
 

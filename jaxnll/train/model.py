@@ -285,11 +285,12 @@ class _LanguageModel(nnx.Module):
     weight, layout = self.output_head()
     return weight.T if layout == "vd" else weight
 
-  def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Applies the output head to hidden states from ``__call__(..., return_hidden=True)``."""
+  def logits(self, hidden: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
+    """Applies the output head to hidden states ``[..., D]`` (from ``__call__(...,
+    return_hidden=True)`` or a decoding step)."""
     weight, layout = self.output_head()
     if layout == "vd":
-      return jnp.einsum("btd,vd->btv", hidden, weight)
+      return jnp.einsum("...d,vd->...v", hidden, weight)
     return hidden @ weight
 
   def _stop(self, x, span_mask):

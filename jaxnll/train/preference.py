@@ -508,6 +508,24 @@ def pair_figures(kind: str, beta: float, sums, counts, ref_sums=None) -> dict[st
   }
 
 
+def check_run(run: RunConfig) -> None:
+  """Refuses run settings a preference run cannot keep (one line naming the flag)."""
+  if run.batch.pack:
+    raise ValueError(
+      "preference training keeps each pair's chosen and rejected answers in adjacent rows "
+      "(2i, 2i+1) of one micro-batch; packed rows are not supported: drop --pack"
+    )
+  if run.train.loss != "subsequence":
+    raise ValueError(f"preference training needs train.loss 'subsequence', got {run.train.loss}")
+  if run.batch.rows % (2 * run.train.accum):
+    raise ValueError(
+      f"batch rows ({run.batch.rows}) must be divisible by 2 × accum ({run.train.accum}): "
+      "every micro-batch holds whole pairs"
+    )
+  if jax.process_count() > 1:
+    raise ValueError("preference training runs in a single process (any device mesh there)")
+
+
 class PreferenceTask(Task):
   """What :func:`jaxnll.train.loop.fit` needs to train a policy on preference pairs.
 
@@ -520,20 +538,7 @@ class PreferenceTask(Task):
   """
 
   def __init__(self, config: PreferenceConfig, run, out_dir: str, *, log=print):
-    if run.batch.pack:
-      raise ValueError(
-        "preference training keeps each pair's chosen and rejected answers in adjacent rows "
-        "(2i, 2i+1) of one micro-batch; packed rows are not supported: drop --pack"
-      )
-    if run.train.loss != "subsequence":
-      raise ValueError(f"preference training needs train.loss 'subsequence', got {run.train.loss}")
-    if run.batch.rows % (2 * run.train.accum):
-      raise ValueError(
-        f"batch rows ({run.batch.rows}) must be divisible by 2 × accum ({run.train.accum}): "
-        "every micro-batch holds whole pairs"
-      )
-    if jax.process_count() > 1:
-      raise ValueError("preference training runs in a single process (any device mesh there)")
+    check_run(run)
     self.config = config
     self.fused = run.train.fused
     super().__init__(
@@ -657,24 +662,31 @@ def fit(
 
   from jaxnll.train import run as run_lib
 
-  if jax.process_count() > 1:
-    raise ValueError("preference training runs in a single process (any device mesh there)")
   run_lib.check_run_dir(out_dir, resume=resume, overwrite=overwrite)
-  if not resume:
+  if resume:
+    summary = train_loop(config, out_dir, resume=True, log=log, **kwargs)
+  else:
+    check_run(config)
     if overwrite:
       run_lib.clear_run_files(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    config = run_config(config, out_dir)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    run_lib.write_config(os.path.join(out_dir, "config.json"), config)
-    init_model, _, init_step = load_run_model(config.preference["init"])
-    trainer = build_trainer(config)
-    nnx.update(trainer.model, nnx.state(init_model))
-    with checkpointer(ckpt_dir) as manager:
-      manager.save(0, args=ocp.args.StandardSave(nnx.state(trainer)), force=True)
-      manager.wait_until_finished()
-    log(f"policy: from {config.preference['init']} (step {init_step})")
-  summary = train_loop(config, out_dir, resume=True, log=log, **kwargs)
+    try:
+      config = run_config(config, out_dir)
+      run_lib.write_config(os.path.join(out_dir, "config.json"), config)
+      init_model, _, init_step = load_run_model(config.preference["init"])
+      trainer = build_trainer(config)
+      nnx.update(trainer.model, nnx.state(init_model))
+      with checkpointer(os.path.join(out_dir, "checkpoints")) as manager:
+        manager.save(0, args=ocp.args.StandardSave(nnx.state(trainer)), force=True)
+        manager.wait_until_finished()
+      log(f"policy: from {config.preference['init']} (step {init_step})")
+      summary = train_loop(config, out_dir, resume=True, log=log, **kwargs)
+    except ValueError:
+      # Refused before its first step: remove the seed this call wrote, so that the corrected
+      # command needs no --overwrite (only the run's own files; nothing else is there).
+      if not os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        run_lib.clear_run_files(out_dir)
+      raise
   from jaxnll.train import metrics as metrics_lib
 
   plot_margins(metrics_lib.read_records(os.path.join(out_dir, "metrics.jsonl")), out_dir)
