@@ -187,8 +187,8 @@ for n, (_, _, records) in runs.items():
 
 # %% [markdown]
 # Read the numbers above rather than this text, which cannot know them: the runs are small
-# (40 steps, one seed, a few dozen held-out prompts), so differences of a few points between normalisations are within the
-# noise of one run. What to look for is the direction: `samples` weighs every answer equally,
+# (40 steps, one seed, a few dozen held-out prompts), so differences of a few points between
+# normalisations are within the noise of one run. What to look for is the direction: `samples` weighs every answer equally,
 # so its per-token pressure on long answers is weaker than under `tokens` and `constant`; the
 # entropy curve shows how fast each run sharpens the policy (falling entropy is the policy
 # committing to its answers, for better or worse).
