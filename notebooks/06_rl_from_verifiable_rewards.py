@@ -188,10 +188,11 @@ for n, (_, _, records) in runs.items():
 # %% [markdown]
 # Read the numbers above rather than this text, which cannot know them: the runs are small
 # (40 steps, one seed, a few dozen held-out prompts), so differences of a few points between
-# normalisations are within the noise of one run. What to look for is the direction: `samples` weighs every answer equally,
-# so its per-token pressure on long answers is weaker than under `tokens` and `constant`; the
-# entropy curve shows how fast each run sharpens the policy (falling entropy is the policy
-# committing to its answers, for better or worse).
+# normalisations are within the noise of one run. What to look for is the direction:
+# `samples` weighs every answer equally, so a long wrong answer is pushed down less per token
+# than under `tokens` and `constant`, and its answers tend to stay longer; the entropy curve
+# shows how fast each run sharpens the policy (falling entropy is the policy committing to
+# its answers, for better or worse).
 
 # %%
 print(f"notebook ran in {time.time() - start:.0f} s")
