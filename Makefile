@@ -46,7 +46,7 @@ unit: install
 
 notebooks: install
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(PY) -m pytest -q -o addopts="" --nbmake --nbmake-timeout=600 -p no:cacheprovider notebooks; \
+	  $(PY) -m pytest -q -o addopts="" -n 2 --nbmake --nbmake-timeout=600 -p no:cacheprovider notebooks; \
 	else echo "no notebooks yet"; fi
 
 test: lint docs unit notebooks
