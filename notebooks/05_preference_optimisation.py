@@ -79,7 +79,7 @@ for p in heldout_pairs[::50]:
 SMALL = ["--d-model", "64", "--layers", "2", "--no-progress", "--eval-every", "0"]
 sft_dir = os.path.join(root, "sft")
 t0 = time.time()
-assert cli.main(["train", *SMALL, "--steps", "300", "--out", sft_dir, "--table-rows", "0"]) == 0
+assert cli.main(["train", *SMALL, "--steps", "200", "--out", sft_dir, "--table-rows", "0"]) == 0
 sft_summary = json.load(open(os.path.join(sft_dir, "summary.json")))
 print(
   f"SFT: {sft_summary['params']:,} parameters, held-out NLL "
@@ -92,14 +92,15 @@ print(
 #
 # `jaxnll train --loss dpo|ipo|simpo|orpo --init SFT_DIR`, each with its loss's default
 # $\beta$ (DPO / IPO 0.1, SimPO 2.0 with $\gamma = 0.5$, ORPO 0.1) and the command's default
-# learning rate, steps and batches, so only the loss differs. For DPO and IPO the reference is the SFT
+# learning rate and batches, and 30 steps (half the default, to keep the notebook short), so only
+# the loss differs. For DPO and IPO the reference is the SFT
 # run itself, frozen. The run writes `summary.json` with the held-out figures before and after
 # training; `preference_accuracy` is the same for every kind: the share of held-out pairs whose
 # chosen answer has the lower NLL sum under the policy, $L(y_w) < L(y_l)$.
 
 # %%
 KINDS = ["dpo", "ipo", "simpo", "orpo"]
-PREF = ["--table-rows", "0"]  # the command's default steps and learning rate
+PREF = ["--steps", "30", "--table-rows", "0"]  # the default learning rate; 30 steps
 summaries, seconds = {}, {}
 for kind in KINDS:
   out = os.path.join(root, kind)
@@ -224,6 +225,10 @@ def change(a, b, unit=""):
 
 
 best = max(KINDS, key=lambda k: summaries[k]["preference_accuracy_after"])
+moves = [
+  summaries[k]["preference_accuracy_after"] - summaries[k]["preference_accuracy_before"]
+  for k in KINDS
+]
 lines = [
   f"* The SFT start ranks {before['preference_accuracy_before']:.1%} of the held-out pairs "
   f"right; its greedy answers match the reference on {match['sft']['all']:.1%} of the "
@@ -240,9 +245,9 @@ for k in KINDS:
     f"greedy exact match {match[k]['all']:.1%}."
   )
 lines.append(
-  f"* Highest held-out preference accuracy here: {best.upper()}. Families the SFT start cannot "
-  "solve (the arithmetic and look-up answers need skills a model this small and this briefly "
-  "trained does not have) stay near chance whatever the loss: a preference loss can only move "
-  "the likelihoods the model is able to tell apart."
+  f"* Highest held-out preference accuracy here: {best.upper()}; the four losses moved it by "
+  f"{100 * min(moves):+.1f} to {100 * max(moves):+.1f} points in this short run from a weak "
+  "start. A preference loss reranks answers the model can already tell apart; it does not "
+  "teach a task the start cannot do, which is what the low greedy exact match shows here."
 )
 display(Markdown("\n".join(lines)))
