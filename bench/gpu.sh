@@ -19,24 +19,9 @@
 # liger-kernel, cut-cross-entropy, jax-cce); they are installed into /tmp/site first.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
-OUT=${1:-bench/results}
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-start=$SECONDS
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  else
-    echo "gpu.sh: wheels in .whl/ did not install; going on without them"
-  fi
-fi
-
-backend=$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo none)
-echo "gpu.sh: python $("$PY" -c 'import sys; print(sys.version.split()[0])'), JAX backend: $backend"
+ME=gpu.sh
+# shellcheck source=bench/setup.sh
+source "$(dirname "$0")/setup.sh" "$@"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 if [ "$backend" = gpu ] || [ "$backend" = cuda ] || [ "$backend" = rocm ]; then

@@ -13,24 +13,9 @@
 #   PYTHON=/path/to/python bash bench/tpu.sh
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
-OUT=${1:-bench/results}
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-start=$SECONDS
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  else
-    echo "tpu.sh: wheels in .whl/ did not install; going on without them"
-  fi
-fi
-
-backend=$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo none)
-echo "tpu.sh: python $("$PY" -c 'import sys; print(sys.version.split()[0])'), JAX backend: $backend"
+ME=tpu.sh
+# shellcheck source=bench/setup.sh
+source "$(dirname "$0")/setup.sh" "$@"
 
 if [ "$backend" = tpu ]; then
   "$PY" -c 'import jax; print("tpu.sh:", len(jax.devices()), "x", jax.devices()[0].device_kind)'

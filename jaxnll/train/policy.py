@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnll._core import safe_divide
+from jaxnll.argtypes import mode_options
 from jaxnll.fused import linear_token_nll
 from jaxnll.nll import span_counts
 from jaxnll.policy import group_advantages as _group_advantages
@@ -416,19 +417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
   """``RunConfig.policy`` from parsed arguments (``None`` unless ``--loss grpo``)."""
-  given = {
-    "group_size": args.group_size,
-    "prompts_per_step": args.prompts_per_step,
-    "clip_low": args.clip_low,
-    "clip_high": args.clip_high,
-    "kl_coef": args.kl_coef,
-    "normalize": args.normalize,
-  }
-  given = {k: v for k, v in given.items() if v is not None}
+  names = ("group_size", "prompts_per_step", "clip_low", "clip_high", "kl_coef", "normalize")
+  given = mode_options(args, names, enabled=args.loss == "grpo", needs="--loss grpo")
   if args.loss != "grpo":
-    if given:
-      flags = ", ".join("--" + k.replace("_", "-") for k in given)
-      raise ValueError(f"{flags} need --loss grpo")
     return None
   if args.init is None:
     raise ValueError("--loss grpo needs --init RUN_DIR (a trained run to start from)")

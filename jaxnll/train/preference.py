@@ -69,6 +69,7 @@ from flax import nnx
 
 from jaxnll import parallel
 from jaxnll import preference as pref
+from jaxnll.argtypes import mode_options
 from jaxnll.nll import sequence_nll
 from jaxnll.train import data as data_lib
 from jaxnll.train.model import count_params
@@ -744,12 +745,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
   """``RunConfig.preference`` from parsed arguments (``None`` for the SFT losses)."""
-  given = {"beta": args.beta, "gamma": args.gamma, "label_smoothing": args.label_smoothing}
-  given = {k: v for k, v in given.items() if v is not None}
+  given = mode_options(
+    args,
+    ("beta", "gamma", "label_smoothing"),
+    enabled=args.loss in KINDS,
+    needs="--loss dpo|ipo|simpo|orpo",
+  )
   if args.loss not in KINDS:
-    flags = [f"--{k.replace('_', '-')}" for k in given]
-    if flags:
-      raise ValueError(f"{', '.join(flags)} need --loss dpo|ipo|simpo|orpo")
     if args.init and args.loss != "grpo":
       raise ValueError("--init needs --loss dpo|ipo|simpo|orpo|grpo")
     return None

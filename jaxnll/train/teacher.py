@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnll.argtypes import mode_options
 from jaxnll.distill import segment_distill_cross_entropy
 from jaxnll.nll import segment_nll
 from jaxnll.spans import shift_targets
@@ -353,15 +354,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
   """``RunConfig.distill`` from parsed arguments (``None`` without ``--teacher``)."""
-  given = {
-    "kd_weight": args.kd_weight,
-    "temperature": args.temperature,
-    "kd": args.kd,
-  }
-  given = {k: v for k, v in given.items() if v is not None}
+  given = mode_options(
+    args,
+    ("kd_weight", "temperature", "kd"),
+    enabled=args.teacher is not None,
+    needs="--teacher RUN_DIR",
+  )
   if args.teacher is None:
-    if given:
-      flags = ", ".join("--" + k.replace("_", "-") for k in given)
-      raise ValueError(f"{flags} need --teacher RUN_DIR")
     return None
   return DistillConfig(teacher=os.path.abspath(args.teacher), **given).to_dict()
