@@ -68,7 +68,7 @@ test-min: $(MIN_STAMP)
 	  $(addprefix --ignore=,$(APPLICATION))
 
 demo: $(TRAIN_STAMP)
-	$(VENV)/bin/jaxnll train --out runs/demo
+	$(VENV)/bin/jaxnll train --pack --out runs/demo
 
 bench: install
 	$(VENV)/bin/jaxnll bench --quick --out bench/results

@@ -104,7 +104,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--lr",
     type=positive_float,
-    help=f"peak learning rate (default: {d.train.learning_rate}; preference losses: 5e-5)",
+    help=f"peak learning rate (default: {d.train.learning_rate}; preference losses: 5e-5; "
+    "grpo: 1e-4)",
   )
   p.add_argument(
     "--context-gradient",
