@@ -21,29 +21,16 @@ import collections
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from jaxnll.policy import group_advantages
 from jaxnll.train import data as data_lib
-from jaxnll.train import generate
 from jaxnll.train import policy as pol
 from jaxnll.train import preference as pref
 from jaxnll.train import run as run_lib
 
 GROUP, PROMPTS, TEMPERATURE, MAX_NEW = 8, 16, 0.7, 40
-
-
-def _greedy_right(model, examples, length) -> list[bool]:
-  prompts = [data_lib.encode_prompt(ex)[-(length - 1) :] for ex in examples]
-  tokens, lengths = generate.prompt_rows(prompts, length)
-  out, end = jax.device_get(generate.greedy(model, tokens, lengths, max_new=MAX_NEW))
-  return [
-    pol.reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response) > 0
-    for r, (p, ex) in enumerate(zip(prompts, examples, strict=True))
-  ]
 
 
 def families(run_dir: str) -> None:
@@ -54,7 +41,7 @@ def families(run_dir: str) -> None:
   sums = np.asarray(pref.sequence_nlls(model, rows, spec)[0])
   ranked = sums[0::2] < sums[1::2]
   heldout = data_lib.drop_long(run_lib.load_examples(config.data)[1], spec.length)
-  greedy = _greedy_right(model, heldout, spec.length)
+  greedy = pol.greedy_rewards(model, heldout, spec.length, max_new=MAX_NEW) > 0
   by = collections.defaultdict(lambda: ([], []))
   for pair, right in zip(pairs, ranked, strict=True):
     by[pair.family][0].append(right)
@@ -67,46 +54,14 @@ def families(run_dir: str) -> None:
   print(f"  {'all':10s} {np.mean(ranked):19.1%} {np.mean(greedy):19.1%}")
 
 
-def _batch(model, examples, length, key):
-  """A GRPO batch as :meth:`jaxnll.train.policy.PolicyTask.prepare` builds it (``G`` answers
-  per prompt, rows in groups), and its mean reward."""
-  prompts = [data_lib.encode_prompt(ex)[-(length - 1) :] for ex in examples]
-  tokens, lengths = generate.prompt_rows(prompts, length)
-  out, end = jax.device_get(
-    generate.sample(model, tokens, lengths, key, max_new=MAX_NEW, temperature=TEMPERATURE)
-  )
-  out, end = np.asarray(out), np.asarray(end)
-  rewards = np.asarray(
-    [
-      pol.reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response)
-      for r, (p, ex) in enumerate(zip(prompts, examples, strict=True))
-    ],
-    np.float32,
-  )
-  pos = np.arange(length)[None]
-  start = np.asarray([len(p) for p in prompts])[:, None]
-  span = (pos >= start) & (pos < end[:, None])
-  seg = (pos < end[:, None]).astype(np.int32)
-  tokens = np.where(seg > 0, out, data_lib.PAD).astype(np.int32)
-  old = np.asarray(pol._answer_nll(model, tokens, span, seg, temperature=TEMPERATURE))
-  batch = {
-    "tokens": tokens,
-    "span_mask": span,
-    "segment_ids": seg,
-    "positions": np.broadcast_to(pos, out.shape).astype(np.int32),
-    "sample_ids": np.arange(len(examples), dtype=np.int32)[:, None],
-    "advantages": np.asarray(group_advantages(jnp.asarray(rewards), GROUP)),
-    "old_nll": old,
-    "ref_nll": old,
-  }
-  return batch, float(rewards.mean())
-
-
 def grpo(run_dir: str, family: str, steps: int, lr: float) -> None:
   pool = [ex for ex in data_lib.embedded_examples("train") if ex.family == family]
   if len(pool) < PROMPTS:
     raise ValueError(f"--family {family!r}: {len(pool)} training examples, need {PROMPTS}")
-  objective = pol.Policy(pol.PolicyConfig(init=run_dir, temperature=TEMPERATURE))
+  settings = pol.PolicyConfig(
+    init=run_dir, group_size=GROUP, temperature=TEMPERATURE, max_new=MAX_NEW
+  )
+  objective = pol.Policy(settings)
   for fresh in (False, True):
     model, config, _ = pref.load_run_model(run_dir)
     length = config.batch.length
@@ -125,9 +80,10 @@ def grpo(run_dir: str, family: str, steps: int, lr: float) -> None:
       rng = np.random.default_rng(step if fresh else 0)
       ids = rng.choice(len(pool), PROMPTS, replace=False)
       examples = [pool[i] for i in ids for _ in range(GROUP)]
-      batch, reward = _batch(model, examples, length, jax.random.key(step))
-      update(model, optimizer, batch)
-      rewards.append(reward)
+      rows, reward, _ = pol.sampled_batch(model, examples, length, jax.random.key(step), settings)
+      ids = np.arange(len(examples), dtype=np.int32)[:, None]
+      update(model, optimizer, {**rows, "sample_ids": ids, "ref_nll": rows["old_nll"]})
+      rewards.append(float(reward.mean()))
     which = "16 new prompts a step" if fresh else "the same 16 prompts"
     r = np.asarray(rewards)
     k = max(1, steps // 5)

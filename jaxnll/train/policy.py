@@ -237,6 +237,66 @@ def reward(answer: str, reference: str) -> float:
   return float(answer.strip() == reference.strip())
 
 
+def _prompt_rows(examples, length: int):
+  """The prompts of ``examples`` (cut to fit ``length``) and their decoder rows."""
+  prompts = [data_lib.encode_prompt(ex)[-(length - 1) :] for ex in examples]
+  tokens, lengths = generate.prompt_rows(prompts, length)
+  return prompts, tokens, lengths
+
+
+def _rewards(out, end, prompts, examples) -> np.ndarray:
+  return np.asarray(
+    [
+      reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response)
+      for r, (p, ex) in enumerate(zip(prompts, examples, strict=True))
+    ],
+    np.float32,
+  )
+
+
+def greedy_rewards(model, examples, length: int, *, max_new: int) -> np.ndarray:
+  """The verifiable reward of ``model``'s greedy answer to each of ``examples``."""
+  prompts, tokens, lengths = _prompt_rows(examples, length)
+  out, end = jax.device_get(generate.greedy(model, tokens, lengths, max_new=max_new))
+  return _rewards(out, end, prompts, examples)
+
+
+def sampled_batch(model, examples, length: int, key, config: PolicyConfig):
+  """Samples an answer to each of ``examples`` (rows in groups of ``config.group_size``) and
+  scores it: ``(rows, rewards, answer_lengths)``.  ``rows`` holds the training rows
+  (``tokens``, ``span_mask`` over the answer and its EOS, ``segment_ids``, ``positions``), the
+  group ``advantages`` and ``old_nll``, the per-token NLL under the sampling ``model``."""
+  c = config
+  prompts, tokens, lengths = _prompt_rows(examples, length)
+  out, end = jax.device_get(
+    generate.sample(
+      model,
+      tokens,
+      lengths,
+      key,
+      max_new=c.max_new,
+      temperature=c.temperature,
+      top_k=c.top_k,
+      top_p=c.top_p,
+    )
+  )
+  rewards = _rewards(out, end, prompts, examples)
+  pos = np.arange(length)[None]
+  start = np.asarray([len(p) for p in prompts])[:, None]
+  span = (pos >= start) & (pos < end[:, None])
+  seg = (pos < end[:, None]).astype(np.int32)
+  rows = {
+    "tokens": np.where(seg > 0, out, data_lib.PAD).astype(np.int32),
+    "span_mask": span,
+    "segment_ids": seg,
+    "positions": np.broadcast_to(pos, out.shape).astype(np.int32),
+  }
+  old = _answer_nll(model, rows["tokens"], span, seg, temperature=c.temperature)
+  rows["advantages"] = np.asarray(_group_advantages(jnp.asarray(rewards), c.group_size))
+  rows["old_nll"] = np.asarray(old)
+  return rows, rewards, (end - start[:, 0]).astype(np.float32)
+
+
 class PolicyTask(Task):
   """What :func:`jaxnll.train.loop.fit` needs for RL from verifiable rewards (module doc)."""
 
@@ -275,62 +335,17 @@ class PolicyTask(Task):
       yield data_lib.Step(epoch, last, {"sample_ids": rows})
       step += 1
 
-  def _rows(self, examples):
-    prompts = [data_lib.encode_prompt(ex)[-(self.length - 1) :] for ex in examples]
-    tokens, lengths = generate.prompt_rows(prompts, self.length)
-    return prompts, tokens, lengths
-
   def prepare(self, batch: Batch, model, step: int) -> Batch:
     """Samples the answers, scores them and adds advantages and old / reference NLLs."""
-    c = self.config
     ids = np.asarray(batch["sample_ids"])[:, 0]
-    examples = [self.examples[i] for i in ids]
-    prompts, tokens, lengths = self._rows(examples)
     key = jax.random.fold_in(jax.random.key(self.seed), step)
-    out, end = jax.device_get(
-      generate.sample(
-        model,
-        tokens,
-        lengths,
-        key,
-        max_new=c.max_new,
-        temperature=c.temperature,
-        top_k=c.top_k,
-        top_p=c.top_p,
-      )
+    rows, rewards, lengths = sampled_batch(
+      model, [self.examples[i] for i in ids], self.length, key, self.config
     )
-    rewards = np.asarray(
-      [
-        reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response)
-        for r, (p, ex) in enumerate(zip(prompts, examples, strict=True))
-      ],
-      np.float32,
-    )
-    pos = np.arange(self.length)[None]
-    start = np.asarray([len(p) for p in prompts])[:, None]
-    span = (pos >= start) & (pos < end[:, None])
-    seg = (pos < end[:, None]).astype(np.int32)
-    rows = {
-      "tokens": np.where(seg > 0, out, data_lib.PAD).astype(np.int32),
-      "span_mask": span,
-      "segment_ids": seg,
-      "positions": np.broadcast_to(pos, out.shape).astype(np.int32),
-      "sample_ids": batch["sample_ids"],
-    }
     args = (rows["tokens"], rows["span_mask"], rows["segment_ids"])
-    old = _answer_nll(model, *args, temperature=c.temperature)
-    ref = _answer_nll(self.reference, *args, temperature=c.temperature)
-    adv = _group_advantages(jnp.asarray(rewards), c.group_size)
-    self._last = {
-      "reward": float(rewards.mean()),
-      "response_length": float((end - start[:, 0]).mean()),
-    }
-    return {
-      **rows,
-      "advantages": np.asarray(adv),
-      "old_nll": np.asarray(old),
-      "ref_nll": np.asarray(ref),
-    }
+    ref = _answer_nll(self.reference, *args, temperature=self.config.temperature)
+    self._last = {"reward": float(rewards.mean()), "response_length": float(lengths.mean())}
+    return {**rows, "sample_ids": batch["sample_ids"], "ref_nll": np.asarray(ref)}
 
   def annotate(self, record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
     """Adds ``reward``, ``response_length``, ``kl``, ``clip_fraction`` and ``entropy``."""
@@ -342,12 +357,7 @@ class PolicyTask(Task):
 
   def report(self, model) -> dict[str, float]:
     """Mean held-out reward of greedy answers (and ``reward.png`` once steps are logged)."""
-    prompts, tokens, lengths = self._rows(self.heldout)
-    out, end = jax.device_get(generate.greedy(model, tokens, lengths, max_new=self.config.max_new))
-    got = [
-      reward(data_lib.decode(generate.answer_ids(out[r], len(p), end[r])), ex.response)
-      for r, (p, ex) in enumerate(zip(prompts, self.heldout, strict=True))
-    ]
+    got = greedy_rewards(model, self.heldout, self.length, max_new=self.config.max_new)
     path = os.path.join(self.out_dir, "metrics.jsonl")
     if os.path.exists(path):
       plot_reward(path, os.path.join(self.out_dir, "reward.png"))
