@@ -89,3 +89,28 @@ def test_table_and_csv(tmp_path):
   assert path.read_text().splitlines() == ["a,b", '1,"x,y"']
   with pytest.raises(ValueError):
     metrics.write_csv([], str(path))
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+  """A notebook's inline backend must survive a training run that writes its plots."""
+  import matplotlib
+
+  from jaxnll.train import policy, preference
+
+  base = metrics.step_record(
+    step=1, epoch=0, out=_out(), sample_ids=np.array([[0, 1], [-1, -1]]), seconds=1.0, lr=0.0
+  )
+  records = [dict(base, step=s, reward=0.1 * s, kl=0.01, margin=0.2, accuracy=0.5) for s in (1, 2)]
+  jsonl = tmp_path / "metrics.jsonl"
+  jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")
+  try:
+    metrics.plot_losses(records, str(tmp_path / "loss.png"))
+    preference.plot_margins(records, str(tmp_path))
+    policy.plot_reward(str(jsonl), str(tmp_path / "reward.png"))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+  for name in ("loss.png", "margins.png", "reward.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

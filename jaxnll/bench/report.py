@@ -223,13 +223,11 @@ def markdown(groups: dict[tuple, list[dict]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-  import matplotlib
+def _figure(**kwargs):
+  """A figure outside pyplot: writing a file never switches the caller's backend."""
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
+  return Figure(**kwargs)
 
 
 def _ratio_points(idx: dict, name: str, fractions: Sequence[float]) -> list[tuple]:
@@ -306,13 +304,13 @@ def _plot_matmul_fraction(ax, idx: dict, names: Sequence[str], fractions: Sequen
 
 def plot(key: tuple, rows: Sequence[dict], path: str) -> None:
   """Three panels: fwd+bwd time × optax vs span fraction, temp memory, % of matmul."""
-  plt = _pyplot()
   device, spec, dtype, _ = key
   idx = _index(rows)
   timed = {r["impl"] for r in rows if r["metric"] == "time_s"}
   names = [n for n in _impls_in(rows) if n in timed]
   fractions = _fractions(rows)
-  fig, (ax_t, ax_m, ax_f) = plt.subplots(1, 3, figsize=(15, 4.4))
+  fig = _figure(figsize=(15, 4.4))
+  ax_t, ax_m, ax_f = fig.subplots(1, 3)
   _plot_ratios(ax_t, idx, names, fractions)
   _plot_memory_bars(ax_m, idx, names)
   _plot_matmul_fraction(ax_f, idx, names, fractions)
@@ -324,14 +322,13 @@ def plot(key: tuple, rows: Sequence[dict], path: str) -> None:
   )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_curves(rows: Sequence[dict], path: str) -> None:
   """Two panels: fwd+bwd time × optax against the span fraction (the timed records), and
   fwd+bwd temp memory against the vocabulary (the compile-only ones)."""
-  plt = _pyplot()
-  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig = _figure(figsize=(11, 4.2))
+  ax_t, ax_m = fig.subplots(1, 2)
   timed = [r for r in rows if r["span_fraction"] != ""]
   if timed:
     names = [
@@ -363,7 +360,6 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
   ax_m.grid(alpha=0.3, which="both")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def summary(rows: Sequence[dict]) -> str:

@@ -231,12 +231,10 @@ def _ranges(steps: Sequence[int]) -> str:
 
 def plot_losses(records: Sequence[dict[str, Any]], path: str) -> None:
   """``loss.png``: metric A as points (one per sample and step), metric B as a line."""
-  import matplotlib
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+  fig = Figure(figsize=(8, 4.5), dpi=110)
+  ax = fig.subplots()
   xs, ys = [], []
   for r in records:
     per = per_sample_loss(r["sample_nll"], r["sample_tokens"])
@@ -279,7 +277,6 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str) -> None:
   root, ext = os.path.splitext(path)
   tmp = f"{root}.tmp-{os.getpid()}{ext}"
   fig.savefig(tmp)
-  plt.close(fig)
   os.replace(tmp, path)
 
 

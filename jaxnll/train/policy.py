@@ -366,10 +366,7 @@ class PolicyTask(Task):
 
 def plot_reward(metrics_path: str, out_path: str) -> None:
   """``reward.png``: mean sampled reward and k3 KL per step."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
   with open(metrics_path) as f:
     records = [json.loads(line) for line in f if line.strip()]
@@ -377,7 +374,8 @@ def plot_reward(metrics_path: str, out_path: str) -> None:
   if not records:
     return
   steps = [r["step"] for r in records]
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+  fig = Figure(figsize=(7, 3.5))
+  ax = fig.subplots()
   ax.plot(steps, [r["reward"] for r in records], label="reward (sampled answers)")
   ax.set_xlabel("step")
   ax.set_ylabel("mean reward")
@@ -387,7 +385,6 @@ def plot_reward(metrics_path: str, out_path: str) -> None:
   fig.legend(loc="upper left")
   fig.tight_layout()
   fig.savefig(out_path, dpi=120)
-  plt.close(fig)
 
 
 def make_task(run, train_examples, out_dir: str, *, log=print) -> PolicyTask | None:

@@ -701,14 +701,12 @@ def fit(
 
 def plot_margins(records: Sequence[dict[str, Any]], out_dir: str) -> str:
   """``margins.png``: the implicit reward margin and the pair accuracy per step."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
   path = os.path.join(out_dir, "margins.png")
   steps = [r["step"] for r in records]
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+  fig = Figure(figsize=(10, 4), dpi=110)
+  a, b = fig.subplots(1, 2)
   a.plot(steps, [r.get("margin", np.nan) for r in records], lw=0.8, label="margin")
   a.plot(steps, [r.get("chosen_reward", np.nan) for r in records], lw=0.8, label="chosen reward")
   a.plot(steps, [r.get("rejected_reward", np.nan) for r in records], lw=0.8, label="rejected")
@@ -723,7 +721,6 @@ def plot_margins(records: Sequence[dict[str, Any]], out_dir: str) -> str:
   b.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 
