@@ -82,7 +82,7 @@ def grpo(run_dir: str, family: str, steps: int, lr: float) -> None:
       examples = [pool[i] for i in ids for _ in range(GROUP)]
       rows, reward, _ = pol.sampled_batch(model, examples, length, jax.random.key(step), settings)
       ids = np.arange(len(examples), dtype=np.int32)[:, None]
-      update(model, optimizer, {**rows, "sample_ids": ids, "ref_nll": rows["old_nll"]})
+      update(model, optimizer, {**rows, "sample_ids": ids})
       rewards.append(float(reward.mean()))
     which = "16 new prompts a step" if fresh else "the same 16 prompts"
     r = np.asarray(rewards)

@@ -28,7 +28,7 @@
 # * `samples` (GRPO): the mean over answers of each answer's per-token mean — every answer
 #   weighs the same, so each token of a long answer weighs less (a long *wrong* answer is
 #   penalised less per token than a short wrong one);
-# * `constant` (Dr. GRPO): Σ over all answer tokens / (`max_new` · answers) — like `tokens`
+# * `sum` (Dr. GRPO): Σ over all answer tokens / (`max_new` · answers) — like `tokens`
 #   but the divisor does not depend on what was sampled.
 #
 # To run in a couple of minutes on a CPU, this notebook trains its own small SFT start on a
@@ -192,7 +192,7 @@ for n, (_, _, records) in runs.items():
 # (40 steps, one seed, a few dozen held-out prompts), so differences of a few points between
 # normalisations are within the noise of one run. What to look for is the direction:
 # `samples` weighs every answer equally, so a long wrong answer is pushed down less per token
-# than under `tokens` and `constant`, and its answers tend to stay longer; the entropy curve
+# than under `tokens` and `sum`, and its answers tend to stay longer; the entropy curve
 # shows how fast each run sharpens the policy (falling entropy is the policy committing to
 # its answers, for better or worse).
 

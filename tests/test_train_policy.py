@@ -65,10 +65,41 @@ def test_policy_objective_is_exact_under_accumulation(normalize):
     np.testing.assert_allclose(a, f, rtol=1e-4, atol=1e-7)
   totals = full[2]
   counts = np.asarray(batch["span_mask"]).sum(-1)  # shifted counts equal span lengths
-  want_den = {"tokens": counts.sum(), "samples": (counts > 0).sum(), "constant": 20 * 8}
+  want_den = {"tokens": counts.sum(), "samples": (counts > 0).sum(), "sum": 20 * 8}
   assert float(totals["denominator"]) == want_den[normalize]
   assert 0 < float(totals["clip_sum"]) < float(totals["clip_count"])
   assert float(totals["kl_sum"]) > 0 and float(totals["entropy_sum"]) > 0
+
+
+def test_policy_objective_old_nll_defaults_to_this_steps_nll():
+  """One update per batch: without ``old_nll`` the ratio is exactly 1 (``old`` is the
+  step's own NLL under ``stop_gradient``), and with no ``ref_nll`` there is no KL term."""
+  model, ref_model = make_model(TINY, seed=0), make_model(TINY, seed=1)
+  batch = _policy_batch(model, ref_model)
+  args = (batch["tokens"], batch["span_mask"], batch["segment_ids"])
+  config = policy_train.PolicyConfig(init="unused")
+  own = np.asarray(policy_train._answer_nll(model, *args, temperature=config.temperature))
+  objective = policy_train.Policy(config)
+  lean = {k: v for k, v in batch.items() if k not in ("old_nll", "ref_nll")}
+  explicit = dict(lean, old_nll=own)
+  (g1, t1), (g2, t2) = (
+    jax.jit(lambda b: accumulate_gradients(model, b, objective)[:2])(micro_batches(b, 1))
+    for b in (lean, explicit)
+  )
+  np.testing.assert_allclose(t1["loss_sum"], t2["loss_sum"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert "kl_sum" not in t1 and float(t1["clip_sum"]) == 0.0
+  with pytest.raises(ValueError, match="kl_coef > 0 needs"):
+    kl = policy_train.Policy(policy_train.PolicyConfig(init="unused", kl_coef=0.1))
+    accumulate_gradients(model, micro_batches(lean, 1), kl)
+
+
+def test_reward_windows_average_the_sampled_reward_per_window():
+  records = [{"step": s, "reward": float(s % 2)} for s in range(1, 24)]
+  got = policy_train.reward_windows(records)
+  assert list(got) == ["1-10", "11-20", "21-23"]
+  assert got["1-10"] == 0.5 and got["21-23"] == pytest.approx(2 / 3)
 
 
 def test_reward_is_exact_match():
@@ -107,6 +138,9 @@ def test_train_grpo_logs_rewards_and_resumes_exactly(runs):
     assert 0.0 <= r["reward"] <= 1.0 and r["clip_fraction"] == 0.0  # one update per batch
   summary = json.load(open(out / "summary.json"))
   assert "reward_before" in summary and "reward_after" in summary
+  window = summary["sampled_reward_after"]
+  assert list(window) == ["1-3"]
+  assert window["1-3"] == pytest.approx(np.mean([r["reward"] for r in records]), abs=1e-6)
   assert (out / "reward.png").exists()
 
   # Stopped after 1 step and resumed: the same answers (sampling keys) and losses.

@@ -1,7 +1,7 @@
 """Reinforcement learning from verifiable rewards: GRPO / DAPO / Dr. GRPO on a trained run.
 
 ``jaxnll train --loss grpo --init RUN_DIR [--group-size G] [--prompts-per-step P]
-[--clip-low ε_l] [--clip-high ε_h] [--kl-coef β] [--normalize tokens|samples|constant]``
+[--clip-low ε_l] [--clip-high ε_h] [--kl-coef β] [--normalize tokens|samples|sum]``
 starts the policy from the trained model of ``RUN_DIR`` and, every step,
 
 1. draws ``P`` training prompts (from ``(seed, step)``) and samples ``G`` answers to each from
@@ -10,22 +10,26 @@ starts the policy from the trained model of ``RUN_DIR`` and, every step,
 2. scores each answer with a **verifiable reward**: 1 if it equals the reference answer
    exactly (the embedded task families — arithmetic, reversing, copying, upper-casing,
    translation, look-ups — or a JSONL of ``{"prompt", "answer"}``), else 0;
-3. computes group advantages (:func:`jaxnll.group_advantages`), the per-token NLL of the
-   answers under the sampling policy (``old``) and under the frozen initial model
-   (``ref``);
+3. computes group advantages (:func:`jaxnll.group_advantages`) and, with ``β > 0``, the
+   per-token NLL of the answers under the frozen initial model (``ref``);
 4. takes one optimizer step on :func:`jaxnll.ppo_clip_loss` (k3 KL to the reference with
    ``β > 0``), normalised as ``--normalize`` says, exactly under accumulation and devices
    (numerator and denominator per micro-batch, :mod:`jaxnll.train.objectives`).
 
-One update per batch of answers: the ratio is 1 at the update and the loss's gradient is the
-(group-normalised) REINFORCE gradient; clipping matters once several updates reuse one batch
-(not offered here; the clip fraction is logged and is 0).
+One update per batch of answers: the sampling policy *is* the policy being updated, so the
+``old`` per-token NLL is ``stop_gradient`` of the NLL the step computes (no second forward
+pass, no host round trip); the ratio is 1 at the update and the loss's gradient is the
+(group-normalised) REINFORCE gradient.  A batch that carries ``old_nll`` (several updates on
+one batch, as PPO does) uses it instead; clipping matters only then (the clip fraction is
+logged and is 0 here).
 
 Logged per step in ``metrics.jsonl``: ``loss``, ``reward`` (mean over the answers),
-``kl_loss`` (k3 per answer token), ``clip_loss`` (fraction of answer tokens clipped),
-``entropy_loss`` (mean entropy per answer token), ``response_length`` (mean tokens per
+``kl`` (k3 per answer token, with ``β > 0``), ``clip_fraction`` (fraction of answer tokens clipped),
+``entropy`` (mean entropy per answer token), ``response_length`` (mean tokens per
 answer).  ``summary.json`` has ``reward_before`` / ``reward_after``: the mean held-out reward of
-greedy answers.  ``reward.png`` plots reward and KL.
+greedy answers, and beside them what the objective itself optimises: the mean *sampled* reward
+on the training prompts per window of steps (``sampled_reward_after``).  ``reward.png``
+plots reward and KL.
 
 References: Z. Shao et al., *DeepSeekMath* (2024; GRPO); Q. Yu et al., *DAPO* (2025); Z. Liu
 et al., *Understanding R1-Zero-Like Training* (2025; Dr. GRPO); J. Schulman et al., *Proximal
@@ -46,12 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnll._core import safe_divide
 from jaxnll.argtypes import mode_options
 from jaxnll.fused import linear_token_nll
 from jaxnll.nll import span_counts
+from jaxnll.policy import NORMALIZATIONS, k3_kl, policy_loss_terms, ppo_clip_loss
 from jaxnll.policy import group_advantages as _group_advantages
-from jaxnll.policy import k3_kl, ppo_clip_loss
 from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
 from jaxnll.train import generate
@@ -59,7 +62,9 @@ from jaxnll.train import run as run_lib
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux
 
 F32 = jnp.float32
-NORMALIZE = ("tokens", "samples", "constant")
+NORMALIZE = NORMALIZATIONS
+#: Steps per window of ``summary.json``'s ``sampled_reward_by_window``.
+REWARD_WINDOW = 10
 Batch = dict[str, Any]
 
 
@@ -74,8 +79,8 @@ class PolicyConfig:
     prompts_per_step: ``P`` prompts per step (``P·G`` rows a step).
     clip_low, clip_high: ``ε_low``, ``ε_high`` of the clipped ratio.
     kl_coef: ``β`` of the k3 KL to the reference.
-    normalize: ``"tokens"`` (DAPO), ``"samples"`` (GRPO), ``"constant"`` (Dr. GRPO: the
-      summed loss over ``max_new ·`` answers).
+    normalize: ``"tokens"`` (DAPO), ``"samples"`` (GRPO), ``"sum"`` (Dr. GRPO: the
+      summed loss over the constant ``max_new ·`` answers of the step).
     temperature, top_k, top_p: sampling of the answers.
     max_new: most tokens sampled per answer.
     eval_prompts: held-out prompts whose greedy answers give the reported reward (0: all).
@@ -131,8 +136,15 @@ def _token_nll_and_entropy(model, tokens, targets, mask, temperature=1.0):
   ``[B, T, V]`` logits, only the target positions computed), at the sampling
   ``temperature`` (the distribution the answers were drawn from)."""
   hidden = model(tokens, return_hidden=True)
+  weight, layout = model.output_head()  # a tied [V, D] table is read in place
   return linear_token_nll(
-    hidden, model.head_weight(), targets, mask, temperature=temperature, return_entropy=True
+    hidden,
+    weight,
+    targets,
+    mask,
+    temperature=temperature,
+    return_entropy=True,
+    weight_layout=layout,
   )
 
 
@@ -150,13 +162,16 @@ class Policy(Objective):
   """The clipped policy-gradient numerator of one micro-batch and its aux.
 
   Reads the batch of :class:`PolicyTask`: the sampled rows (``tokens``, ``span_mask`` over
-  the answer, ``segment_ids``, ``positions``), ``advantages`` ``[B]`` and the shifted
-  per-token ``old_nll`` / ``ref_nll`` ``[B, T]``.  ``denominator``: answer tokens
-  (``"tokens"``), answers with at least one token (``"samples"``, the numerator summing
-  per-answer means) or ``max_new ·`` answers (``"constant"``) — plain sums, so adding them
-  over micro-batches and devices reproduces the full batch.  Also reports ``kl_sum`` /
-  ``kl_count``, ``clip_sum`` / ``clip_count``, ``entropy_sum`` / ``entropy_count`` (per answer
-  token) and the per-answer NLL as ``sample_sums`` / ``sample_counts``.
+  the answer, ``segment_ids``, ``positions``), ``advantages`` ``[B]`` and, optionally, the
+  shifted per-token ``old_nll`` (default: ``stop_gradient`` of this step's NLL — one update
+  per batch) and ``ref_nll`` ``[B, T]`` (needed when ``kl_coef > 0``).  Numerator and
+  denominator are :func:`jaxnll.policy_loss_terms`' (answer tokens for ``"tokens"``,
+  answers with at least one token for ``"samples"``); for ``"sum"`` the denominator is
+  ``max_new ·`` rows of the micro-batch, whose total over micro-batches and devices is the
+  step's constant — plain sums, so adding them reproduces the full batch.  Also reports
+  ``clip_sum`` / ``clip_count``, ``entropy_sum`` / ``entropy_count`` (and ``kl_sum`` /
+  ``kl_count`` with a reference), per answer token, and the per-answer NLL as
+  ``sample_sums`` / ``sample_counts``.
   """
 
   config: PolicyConfig
@@ -166,7 +181,10 @@ class Policy(Objective):
     targets, mask, valid_mask, num_segments = batch_masks(batch)
     nll, entropy = _token_nll_and_entropy(model, batch["tokens"], targets, mask, c.temperature)
     sg = jax.lax.stop_gradient
-    old, ref, adv = batch["old_nll"], batch["ref_nll"], batch["advantages"]
+    old = batch["old_nll"] if "old_nll" in batch else sg(nll)
+    ref, adv = batch.get("ref_nll"), batch["advantages"]
+    if c.kl_coef > 0.0 and ref is None:
+      raise ValueError("kl_coef > 0 needs the batch's ref_nll (the reference's per-token NLL)")
     sums = ppo_clip_loss(
       nll,
       old,
@@ -174,27 +192,23 @@ class Policy(Objective):
       mask,
       clip_low=c.clip_low,
       clip_high=c.clip_high,
-      ref_token_nll=ref,
+      ref_token_nll=ref if c.kl_coef > 0.0 else None,
       kl_coef=c.kl_coef,
     )
     counts = span_counts(mask)
-    answered = jnp.sum(counts > 0, dtype=F32)
-    if c.normalize == "samples":
-      numerator = jnp.sum(safe_divide(sums, counts))
-      denominator = answered
-    else:
-      numerator = jnp.sum(sums)
-      denominator = jnp.sum(counts) if c.normalize == "tokens" else c.max_new * answered
+    numerator, denominator = policy_loss_terms(sums, counts, normalize=c.normalize)
+    if c.normalize == "sum":  # Dr. GRPO's constant, shared out over the micro-batches
+      denominator = jnp.asarray(c.max_new * sums.shape[0], F32)
     ratio = jnp.exp(jnp.where(mask, old - sg(nll), 0.0))
     a = adv[:, None]
     clipped = mask & (((ratio > 1 + c.clip_high) & (a > 0)) | ((ratio < 1 - c.clip_low) & (a < 0)))
     token_count = jnp.sum(counts)
     sample_sums = jnp.sum(sg(nll), axis=-1)[:, None]
     aux = common_aux(batch, mask, valid_mask, sample_sums, num_segments)
+    if ref is not None:
+      aux.update(kl_sum=jnp.sum(k3_kl(sg(nll), ref, mask)), kl_count=token_count)
     aux.update(
       denominator=denominator,
-      kl_sum=jnp.sum(k3_kl(sg(nll), ref, mask)),
-      kl_count=token_count,
       clip_sum=jnp.sum(clipped, dtype=F32),
       clip_count=token_count,
       entropy_sum=jnp.sum(sg(entropy)),
@@ -264,8 +278,8 @@ def greedy_rewards(model, examples, length: int, *, max_new: int) -> np.ndarray:
 def sampled_batch(model, examples, length: int, key, config: PolicyConfig):
   """Samples an answer to each of ``examples`` (rows in groups of ``config.group_size``) and
   scores it: ``(rows, rewards, answer_lengths)``.  ``rows`` holds the training rows
-  (``tokens``, ``span_mask`` over the answer and its EOS, ``segment_ids``, ``positions``), the
-  group ``advantages`` and ``old_nll``, the per-token NLL under the sampling ``model``."""
+  (``tokens``, ``span_mask`` over the answer and its EOS, ``segment_ids``, ``positions``) and
+  the group ``advantages``."""
   c = config
   prompts, tokens, lengths = _prompt_rows(examples, length)
   out, end = jax.device_get(
@@ -291,9 +305,7 @@ def sampled_batch(model, examples, length: int, key, config: PolicyConfig):
     "segment_ids": seg,
     "positions": np.broadcast_to(pos, out.shape).astype(np.int32),
   }
-  old = _answer_nll(model, rows["tokens"], span, seg, temperature=c.temperature)
   rows["advantages"] = np.asarray(_group_advantages(jnp.asarray(rewards), c.group_size))
-  rows["old_nll"] = np.asarray(old)
   return rows, rewards, (end - start[:, 0]).astype(np.float32)
 
 
@@ -314,6 +326,7 @@ class PolicyTask(Task):
     self.heldout = heldout[: config.eval_prompts] if config.eval_prompts else heldout
     self.seed = run.seed
     self._last: dict[str, float] = {}
+    self._started = False
     log(
       f"policy: from {config.init} (step {step}); {config.prompts_per_step} prompts x "
       f"{config.group_size} answers a step, normalize={config.normalize}, "
@@ -336,41 +349,71 @@ class PolicyTask(Task):
       step += 1
 
   def prepare(self, batch: Batch, model, step: int) -> Batch:
-    """Samples the answers, scores them and adds advantages and old / reference NLLs."""
+    """Samples the answers, scores them and adds the advantages (and, with ``kl_coef > 0``,
+    the reference's per-token NLL)."""
     ids = np.asarray(batch["sample_ids"])[:, 0]
     key = jax.random.fold_in(jax.random.key(self.seed), step)
     rows, rewards, lengths = sampled_batch(
       model, [self.examples[i] for i in ids], self.length, key, self.config
     )
-    args = (rows["tokens"], rows["span_mask"], rows["segment_ids"])
-    ref = _answer_nll(self.reference, *args, temperature=self.config.temperature)
     self._last = {"reward": float(rewards.mean()), "response_length": float(lengths.mean())}
-    return {**rows, "sample_ids": batch["sample_ids"], "ref_nll": np.asarray(ref)}
+    rows = {**rows, "sample_ids": batch["sample_ids"]}
+    if self.config.kl_coef > 0.0:
+      args = (rows["tokens"], rows["span_mask"], rows["segment_ids"])
+      ref = _answer_nll(self.reference, *args, temperature=self.config.temperature)
+      rows["ref_nll"] = np.asarray(ref)
+    return rows
 
   def annotate(self, record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
-    """Adds ``reward``, ``response_length``, ``kl``, ``clip_fraction`` and ``entropy``."""
+    """Adds ``reward``, ``response_length``, ``clip_fraction``, ``entropy`` (and ``kl``)."""
     record.update(self._last)
-    record["kl"] = float(out["kl_loss"])
+    if "kl_loss" in out:
+      record["kl"] = float(out["kl_loss"])
     record["clip_fraction"] = float(out["clip_loss"])
     record["entropy"] = float(out["entropy_loss"])
     return record
 
   def report(self, model) -> dict[str, float]:
-    """Mean held-out reward of greedy answers (and ``reward.png`` once steps are logged)."""
+    """Mean held-out reward of greedy answers; at the end of the run (every call after the
+    first, which reports the start) also what the objective optimised: the sampled reward on
+    the training prompts per window of :data:`REWARD_WINDOW` steps (and ``reward.png``)."""
     got = greedy_rewards(model, self.heldout, self.length, max_new=self.config.max_new)
+    out: dict[str, Any] = {"reward": float(np.mean(got))}
     path = os.path.join(self.out_dir, "metrics.jsonl")
-    if os.path.exists(path):
+    if self._started and os.path.exists(path):
       plot_reward(path, os.path.join(self.out_dir, "reward.png"))
-    return {"reward": float(np.mean(got))}
+      out["sampled_reward"] = reward_windows(_read_jsonl(path))
+    self._started = True
+    return out
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def reward_windows(records, window: int = REWARD_WINDOW) -> dict[str, float]:
+  """Mean sampled reward per window of steps, ``{"1-10": r, "11-20": r, ...}``.
+
+  >>> reward_windows([{"step": s, "reward": s / 10} for s in range(1, 6)], window=2)
+  {'1-2': 0.15, '3-4': 0.35, '5-5': 0.5}
+  """
+  by_step = {r["step"]: r["reward"] for r in records if "reward" in r}
+  last = max(by_step, default=0)
+  out = {}
+  for lo in range(1, last + 1, window):
+    hi = min(lo + window - 1, last)
+    got = [by_step[s] for s in range(lo, hi + 1) if s in by_step]
+    if got:
+      out[f"{lo}-{hi}"] = round(float(np.mean(got)), 6)
+  return out
 
 
 def plot_reward(metrics_path: str, out_path: str) -> None:
   """``reward.png``: mean sampled reward and k3 KL per step."""
   from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-  with open(metrics_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  records = [r for r in records if "reward" in r]
+  records = [r for r in _read_jsonl(metrics_path) if "reward" in r]
   if not records:
     return
   steps = [r["step"] for r in records]
@@ -379,9 +422,10 @@ def plot_reward(metrics_path: str, out_path: str) -> None:
   ax.plot(steps, [r["reward"] for r in records], label="reward (sampled answers)")
   ax.set_xlabel("step")
   ax.set_ylabel("mean reward")
-  ax2 = ax.twinx()
-  ax2.plot(steps, [r["kl"] for r in records], color="tab:red", label="KL to the start (k3)")
-  ax2.set_ylabel("KL per token")
+  if all("kl" in r for r in records):
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["kl"] for r in records], color="tab:red", label="KL to the start (k3)")
+    ax2.set_ylabel("KL per token")
   fig.legend(loc="upper left")
   fig.tight_layout()
   fig.savefig(out_path, dpi=120)
@@ -416,7 +460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "--normalize",
     choices=NORMALIZE,
     help="tokens: token mean (DAPO, default); samples: per-answer means (GRPO); "
-    "constant: sum / (max_new · answers) (Dr. GRPO)",
+    "sum: sum / (max_new · answers of the step) (Dr. GRPO)",
   )
 
 
