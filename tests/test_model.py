@@ -26,18 +26,20 @@ def _tokens(shape, seed=0, vocab=40):
 
 @pytest.mark.parametrize("config", [TINY, TINY_LSTM], ids=["transformer", "lstm"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_logits_are_hidden_times_head_weight(config, tie):
+def test_logits_are_hidden_times_the_output_head(config, tie):
   model = make_model(dataclasses.replace(config, tie_embeddings=tie))
   tokens = _tokens((3, 7))
   logits = _apply(model, tokens)
   hidden = _apply(model, tokens, return_hidden=True)
-  weight = model.head_weight()
-  assert logits.shape == (3, 7, 40) and hidden.shape == (3, 7, 16) and weight.shape == (16, 40)
-  np.testing.assert_allclose(logits, hidden @ weight, rtol=1e-5, atol=1e-6)
-  if tie:
-    np.testing.assert_array_equal(weight, model.embed.embedding[...].T)
+  weight, layout = model.output_head()
+  assert logits.shape == (3, 7, 40) and hidden.shape == (3, 7, 16)
+  assert layout == ("vd" if tie else "dv")
+  if tie:  # the embedding table itself, [V, D], no transposed copy
+    np.testing.assert_array_equal(weight, model.embed.embedding[...])
+    np.testing.assert_allclose(logits, hidden @ weight.T, rtol=1e-5, atol=1e-6)
   else:
     np.testing.assert_array_equal(weight, model.head.kernel[...])
+    np.testing.assert_allclose(logits, hidden @ weight, rtol=1e-5, atol=1e-6)
 
 
 def test_default_sizes_stay_under_a_million_parameters():

@@ -279,12 +279,6 @@ class _LanguageModel(nnx.Module):
       return self.embed.embedding[...], "vd"
     return self.head.kernel[...], "dv"
 
-  def head_weight(self) -> Float[Array, "D V"]:
-    """The output head as a ``[D, V]`` matrix: ``logits = hidden @ head_weight()`` (with tied
-    embeddings a transposed copy of the table; the fused losses take :meth:`output_head`)."""
-    weight, layout = self.output_head()
-    return weight.T if layout == "vd" else weight
-
   def logits(self, hidden: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
     """Applies the output head to hidden states ``[..., D]`` (from ``__call__(...,
     return_hidden=True)`` or a decoding step)."""

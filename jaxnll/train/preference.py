@@ -437,7 +437,8 @@ class Preference(Objective):
     )
     if self.fused:
       hidden = model(batch["tokens"], return_hidden=True, **kwargs)
-      nll = parallel.head_sequence_nll(hidden, model.head_weight(), targets, target_mask)
+      weight, layout = model.output_head()  # a tied [V, D] table is read in place
+      nll = parallel.head_sequence_nll(hidden, weight, targets, target_mask, weight_layout=layout)
     else:
       nll = sequence_nll(model(batch["tokens"], **kwargs), targets, target_mask)
     counts = jnp.sum(target_mask, axis=-1, dtype=F32)
