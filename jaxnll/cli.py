@@ -13,7 +13,7 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 
-from jaxnll.argtypes import (
+from jaxnll.train.argtypes import (
   nonnegative_int,
   output_dir,
   output_file,

@@ -10,14 +10,6 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxnll.argtypes import (
-  batch_tokens,
-  fraction_list,
-  nonnegative_int,
-  output_dir,
-  positive_float,
-  positive_int,
-)
 from jaxnll.bench import harness, records
 from jaxnll.bench.impls import SUITE, implementations
 from jaxnll.bench.report import report, summary
@@ -29,6 +21,14 @@ from jaxnll.bench.specs import (
   Case,
   is_accelerator,
   resolve,
+)
+from jaxnll.train.argtypes import (
+  batch_tokens,
+  fraction_list,
+  nonnegative_int,
+  output_dir,
+  positive_float,
+  positive_int,
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
