@@ -252,10 +252,11 @@ def _resume_config(args: argparse.Namespace):
     value = getattr(args, dest)
     value = as_saved(value) if as_saved else value
     if value != saved_value(saved):
+      was = "unset" if saved_value(saved) is None else saved_value(saved)
       raise run_lib.RunDirError(
-        f"--resume: {flag} {getattr(args, dest)} differs from the run's {saved_value(saved)} "
-        f"({where}); a resumed run keeps its configuration: leave {flag} out, or start a "
-        "new run (another --out, or --overwrite)"
+        f"--resume: {flag} {getattr(args, dest)} differs from the run's {was} ({where}); a "
+        f"resumed run keeps its configuration: leave {flag} out, or start a new run "
+        "(another --out, or --overwrite)"
       )
   given = {
     field: getattr(args, dest)

@@ -136,10 +136,10 @@ RESUME_REFUSED = [
   (["--loss", "selective"], "--loss selective differs from the run's subsequence"),
   (["--context-gradient", "stop"], "--context-gradient stop differs from the run's flow"),
   (["--data", "{other}"], "--data {other} differs from the run's"),
-  (["--teacher", "{run}"], "--teacher {run} differs from the run's None"),
-  (["--kd-weight", "0.3"], "--kd-weight 0.3 differs from the run's None"),
-  (["--beta", "0.2"], "--beta 0.2 differs from the run's None"),
-  (["--group-size", "4"], "--group-size 4 differs from the run's None"),
+  (["--teacher", "{run}"], "--teacher {run} differs from the run's unset"),
+  (["--kd-weight", "0.3"], "--kd-weight 0.3 differs from the run's unset"),
+  (["--beta", "0.2"], "--beta 0.2 differs from the run's unset"),
+  (["--group-size", "4"], "--group-size 4 differs from the run's unset"),
   (["--steps", "2"], "--steps 2 is below the 3 steps the run in {run} has done"),
 ]
 
