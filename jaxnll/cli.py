@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -91,10 +92,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--resume",
     action="store_true",
-    help="continue from DIR's latest checkpoint (Ctrl-C and SIGTERM save one)",
+    help="continue the run in --out from its latest checkpoint (Ctrl-C and SIGTERM save one) "
+    "with its saved configuration, up to its --steps; --steps (not below the steps done), "
+    "--eval-every and --table-rows may change, any other flag that differs from its "
+    "config.json is refused",
   )
   p.add_argument(
-    "--overwrite", action="store_true", help="replace the run in --out (its own files only)"
+    "--overwrite",
+    action="store_true",
+    help="replace the jaxnll run in --out (its own files only; a directory whose config.json "
+    "a run did not write is refused)",
   )
   p.add_argument("--seed", type=nonnegative_int, default=d.seed, help="init and data-order seed")
   p.add_argument("--model", choices=KINDS, default=d.model.kind, help="architecture")
@@ -165,6 +172,100 @@ def _init_devices(args: argparse.Namespace) -> None:
   runtime.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
 
 
+def _path(value) -> str | None:
+  return None if value is None else os.path.realpath(value)
+
+
+def _saved(section: str, key: str, *, path: bool = False):
+  def get(c):
+    value = (getattr(c, section) or {}).get(key)
+    return _path(value) if path else value
+
+  return get
+
+
+#: How ``jaxnll train --resume`` reads each flag that sets a saved field: ``dest: (the saved
+#: value, the flag's value as saved)``. A given flag whose value differs is refused.
+RESUME_FIXED: dict[str, tuple[Callable, Callable]] = {
+  "data": (lambda c: _path(c.preference["data"] if c.preference else c.data), _path),
+  "loss": (
+    lambda c: "grpo" if c.policy else c.preference["kind"] if c.preference else c.train.loss,
+    None,
+  ),
+  "pack": (lambda c: c.batch.pack, None),
+  "accum": (lambda c: c.train.accum, None),
+  "fused": (lambda c: c.train.fused, None),
+  "seed": (lambda c: c.seed, None),
+  "model": (lambda c: c.model.kind, None),
+  "d_model": (lambda c: c.model.d_model, None),
+  "layers": (lambda c: c.model.num_layers, None),
+  "batch_size": (lambda c: c.batch.rows, None),
+  "lr": (lambda c: c.train.learning_rate, None),
+  "context_gradient": (lambda c: c.model.context_gradient, None),
+  "teacher": (_saved("distill", "teacher", path=True), _path),
+  "init": (lambda c: _path((c.preference or c.policy or {}).get("init")), _path),
+  **{k: (_saved("distill", k), None) for k in ("kd_weight", "temperature", "kd")},
+  **{k: (_saved("preference", k), None) for k in ("beta", "gamma", "label_smoothing")},
+  **{
+    k: (_saved("policy", k), None)
+    for k in ("group_size", "prompts_per_step", "clip_low", "clip_high", "kl_coef", "normalize")
+  },
+}
+#: Flags ``--resume`` applies (logged): the run's length and its reporting.
+RESUME_CHANGEABLE = {"steps": "steps", "eval_every": "eval_every", "table_rows": "table_rows"}
+#: Flags that are not part of the saved run: where and how it runs.
+NOT_SAVED = {"out", "resume", "overwrite", "no_progress", "mesh"}
+NOT_SAVED |= {"coordinator", "num_processes", "process_id", "distributed"}
+
+
+def _given(argv: Sequence[str] | None, command: str) -> set[str]:
+  """The destinations of the options written on the command line of ``command`` (whatever
+  their value: ``--batch-size 32`` is given even where 32 is the default)."""
+  parser = build_parser()
+  for action in parser._actions:  # noqa: SLF001 (argparse has no public walk of sub-parsers)
+    if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+      sub = action.choices[command]
+      for a in sub._actions:  # noqa: SLF001
+        a.default = argparse.SUPPRESS
+  args, _ = parser.parse_known_args(argv)
+  return set(vars(args)) - {"command", "handler", "missing_extra"}
+
+
+def _resume_config(args: argparse.Namespace):
+  """``--resume``: the saved configuration, with ``--steps`` / ``--eval-every`` /
+  ``--table-rows`` where given; any other given flag must equal the saved value (one-line
+  ``RunDirError`` naming it otherwise), before anything is built."""
+  from jaxnll.train import run as run_lib
+
+  saved = run_lib.check_run_dir(args.out, resume=True, overwrite=args.overwrite)
+  where = os.path.join(args.out, "config.json")
+  for dest in sorted(getattr(args, "given", set())):
+    if dest in NOT_SAVED or dest in RESUME_CHANGEABLE:
+      continue
+    flag = "--" + dest.replace("_", "-")
+    if dest not in RESUME_FIXED:
+      raise run_lib.RunDirError(
+        f"--resume: {flag} cannot be set on a resumed run (it keeps the configuration in "
+        f"{where}); leave {flag} out, or start a new run"
+      )
+    saved_value, as_saved = RESUME_FIXED[dest]
+    value = getattr(args, dest)
+    value = as_saved(value) if as_saved else value
+    if value != saved_value(saved):
+      was = "unset" if saved_value(saved) is None else saved_value(saved)
+      raise run_lib.RunDirError(
+        f"--resume: {flag} {getattr(args, dest)} differs from the run's {was} ({where}); a "
+        f"resumed run keeps its configuration: leave {flag} out, or start a new run "
+        "(another --out, or --overwrite)"
+      )
+  given = {
+    field: getattr(args, dest)
+    for dest, field in RESUME_CHANGEABLE.items()
+    if getattr(args, dest) is not None and dest in getattr(args, "given", set())
+  }
+  return dataclasses.replace(saved, **given)
+
+
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
   from jaxnll.train import policy, preference
@@ -173,6 +274,10 @@ def _run_train(args: argparse.Namespace) -> int:
   from jaxnll.train.run import RunConfig
   from jaxnll.train.teacher import config_from_args as distill_config
 
+  if args.resume:
+    config = _resume_config(args)
+    run = functools.partial(preference.fit, train_loop=fit) if config.preference else fit
+    return _train(run, config, args)
   d = RunConfig()
   preference_config = preference.config_from_args(args)  # None unless --loss dpo|ipo|...
   if preference_config is not None:
@@ -207,6 +312,10 @@ def _run_train(args: argparse.Namespace) -> int:
   )
   config = policy.apply_config(config, policy.config_from_args(args))
   run = functools.partial(preference.fit, train_loop=fit) if preference_config else fit
+  return _train(run, config, args)
+
+
+def _train(run, config, args: argparse.Namespace) -> int:
   summary = run(
     config,
     args.out,
@@ -304,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, unknown = parser.parse_known_args(argv)
   if unknown and not getattr(args, "missing_extra", False):
     parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  if args.command == "train" and not getattr(args, "missing_extra", False):
+    args.given = _given(argv, "train")
   try:
     return args.handler(args)
   except (ValueError, OSError) as e:  # DataError, ConfigError, CheckpointError: ValueErrors
@@ -315,8 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if message is None:
       raise
     return _report(message, args)
-  except KeyboardInterrupt:  # a second Ctrl-C, or one before the run loop started
-    print(f"jaxnll {args.command}: interrupted", file=sys.stderr)
+  except KeyboardInterrupt as e:  # a third Ctrl-C (a second one before the run loop started)
+    detail = f": {e}" if str(e) else ""  # the run loop says which checkpoint the run ends at
+    print(f"jaxnll {args.command}: interrupted{detail}", file=sys.stderr)
     return 130
 
 

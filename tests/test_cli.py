@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -101,3 +102,116 @@ def test_train_without_the_extra_says_in_one_line_what_to_install(blocked):
     f"jaxnll train: needs {blocked}; install it with: pip install 'jaxnll[train]'"
   ]
   assert not (root / "unused").exists()
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_file):
+  """A finished 3-step run (read-only for the tests below: they copy it to change it)."""
+  run = tmp_path_factory.mktemp("finished") / "run"
+  argv = ["train", "--data", data_file, "--out", str(run), *TINY, "--steps", "3"]
+  assert cli.main([*argv, "--eval-every", "0", "--table-rows", "0"]) == 0
+  return run
+
+
+def _snapshot(run):
+  return {
+    name: (run / name).read_bytes() for name in ("config.json", "metrics.jsonl", "summary.json")
+  }
+
+
+#: ``--resume`` with a flag that differs from the saved run: refused, naming the flag.
+RESUME_REFUSED = [
+  (["--model", "lstm"], "--model lstm differs from the run's transformer"),
+  (["--d-model", "32"], "--d-model 32 differs from the run's 16"),
+  (["--layers", "2"], "--layers 2 differs from the run's 1"),
+  (["--lr", "0.5"], "--lr 0.5 differs from the run's"),
+  (["--batch-size", "8"], "--batch-size 8 differs from the run's 16"),
+  (["--pack"], "--pack True differs from the run's False"),
+  (["--fused"], "--fused True differs from the run's False"),
+  (["--accum", "2"], "--accum 2 differs from the run's 1"),
+  (["--seed", "3"], "--seed 3 differs from the run's 0"),
+  (["--loss", "selective"], "--loss selective differs from the run's subsequence"),
+  (["--context-gradient", "stop"], "--context-gradient stop differs from the run's flow"),
+  (["--data", "{other}"], "--data {other} differs from the run's"),
+  (["--teacher", "{run}"], "--teacher {run} differs from the run's unset"),
+  (["--kd-weight", "0.3"], "--kd-weight 0.3 differs from the run's unset"),
+  (["--beta", "0.2"], "--beta 0.2 differs from the run's unset"),
+  (["--group-size", "4"], "--group-size 4 differs from the run's unset"),
+  (["--steps", "2"], "--steps 2 is below the 3 steps the run in {run} has done"),
+]
+
+
+@pytest.mark.parametrize(
+  "flags, fragment", RESUME_REFUSED, ids=[" ".join(f[0]) for f in RESUME_REFUSED]
+)
+def test_resume_refuses_a_flag_that_differs_from_the_saved_run(
+  flags, fragment, finished, data_file, tmp_path, capsys, monkeypatch
+):
+  from jaxnll.train import loop
+
+  def no_model(*a, **k):
+    raise AssertionError("a model was built for a refused --resume")
+
+  monkeypatch.setattr(loop, "build_trainer", no_model)
+  other = tmp_path / "other.jsonl"
+  other.write_text(pathlib.Path(data_file).read_text())
+  names = {"run": str(finished), "other": str(other)}
+  before = _snapshot(finished)
+  argv = ["train", "--out", str(finished), "--resume", "--no-progress"]
+  assert cli.main([*argv, *(f.format(**names) for f in flags)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert fragment.format(**names) in err, err
+  assert _snapshot(finished) == before  # config.json, records, summary untouched
+
+
+def test_resume_keeps_the_saved_run_and_applies_length_and_reporting(
+  finished, data_file, tmp_path, capsys
+):
+  """``--resume`` alone finishes the saved run: its --steps, not the command line's default;
+  flags equal to the saved values are accepted; --steps past it extends the run, and
+  --eval-every / --table-rows apply (logged)."""
+  run = tmp_path / "run"
+  shutil.copytree(finished, run)
+  same = [
+    "--data",
+    data_file,
+    *TINY,
+    "--lr",
+    str(json.load(open(run / "config.json"))["train"]["learning_rate"]),
+  ]
+  assert cli.main(["train", "--out", str(run), "--resume", *same]) == 0
+  saved = json.loads((run / "config.json").read_text())
+  assert saved["steps"] == 3 and saved["schedule_steps"] == 3  # not 400, the default
+  assert [r["step"] for r in _records(run)] == [1, 2, 3]
+  capsys.readouterr()
+  argv = ["train", "--out", str(run), "--resume", "--no-progress", "--steps", "4"]
+  assert cli.main([*argv, "--eval-every", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "--resume: steps 3 -> 4" in out and "--resume: eval_every 0 -> 1" in out
+  saved = json.loads((run / "config.json").read_text())
+  assert (saved["steps"], saved["schedule_steps"], saved["eval_every"]) == (4, 3, 1)
+  records = _records(run)
+  assert [r["step"] for r in records] == [1, 2, 3, 4] and "heldout_loss" in records[3]
+
+
+def test_resume_without_steps_continues_to_the_saved_steps(finished, tmp_path):
+  """A run stopped at step 1 of 3, resumed without --steps, ends at step 3 (the saved
+  --steps), not at the command line's default 400."""
+  from jaxnll import train
+  from jaxnll.train import run as run_lib
+
+  run = tmp_path / "run"
+  config = run_lib.read_config(str(finished / "config.json"))
+  train.fit(config, str(run), stop_after=1, progress=False, log=lambda s: None)
+  assert [r["step"] for r in _records(run)] == [1]
+  assert cli.main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+  assert [r["step"] for r in _records(run)] == [1, 2, 3]
+  assert json.loads((run / "config.json").read_text())["steps"] == 3
+
+
+def _records(run):
+  return [json.loads(line) for line in open(run / "metrics.jsonl")]

@@ -8,19 +8,22 @@ updates as its step label says, ``metrics.jsonl`` holds steps ``1 .. label`` exa
 ``--resume`` gives records equal, bit for bit, to the uninterrupted run's.
 """
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import pytest
 from flax import nnx
 
-from jaxnll import parallel, train
+from jaxnll import cli, parallel, train
 from jaxnll.train import data as data_lib
 from jaxnll.train import metrics as metrics_lib
 from jaxnll.train import run as run_lib
@@ -71,6 +74,14 @@ def _records(out):
 
 def _without_timing(records):
   return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _complete_steps(directory):
+  """The steps of the complete checkpoints in ``directory`` (orbax renames one to its step
+  number once complete; an unfinished one is ``<step>.orbax-checkpoint-tmp``)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def _checkpoint(config, out):
@@ -231,3 +242,154 @@ def test_real_sigterm_and_sigint_to_jaxnll_train(config, tmp_path):
   for sig, (out, _) in runs.items():
     assert [r["step"] for r in _records(out)] == list(range(1, steps + 1))
     assert _without_timing(_records(out)) == _without_timing(_records(ref)), sig.name
+
+
+@pytest.mark.parametrize("checkpoint_every, stop, resumes_at", [(2, 4, 2), (0, 3, 0)])
+def test_a_lost_last_record_resumes_from_the_newest_checkpoint_it_covers(
+  checkpoint_every, stop, resumes_at, config, reference, one_device, tmp_path
+):
+  """Power-loss order: the checkpoint of the last step is durable, its record (the last line
+  of metrics.jsonl) is cut. Resume falls back to the newest checkpoint the records cover (the
+  start, step 0, where none does), says so in one line, and gives the reference records."""
+  config = dataclasses.replace(config, checkpoint_every=checkpoint_every)
+  train.fit(config, str(tmp_path), mesh=one_device, stop_after=stop, **QUIET)
+  assert _complete_steps(str(tmp_path / "checkpoints"))[-1] == stop
+  path = tmp_path / "metrics.jsonl"
+  text = path.read_text()
+  path.write_text(text[: text.rstrip("\n").rfind("\n") + 1 + 40])  # the last record, cut
+  lines = []
+  train.fit(config, str(tmp_path), resume=True, mesh=one_device, progress=False, log=lines.append)
+  (said,) = [line for line in lines if "metrics.jsonl ends at step" in line]
+  assert f"ends at step {stop - 1}, before the newest checkpoint (step {stop}" in said
+  assert ("the start (step 0)" if resumes_at == 0 else f"step {resumes_at}, the newest") in said
+  assert _without_timing(_records(tmp_path)) == _without_timing(reference)
+
+
+def test_a_third_signal_abandons_the_final_save_atomically(
+  config, reference, one_device, tmp_path, monkeypatch, capfd
+):
+  """A signal after step 3 stops the run; a second one while the checkpoint of step 3 is being
+  written only says so; a third abandons that save (held up here, then never finished, as when
+  the process exits): the run ends at its checkpoint of step 2, in one line, nothing unfinished
+  is read back, and --resume continues from step 2 exactly."""
+  from jaxnll.train import loop
+
+  release = threading.Event()
+  real = loop.checkpointer
+
+  def held_checkpointer(directory, **kw):
+    manager = real(directory, **kw)
+    save = manager.save
+
+    def held(step, *a, force=False, **k):
+      if not force:
+        return save(step, *a, **k)
+      manager.wait_until_finished()  # the periodic checkpoint of step 2 is complete
+      for _ in range(2):  # the second and third signal, while the final save runs
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)  # the main thread handles each (two pending ones would merge)
+      release.wait(60)
+      return None  # abandoned: never finished
+
+    manager.save = held
+    return manager
+
+  monkeypatch.setattr(loop, "checkpointer", held_checkpointer)
+
+  def fault(p, step):
+    if p is Phase.CHECKPOINT and step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(KeyboardInterrupt) as e:
+    train.fit(config, str(tmp_path), mesh=one_device, _fault=fault, **QUIET)
+  release.set()
+  for thread in threading.enumerate():
+    if thread.name == "jaxnll-checkpoint":
+      thread.join(60)
+  assert str(e.value).startswith(
+    "the save of step 3 was abandoned; the run ends at its checkpoint of step 2"
+  )
+  assert "SIGINT again: finishing the step in flight and saving" in capfd.readouterr().err
+  assert _complete_steps(str(tmp_path / "checkpoints")) == [2]
+  assert _checkpoint(config, tmp_path) == (2, 2)
+  assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]  # step 3's record: dropped
+  train.fit(config, str(tmp_path), resume=True, mesh=one_device, **QUIET)
+  assert _without_timing(_records(tmp_path)) == _without_timing(reference)
+
+
+def test_two_quick_signals_to_jaxnll_train_keep_the_committed_step(config, tmp_path):
+  """Ctrl-C, then a second Ctrl-C (or SIGTERM) 0.01-0.15 s later, while the final checkpoint is
+  written: that save finishes, no traceback, the checkpoint holds the step of the last
+  record, nothing unfinished is left, and --resume continues from it. A third signal may
+  abandon the save: then one line says which checkpoint the run ends at (here none: the
+  default --checkpoint-every has not come) and nothing unfinished is read back."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+  env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+  args = ["train", "--data", config.data, "--d-model", "16", "--layers", "1"]
+  args += ["--batch-size", "16", "--pack", "--no-progress", "--eval-every", "0"]
+  args += ["--table-rows", "0", "--lr", "0.01"]
+  later = {  # signals after the first SIGINT: (delay, signal) ...
+    "int-0.01": [(0.01, signal.SIGINT)],
+    "term-0.05": [(0.05, signal.SIGTERM)],
+    "int-0.15": [(0.15, signal.SIGINT)],
+    "three": [(0.02, signal.SIGINT), (0.02, signal.SIGINT)],
+  }
+  runs = {
+    name: subprocess.Popen(
+      [sys.executable, "-m", "jaxnll.cli", *args, "--out", str(tmp_path / name)],
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+    )
+    for name in later
+  }
+  deadline = time.monotonic() + 240  # start-up and compilation
+  pending = dict(later)
+  while pending and time.monotonic() < deadline:
+    for name in list(pending):
+      path = tmp_path / name / "metrics.jsonl"
+      if path.exists() and path.read_text().count("\n") >= 3:
+        runs[name].send_signal(signal.SIGINT)
+        for delay, sig in pending.pop(name):
+          time.sleep(delay)
+          runs[name].send_signal(sig)
+    time.sleep(0.005)
+  results = {}
+  for name, proc in runs.items():
+    if name in pending:
+      proc.kill()
+    _, err = proc.communicate(timeout=120)
+    results[name] = proc.returncode, err.decode()
+  assert not pending, f"no records within the deadline: {results}"
+  for name, (code, err) in results.items():
+    assert code == 130, (name, code, err)
+    assert "Traceback" not in err and "Error" not in err, (name, err)
+    out = tmp_path / name
+    ckpt = out / "checkpoints"
+    steps = _complete_steps(str(ckpt))
+    records = _records(out)
+    assert all(s <= len(records) for s in steps), (name, steps, len(records))
+    if name == "three":  # the save finished, or one line names where the run ends
+      last = err.strip().splitlines()[-1]
+      ends = r"the run ends at its checkpoint of step \d+|the run has no complete checkpoint"
+      assert steps == [len(records)] or re.match(rf"jaxnll train: interrupted: .*({ends})", last), (
+        name,
+        err,
+      )
+      continue
+    assert steps == [len(records)], (name, steps, len(records), err)
+    assert not [p for p in os.listdir(ckpt) if not p.isdigit()], (name, os.listdir(ckpt))
+    assert json.load(open(out / "summary.json"))["steps"] == len(records)
+  # --resume continues from the kept step (in this process: only the step numbers matter).
+  for name in later:
+    if name == "three":
+      continue
+    out = tmp_path / name
+    kept = len(_records(out))
+    argv = [*args, "--out", str(out), "--resume", "--steps", str(kept + 1)]
+    assert cli.main(argv) == 0, name
+    assert [r["step"] for r in _records(out)] == list(range(1, kept + 2)), name

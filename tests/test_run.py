@@ -120,3 +120,40 @@ def test_extending_a_run_keeps_its_schedule(config, one_device, tmp_path):
   assert final == pytest.approx(config.train.learning_rate * config.train.end_lr_fraction)
   assert [r["lr"] for r in records[4:]] == [final, final]
   assert records[3]["lr"] > final  # the original last step was still decaying
+
+
+@pytest.mark.parametrize(
+  "config_json",
+  [
+    {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16},
+    {},  # reads back as the default RunConfig: still not what a run writes
+    {"model": {"kind": "transformer"}, "steps": 3},
+    [1, 2],
+  ],
+  ids=["hugging-face", "empty", "partial", "list"],
+)
+def test_overwrite_refuses_a_folder_that_merely_holds_a_config_json(config, config_json, tmp_path):
+  """A model folder (a Hugging Face one, say) has a config.json but is not a jaxnll run:
+  refused with and without --overwrite, nothing touched."""
+  (tmp_path / "config.json").write_text(json.dumps(config_json))
+  (tmp_path / "model.safetensors").write_bytes(b"weights")
+  for overwrite in (False, True):
+    with pytest.raises(run_lib.RunDirError, match="is not a jaxnll run .*config.json") as e:
+      train.fit(config, str(tmp_path), overwrite=overwrite, **QUIET)
+    assert "holds a jaxnll run" not in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+  assert json.loads((tmp_path / "config.json").read_text()) == config_json
+
+
+def test_resume_refuses_a_config_that_differs_from_the_saved_one(config, one_device, tmp_path):
+  """The library's ``fit(resume=True)``: a field other than the run's length and reporting
+  that differs from config.json is refused, naming it, before anything is written."""
+  train.fit(config, str(tmp_path), stop_after=1, mesh=one_device, **QUIET)
+  saved = (tmp_path / "config.json").read_text()
+  other = train.RunConfig(**dict(config.__dict__, seed=5))
+  with pytest.raises(run_lib.RunDirError, match="--resume: seed is 5 but the run in"):
+    train.fit(other, str(tmp_path), resume=True, mesh=one_device, **QUIET)
+  wider = train.RunConfig(**dict(config.__dict__, model=ModelConfig(d_model=32)))
+  with pytest.raises(run_lib.RunDirError, match="--resume: model.d_model is 32"):
+    train.fit(wider, str(tmp_path), resume=True, mesh=one_device, **QUIET)
+  assert (tmp_path / "config.json").read_text() == saved

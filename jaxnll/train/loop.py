@@ -13,6 +13,8 @@ import dataclasses
 import enum
 import functools
 import os
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -164,13 +166,16 @@ def fit(
   Writes ``config.json``, ``metrics.jsonl`` (one record per step), ``loss.png``,
   ``checkpoints/`` (every ``checkpoint_every`` steps and always on exit) and ``summary.json``.
   ``out_dir`` must be new, empty, or a run: with ``resume`` it continues from the latest
-  checkpoint (keeping the saved configuration, except ``steps``; the learning-rate schedule
-  stays the saved ``schedule_steps`` long, see :class:`RunConfig`), with ``overwrite`` the
-  run's own files are replaced; anything else is refused before any work
-  (:func:`jaxnll.train.run.check_run_dir`).
+  checkpoint (the newest the records cover) with the saved configuration: ``config`` may
+  only change :data:`~jaxnll.train.run.RESUME_CHANGEABLE` (``steps``, not below the steps
+  done; the learning-rate schedule stays the saved ``schedule_steps`` long, see
+  :class:`RunConfig`), any other difference is refused (:func:`~jaxnll.train.run.resumed_config`);
+  with ``overwrite`` the run's own files are replaced; anything else is refused before any
+  work (:func:`jaxnll.train.run.check_run_dir`).
 
   SIGINT (Ctrl-C) and SIGTERM stop the run after the step in flight: its record is written,
-  a checkpoint of exactly that step is saved, and a later ``resume`` gives the same records
+  a checkpoint of exactly that step is saved (a second signal waits for it, a third abandons
+  it: :class:`~jaxnll.train.runtime.StopRequest`), and a later ``resume`` gives the same records
   (losses bit for bit, epoch aggregates included) as a run that never stopped. The summary
   then says ``"interrupted": "SIGTERM"`` and has no end-of-run evaluation. ``stop_after``
   ends the run after that many steps in total (as an interruption would, but with the final
@@ -207,7 +212,12 @@ def fit(
     finally:
       if bar is not None:
         bar.close()
-    return _finish(run, done, records, before, stop=stop, seconds=time.perf_counter() - t_start)
+    try:
+      return _finish(run, done, records, before, stop=stop, seconds=time.perf_counter() - t_start)
+    except KeyboardInterrupt as e:  # a third signal while finishing: the checkpoint is saved
+      if str(e):
+        raise
+      raise KeyboardInterrupt(_ends_at(run, "stopped at once")) from None
 
 
 def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
@@ -218,9 +228,19 @@ def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
     log = lambda _: None  # noqa: E731
   saved = run_lib.check_run_dir(out_dir, resume=resume, overwrite=overwrite)
   if saved is not None:
-    config = dataclasses.replace(
-      saved, steps=config.steps, schedule_steps=saved.total_schedule_steps
-    )
+    config_path = os.path.join(out_dir, "config.json")
+    config = run_lib.resumed_config(saved, config, where=config_path)
+    config = dataclasses.replace(config, schedule_steps=saved.total_schedule_steps)
+    records = metrics_lib.read_records(os.path.join(out_dir, "metrics.jsonl"))
+    done = records[-1]["step"] if records else 0
+    if config.steps < done:
+      raise run_lib.RunDirError(
+        f"--steps {config.steps} is below the {done} steps the run in {out_dir} has done; a "
+        f"resume cannot shorten a run (leave --steps out to continue to its {saved.steps})"
+      )
+    for name in run_lib.RESUME_CHANGEABLE:
+      if getattr(config, name) != getattr(saved, name):
+        log(f"jaxnll: --resume: {name} {getattr(saved, name)} -> {getattr(config, name)}")
   else:
     config = dataclasses.replace(config, schedule_steps=config.total_schedule_steps)
   mesh = mesh if isinstance(mesh, Mesh) else parallel.make_mesh(mesh)
@@ -268,8 +288,9 @@ def _initial_state(run: _Run, *, resume: bool):
   run.shardings = runtime.state_shardings(state, mesh)
   start, records = 0, []
   if resume:
-    # Read straight into this run's layout, whatever mesh wrote the checkpoint.
-    start, state = restore_state(run.ckpt_dir, runtime.abstract(state, run.shardings))
+    at = _resume_step(run)
+    if at != 0:  # read straight into this run's layout, whatever mesh wrote the checkpoint
+      start, state = restore_state(run.ckpt_dir, runtime.abstract(state, run.shardings), at)
     records = metrics_lib.repair_records(run.metrics_path, start, write=run.primary)
   elif run.primary and os.path.exists(run.metrics_path):
     os.remove(run.metrics_path)  # a run's own file, left by an earlier --overwrite'd run
@@ -287,6 +308,41 @@ def _initial_state(run: _Run, *, resume: bool):
     + (", fused" if config.train.fused else "")
   )
   return start, state, records
+
+
+def _resume_step(run: _Run) -> int | None:
+  """The checkpoint to resume from: the newest one, or, when ``metrics.jsonl`` ends before it
+  (a power cut after the checkpoint was durable but before the last record was), the newest
+  one the records cover (0: none does; the run starts again from its initial state), the
+  newer ones then removed. None: the newest, which the records cover."""
+  steps = run_lib.checkpoint_steps(run.ckpt_dir)
+  records = metrics_lib.read_records(run.metrics_path)
+  last = records[-1]["step"] if records else 0
+  if not steps:
+    raise run_lib.CheckpointError(
+      f"{run.ckpt_dir}: no checkpoint to resume from; start again with --overwrite"
+    )
+  if steps[-1] <= last:
+    return None
+  covered = [s for s in steps if s <= last]
+  at = covered[-1] if covered else 0
+  run.log(
+    f"jaxnll: metrics.jsonl ends at step {last}, before the newest checkpoint (step "
+    f"{steps[-1]}; its last record was lost): resuming from "
+    + (f"step {at}, the newest checkpoint the records cover" if at else "the start (step 0)")
+  )
+  runtime.barrier("jaxnll-fit-resume-step-chosen")
+  if run.primary:
+    for s in reversed(steps):
+      if s > at:  # renamed first: a kill during the removal leaves no damaged step behind
+        path = os.path.join(run.ckpt_dir, str(s))
+        gone = os.path.join(run.ckpt_dir, f".{s}.removed")
+        if os.path.lexists(gone):
+          shutil.rmtree(gone)
+        os.replace(path, gone)
+        shutil.rmtree(gone)
+  runtime.barrier("jaxnll-fit-newer-checkpoints-removed")
+  return at
 
 
 def _progress_bar(run: _Run, start: int):
@@ -343,7 +399,9 @@ def _step_loop(run: _Run, state, start, records, *, end, stop, fault, bar) -> _C
   step_fn = _jitted_step(run)
   aggregate = metrics_lib.EpochAggregate()
   done = _Committed(state, start)
-  manager = checkpointer(run.ckpt_dir)
+  manager = checkpointer(run.ckpt_dir, cleanup=True)
+  stop.patient = True  # from here a second signal waits for the committed step's checkpoint
+  interrupted = False
   try:
     for i, item in enumerate(
       run.task.stream(run.train_samples, config.batch, seed=config.seed, start_step=start)
@@ -361,12 +419,54 @@ def _step_loop(run: _Run, state, start, records, *, end, stop, fault, bar) -> _C
       fault(Phase.CHECKPOINT, done.step)
       if config.checkpoint_every and done.step % config.checkpoint_every == 0:
         manager.save(done.step, args=ocp.args.StandardSave(done.state))
+  except KeyboardInterrupt:
+    interrupted = True
+    raise
   finally:
-    if done.live and manager.latest_step() != done.step:
-      manager.save(done.step, args=ocp.args.StandardSave(done.state), force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _final_checkpoint(run, manager, done, stop, interrupted=interrupted)
   return done
+
+
+def _final_checkpoint(run: _Run, manager, done: _Committed, stop, *, interrupted: bool) -> None:
+  """Saves the committed state (unless saved already or a signal asked to quit at once) and
+  waits for every save, in a helper thread: the main thread only waits, so that a signal
+  cannot cut orbax's work in the middle. A third signal abandons the wait; the save in
+  progress is then never finished or read back (orbax renames a checkpoint into place only
+  when complete, and the next run removes what is left). ``interrupted``: the loop ended by a
+  :class:`KeyboardInterrupt`, raised again saying which checkpoint the run ends at."""
+  import orbax.checkpoint as ocp
+
+  save = done.live and not stop.aborting and manager.latest_step() != done.step
+  errors: list[BaseException] = []
+
+  def work():
+    try:
+      if save:
+        manager.save(done.step, args=ocp.args.StandardSave(done.state), force=True)
+      manager.wait_until_finished()
+      manager.close()
+    except BaseException as e:  # handed to the main thread
+      errors.append(e)
+
+  helper = threading.Thread(target=work, name="jaxnll-checkpoint", daemon=True)
+  try:
+    helper.start()
+    while helper.is_alive():
+      helper.join(0.02)
+  except KeyboardInterrupt:
+    raise KeyboardInterrupt(_ends_at(run, f"the save of step {done.step} was abandoned")) from None
+  if errors:
+    raise errors[0]
+  if interrupted:
+    raise KeyboardInterrupt(_ends_at(run, "stopped at once"))
+
+
+def _ends_at(run: _Run, what: str) -> str:
+  """One line: ``what``, and the checkpoint the run ends at (the newest complete one)."""
+  kept = run_lib.checkpoint_steps(run.ckpt_dir)
+  if not kept:
+    return f"{what}; the run has no complete checkpoint"
+  return f"{what}; the run ends at its checkpoint of step {kept[-1]} (--resume --out {run.out_dir})"
 
 
 def _one_step(run: _Run, done: _Committed, item, step_fn, aggregate, records, fault) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -140,6 +141,41 @@ def read_config(path: str) -> RunConfig:
     raise ConfigError(f"{path}: {e}") from None
 
 
+#: The fields a resumed run may change (applied, and logged): its length, and how often it
+#: evaluates, checkpoints and how many samples its final table decodes. Every other field of
+#: a resumed run is the saved one (``schedule_steps`` included: fixed when the run starts).
+RESUME_CHANGEABLE = ("steps", "eval_every", "checkpoint_every", "table_rows")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and k in ("model", "train", "batch"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def resumed_config(saved: RunConfig, config: RunConfig, *, where: str) -> RunConfig:
+  """The configuration a resumed run continues with: ``saved`` with the
+  :data:`RESUME_CHANGEABLE` fields of ``config``.
+
+  Raises:
+    RunDirError: another field of ``config`` differs from ``saved`` (naming the first one and
+      ``where`` it is saved); a resume continues the saved run, it does not change it.
+  """
+  old, new = _flat(saved.to_dict()), _flat(config.to_dict())
+  for name, value in new.items():
+    if name in RESUME_CHANGEABLE or name == "schedule_steps" or value == old.get(name):
+      continue
+    raise RunDirError(
+      f"--resume: {name} is {value!r} but the run in {where} has {old.get(name)!r}; a resumed "
+      "run keeps its configuration (start a new run to change it)"
+    )
+  return dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUME_CHANGEABLE})
+
+
 def write_config(path: str, config: RunConfig) -> None:
   metrics_lib.write_atomic(path, json.dumps(config.to_dict(), indent=2))
 
@@ -150,9 +186,10 @@ def write_config(path: str, config: RunConfig) -> None:
 def check_run_dir(out_dir: str, *, resume: bool, overwrite: bool) -> RunConfig | None:
   """Whether ``out_dir`` may receive a run; the saved configuration when resuming.
 
-  A missing or empty directory takes a new run; a jaxnll run (it has ``config.json``) is
-  continued with ``resume``, replaced with ``overwrite`` (then only its :data:`RUN_FILES` are
-  removed, by :func:`clear_run_files`) and refused otherwise; anything else is refused.
+  A missing or empty directory takes a new run; a jaxnll run (its ``config.json`` is one a
+  run wrote: :func:`_not_a_run_config`) is continued with ``resume``, replaced with
+  ``overwrite`` (then only its :data:`RUN_FILES` are removed, by :func:`clear_run_files`) and
+  refused otherwise; anything else is refused.
   Read-only: every process may call it.
 
   Raises:
@@ -175,11 +212,50 @@ def check_run_dir(out_dir: str, *, resume: bool, overwrite: bool) -> RunConfig |
       f"--out {out_dir} is not empty and is not a jaxnll run (no config.json): "
       "nothing there is touched; choose a new or empty directory"
     )
+  why = _not_a_run_config(config_path)
+  if why:
+    raise RunDirError(
+      f"--out {out_dir} is not empty and is not a jaxnll run ({why}): nothing there is "
+      "touched, with or without --overwrite; choose a new or empty directory"
+    )
   if not overwrite:
     raise RunDirError(
       f"--out {out_dir} holds a jaxnll run: pass --resume to continue it or --overwrite to "
       "replace it (only the run's own files are removed)"
     )
+  return None
+
+
+#: The keys every jaxnll run's ``config.json`` has held (with these objects inside).
+RUN_CONFIG_KEYS = {"model": ("kind", "vocab_size"), "train": ("loss",), "batch": ("rows", "length")}
+
+
+def _not_a_run_config(path: str) -> str | None:
+  """Why the ``config.json`` at ``path`` is not one a jaxnll run wrote, or None if it is: it
+  must read back as a :class:`RunConfig` (no unknown key, every value in its domain) and
+  hold the keys every run writes (:data:`RUN_CONFIG_KEYS`, ``steps``, ``seed``), so that
+  another program's ``config.json`` (a Hugging Face model's, say) is never taken for one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"its config.json cannot be read: {type(e).__name__}"
+  if not isinstance(d, dict):
+    return f"its config.json holds a JSON {type(d).__name__}, not an object"
+  missing = [k for k in (*RUN_CONFIG_KEYS, "steps", "seed") if k not in d]
+  missing += [
+    f"{k}.{f}"
+    for k, fields in RUN_CONFIG_KEYS.items()
+    if k not in missing
+    for f in fields
+    if not isinstance(d[k], dict) or f not in d[k]
+  ]
+  if missing:
+    return f"its config.json has no {', '.join(missing)}"
+  try:
+    RunConfig.from_dict(d)
+  except (ValueError, TypeError) as e:
+    return f"its config.json is not a jaxnll run configuration: {' '.join(str(e).split())[:160]}"
   return None
 
 
@@ -214,11 +290,24 @@ def load_examples(path: str | None):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpointer(directory: str):
+def checkpointer(directory: str, *, cleanup: bool = False):
+  """An orbax manager of the run's ``checkpoints/`` (the two newest kept). ``cleanup``: remove
+  what an interrupted save left (``<step>.orbax-checkpoint-tmp*``, never read back); only the
+  run that writes there may ask for it."""
   import orbax.checkpoint as ocp
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=2, create=True, cleanup_tmp_directories=cleanup
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints under ``directory``, oldest first (read from the
+  file system: orbax renames a checkpoint to its step number only once it is complete)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def restore_state(directory: str, abstract_state, step: int | None = None):
@@ -236,12 +325,24 @@ def restore_state(directory: str, abstract_state, step: int | None = None):
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # orbax / tensorstore raise many kinds; all mean "unreadable"
-      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+      cause = _cause(e)
       raise CheckpointError(
-        f"{os.path.join(directory, str(step))}: cannot restore the checkpoint "
-        f"({type(e).__name__}: {first}); it is damaged or from another model"
+        f"{os.path.join(directory, str(step))}: cannot restore the checkpoint"
+        + (f" ({cause})" if cause else "")
+        + "; it is damaged or from another model"
       ) from None
   return step, state
+
+
+def _cause(error: Exception) -> str:
+  """A short readable cause of a failed restore: the first part of its message, without the
+  bound-method and object reprs that TensorStore's messages carry."""
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  text = re.sub(r"<[^<>]*(>|$)", "", text).strip(" .,:;(")[:160]
+  if not text:
+    return ""
+  name = type(error).__name__
+  return text if name == "Exception" else f"{name}: {text}"
 
 
 #: ``initializer(model, config)`` hooks that set a fresh model's parameters (RL starts from a

@@ -248,18 +248,25 @@ def barrier(name: str) -> None:
 class StopRequest:
   """SIGINT and SIGTERM as a request to stop at the next safe point (a context manager).
 
-  Inside the ``with`` block the handlers of both signals only record the signal: they never
-  raise into the code that runs, so a step, its record and its checkpoint are never cut in
-  the middle; the run loop asks :meth:`requested` between steps. A second SIGINT (Ctrl-C
-  twice) raises :class:`KeyboardInterrupt` at once, for a step that hangs; the run then ends
-  at its last checkpoint. Outside the main thread (no signal handlers there) nothing is
-  installed. The previous handlers come back on exit.
+  Inside the ``with`` block the handlers of both signals only record the first signal: they
+  never raise into the code that runs, so a step, its record and its checkpoint are never cut
+  in the middle; the run loop asks :meth:`requested` between steps. Once the loop runs
+  (:attr:`patient` set), a second signal (Ctrl-C twice, or SIGTERM again) only says on stderr
+  that the step in flight and the checkpoint of the committed step are being finished (about a
+  second); a third raises :class:`KeyboardInterrupt` at once (the previous checkpoint then
+  stays; an unfinished one is never read back). Before the loop runs (set-up, compilation)
+  nothing is at stake and a second signal raises at once. Outside the main thread (no signal
+  handlers there) nothing is installed. The previous handlers come back on exit.
   """
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
     self.signum: int | None = None
+    self.count = 0
+    """Signals received so far."""
+    self.patient = False
+    """Set by the run loop: a second signal waits for the committed step's checkpoint."""
     self._agreed = False
     self._previous: dict = {}
 
@@ -276,10 +283,25 @@ class StopRequest:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    if self.signum is None:
+    self.count += 1
+    if self.count == 1:
       self.signum = signum
+      return
+    if self.count == 2 and self.patient:
+      name = signal.Signals(signum).name
+      # os.write: print() could re-enter a write the interrupted code is doing.
+      os.write(
+        2,
+        f"jaxnll: {name} again: finishing the step in flight and saving its checkpoint "
+        "(about a second); once more to quit at once (the previous checkpoint stays)\n".encode(),
+      )
+      return
+    raise KeyboardInterrupt
+
+  @property
+  def aborting(self) -> bool:
+    """Whether a signal asked to quit at once (no new checkpoint is started)."""
+    return self.count >= 3 or (self.count >= 2 and not self.patient)
 
   def requested(self) -> bool:
     """Whether to stop now. With several processes every process must call it at the same
