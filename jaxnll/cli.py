@@ -310,7 +310,7 @@ def _run_train(args: argparse.Namespace) -> int:
     distill=distill_config(args),
     preference=preference_config,
   )
-  config = policy.apply_config(config, policy.config_from_args(args))
+  config = policy.apply_config(config, policy.config_from_args(args), lr=args.lr, steps=args.steps)
   run = functools.partial(preference.fit, train_loop=fit) if preference_config else fit
   return _train(run, config, args)
 

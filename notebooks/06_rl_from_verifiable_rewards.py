@@ -104,7 +104,7 @@ print(
 # measured on the demo start; at 1e-4 this smaller task does not move in 40 steps, at 3e-4 the
 # demo start loses reward — see the README). `summary.json` holds the mean
 # held-out reward of greedy answers before and after; `metrics.jsonl` the per-step sampled
-# reward, entropy, KL and answer length.
+# reward, entropy and answer length (and the KL to the start with `kl_coef > 0`).
 
 # %%
 RL_STEPS, RL_LR = 40, 3e-4
@@ -115,8 +115,8 @@ def rl_run(normalize):
     init=sft_dir, group_size=8, prompts_per_step=8, normalize=normalize, max_new=2 * MAX_N + 2
   )
   # `jaxnll train --loss grpo --steps 40 --lr 3e-4` (its default warm-up).
-  base = dataclasses.replace(sft_config, steps=RL_STEPS, train=TrainConfig(learning_rate=RL_LR))
-  config = policy.apply_config(base, p.to_dict())
+  base = dataclasses.replace(sft_config, train=TrainConfig())
+  config = policy.apply_config(base, p.to_dict(), lr=RL_LR, steps=RL_STEPS)
   out = os.path.join(root, normalize)
   summary = fit(config, out, progress=False, log=lambda _: None)
   with open(os.path.join(out, "metrics.jsonl")) as f:

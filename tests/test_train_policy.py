@@ -170,6 +170,18 @@ def test_bad_policy_arguments_are_clear_errors(runs, capsys, extra, match):
   assert re.search(match, capsys.readouterr().err)
 
 
+def test_user_flags_win_over_the_rl_defaults(runs):
+  """``--lr`` / ``--steps`` equal to the SFT defaults are still the user's choice."""
+  root, _ = runs
+  sft = RunConfig()
+  policy = {"init": str(root / "sft")}
+  given = policy_train.apply_config(sft, policy, lr=sft.train.learning_rate, steps=sft.steps)
+  assert given.train.learning_rate == sft.train.learning_rate and given.steps == sft.steps
+  default = policy_train.apply_config(sft, policy)
+  assert default.train.learning_rate == policy_train.RL_LR
+  assert default.steps == policy_train.RL_STEPS
+
+
 def test_init_model_refuses_another_architecture(runs):
   root, _ = runs
   other = make_model(dataclasses.replace(TINY, d_model=32, d_ff=64))

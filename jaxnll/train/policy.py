@@ -475,28 +475,26 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
   return PolicyConfig(init=os.path.abspath(args.init), **given).to_dict()
 
 
-def apply_config(config, policy: dict[str, Any] | None):
+def apply_config(
+  config, policy: dict[str, Any] | None, *, lr: float | None = None, steps: int | None = None
+):
   """The run configuration of an RL run: the ``--init`` run's model, the sub-sequence loss
-  setting, ``P·G`` rows a step, and the RL defaults for steps and learning rate where the
-  command line kept the SFT ones."""
+  setting, ``P·G`` rows a step, and the RL defaults for the steps and the learning rate
+  unless the command line gave them (``lr`` / ``steps``: the flags' values, ``None`` when
+  not given — a given value always wins, even one equal to the SFT default)."""
   if policy is None:
     return config
-  d = run_lib.RunConfig()
   p = PolicyConfig.from_dict(policy)
   _, init_run, _ = load_init(p.init)
   train = dataclasses.replace(
-    config.train,
-    learning_rate=RL_LR
-    if config.train.learning_rate == d.train.learning_rate
-    else config.train.learning_rate,
-    warmup_steps=RL_WARMUP,
+    config.train, learning_rate=RL_LR if lr is None else lr, warmup_steps=RL_WARMUP
   )
   return dataclasses.replace(
     config,
     model=init_run.model,
     train=train,
     batch=dataclasses.replace(config.batch, rows=p.prompts_per_step * p.group_size, pack=False),
-    steps=RL_STEPS if config.steps == d.steps else config.steps,
+    steps=RL_STEPS if steps is None else steps,
     policy=policy,
   )
 
