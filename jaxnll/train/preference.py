@@ -575,7 +575,6 @@ class PreferenceTask(Task):
       self.reference, ref_run, step = load_run_model(config.init)
       if ref_run.model != run.model:
         raise ValueError(f"the reference run {config.init} has another model configuration")
-      self.ref_heldout = sequence_nlls(self.reference, self.heldout_rows, self.spec)[0]
       log(
         f"reference: {count_params(self.reference):,} parameters from {config.init} (step {step})"
       )
@@ -609,7 +608,22 @@ class PreferenceTask(Task):
 
   def report(self, model) -> dict[str, float]:
     sums, counts = sequence_nlls(model, self.heldout_rows, self.spec, fused=self.fused)
+    if self.reference is not None and self.ref_heldout is None:
+      # The reference scored like the policy — same head path, same placement of the
+      # parameters — so that at the start, where the two are equal, every margin is exactly
+      # 0 (not ± rounding, which a sharded and an unsharded evaluation differ by).
+      placed = _placed_like(self.reference, model)
+      self.ref_heldout = sequence_nlls(placed, self.heldout_rows, self.spec, fused=self.fused)[0]
     return pair_figures(self.config.kind, self.config.beta, sums, counts, self.ref_heldout)
+
+
+def _placed_like(model: nnx.Module, like: nnx.Module) -> nnx.Module:
+  """``model`` with each array on the devices and with the sharding of ``like``'s."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  targets = jax.tree.leaves(nnx.state(like))
+  placed = [jax.device_put(x, t.sharding) for x, t in zip(leaves, targets, strict=True)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, placed))
 
 
 def make_task(run, train_examples, out_dir: str, *, log=print) -> PreferenceTask | None:
