@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from jaxnll.train.argtypes import (
+from jaxnll.argtypes import (
   nonnegative_int,
   output_dir,
   output_file,

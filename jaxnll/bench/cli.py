@@ -10,6 +10,14 @@ from collections.abc import Sequence
 
 import jax
 
+from jaxnll.argtypes import (
+  batch_tokens,
+  fraction_list,
+  nonnegative_int,
+  output_dir,
+  positive_float,
+  positive_int,
+)
 from jaxnll.bench import harness, records
 from jaxnll.bench.impls import SUITE, implementations
 from jaxnll.bench.report import report, summary
@@ -21,14 +29,6 @@ from jaxnll.bench.specs import (
   Case,
   is_accelerator,
   resolve,
-)
-from jaxnll.train.argtypes import (
-  batch_tokens,
-  fraction_list,
-  nonnegative_int,
-  output_dir,
-  positive_float,
-  positive_int,
 )
 
 DTYPES = ("float32", "bfloat16", "float16")

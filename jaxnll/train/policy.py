@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnll.argtypes import mode_options
 from jaxnll.fused import linear_token_nll
 from jaxnll.nll import span_counts
 from jaxnll.policy import NORMALIZATIONS, k3_kl, policy_loss_terms, ppo_clip_loss
@@ -58,7 +59,6 @@ from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
 from jaxnll.train import generate
 from jaxnll.train import run as run_lib
-from jaxnll.train.argtypes import mode_options
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux
 
 F32 = jnp.float32

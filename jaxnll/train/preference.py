@@ -69,9 +69,9 @@ from flax import nnx
 
 from jaxnll import parallel
 from jaxnll import preference as pref
+from jaxnll.argtypes import mode_options
 from jaxnll.nll import sequence_nll
 from jaxnll.train import data as data_lib
-from jaxnll.train.argtypes import mode_options
 from jaxnll.train.model import count_params
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux
 from jaxnll.train.run import RunConfig, build_trainer, checkpointer, restore_state

@@ -47,12 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnll.argtypes import mode_options
 from jaxnll.distill import segment_distill_cross_entropy
 from jaxnll.nll import segment_nll
 from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
 from jaxnll.train import generate
-from jaxnll.train.argtypes import mode_options
 from jaxnll.train.model import count_params
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux, segment_counts
 from jaxnll.train.run import RunConfig, build_trainer, restore_state
