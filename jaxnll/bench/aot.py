@@ -1,0 +1,255 @@
+"""Deviceless compiles: a function through the real TPU and GPU compilers, on a CPU.
+
+``libtpu`` compiles for TPU generations from a named topology, and XLA:GPU (the
+``jax-cuda12-plugin``, with ``nvidia-cuda-nvcc-cu12``'s ptxas) compiles for an NVIDIA GPU from
+a target config, with no accelerator attached (``pip install "jaxnll[aot]"``; run with
+``JAX_PLATFORMS=cpu``).  The executables are real: their memory analysis is the target's
+device memory, their optimised HLO shows the plan (Mosaic kernels as ``tpu_custom_call`` with
+the VMEM they asked for and used, while loops, the largest values).  Nothing runs: figures
+from here are "compiled for TARGET, not run", never a time.  Autotuning is skipped (default
+tiles), and XLA's cost analysis counts no FLOPs inside Pallas calls or across loop trips.
+
+>>> import jax, jax.numpy as jnp                                # doctest: +SKIP
+>>> from jaxnll.bench import aot                                 # doctest: +SKIP
+>>> x = aot.abstract((8, 128), jnp.bfloat16, "tpu-v5e")          # doctest: +SKIP
+>>> aot.compile_for(lambda x: (x * 2).sum(), x, target="tpu-v5e").ok  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+#: Where the GPU target configs live (``GpuTargetConfigProto`` text, one file per target).
+GPU_TARGETS_DIR = Path(__file__).with_name("gpu_targets")
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A compile-only target: ``platform`` ``"tpu"`` (``topology``: a libtpu topology with at
+  least 8 devices) or ``"cuda"`` (``topology``: the stem of a file in :data:`GPU_TARGETS_DIR`)."""
+
+  name: str
+  platform: str
+  topology: str
+  description: str
+
+  @property
+  def is_tpu(self) -> bool:
+    return self.platform == "tpu"
+
+
+TARGETS: dict[str, Target] = {
+  t.name: t
+  for t in (
+    Target("h100", "cuda", "h100", "NVIDIA H100 SXM 80GB (XLA:GPU, sm_90a)"),
+    Target("a100", "cuda", "a100", "NVIDIA A100 SXM4 80GB (XLA:GPU, sm_80)"),
+    Target("b200", "cuda", "b200", "NVIDIA B200 (XLA:GPU, sm_100a)"),
+    Target("tpu-v4", "tpu", "v4:2x2x1", "TPU v4 (16 MiB VMEM per core)"),
+    Target("tpu-v5e", "tpu", "v5e:2x4", "TPU v5e"),
+    Target("tpu-v5p", "tpu", "v5p:2x2x2", "TPU v5p"),
+    Target("tpu-v6e", "tpu", "v6e:2x4", "TPU v6e"),
+    Target("tpu7x", "tpu", "tpu7x:2x2x1", "TPU7x"),
+  )
+}
+GPU_TARGETS = tuple(n for n, t in TARGETS.items() if not t.is_tpu)
+TPU_TARGETS = tuple(n for n, t in TARGETS.items() if t.is_tpu)
+
+
+def get_target(name: str | Target) -> Target:
+  """The :class:`Target` called ``name`` (one of :data:`TARGETS`)."""
+  if isinstance(name, Target):
+    return name
+  if name not in TARGETS:
+    raise ValueError(f"target must be one of {sorted(TARGETS)}, got {name!r}")
+  return TARGETS[name]
+
+
+def _quiet_env() -> None:
+  # The CUDA plugin checks the local CUDA installation unless told not to (there is none).
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+@functools.cache
+def _all_devices(name: str) -> tuple:
+  from jax.experimental import topologies
+
+  _quiet_env()
+  t = TARGETS[name]
+  if t.is_tpu:
+    topo = topologies.get_topology_desc(topology_name=t.topology, platform="tpu")
+  else:
+    config = (GPU_TARGETS_DIR / f"{t.topology}.txtpb").read_text()
+    topo = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x8")
+  return tuple(topo.devices)
+
+
+def devices(name: str | Target, count: int = 1) -> list:
+  """``count`` (1 or 8) compile-only devices of target ``name``."""
+  t = get_target(name)
+  if count not in (1, 8):
+    raise ValueError(f"count must be 1 or 8, got {count}")
+  return list(_all_devices(t.name)[:count])
+
+
+def mesh(name: str | Target, shape: Sequence[int] = (1,), axes: Sequence[str] = ("x",)) -> Mesh:
+  """A :class:`~jax.sharding.Mesh` of ``shape`` over compile-only devices of ``name``."""
+  count = int(np.prod(shape))
+  return Mesh(np.array(devices(name, count)).reshape(tuple(shape)), tuple(axes))
+
+
+def abstract(shape, dtype, where, spec: PartitionSpec | None = None) -> jax.ShapeDtypeStruct:
+  """A ``ShapeDtypeStruct`` placed on ``where``: a target name (one device, replicated) or a
+  :class:`~jax.sharding.Mesh` (sharded as ``spec``, replicated if None)."""
+  m = where if isinstance(where, Mesh) else mesh(where)
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(m, spec or PartitionSpec()))
+
+
+@dataclasses.dataclass
+class Report:
+  """What the compiler said about one function on one target (bytes are per device)."""
+
+  target: str
+  ok: bool
+  compile_s: float
+  error: str | None = None
+  temp_bytes: int | None = None
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  alias_bytes: int | None = None
+  mosaic: list[dict] = dataclasses.field(default_factory=list)
+  """Per ``tpu_custom_call``: ``name``, ``vmem_limit`` and ``vmem_used`` (bytes)."""
+  while_loops: int = 0
+  largest: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+  """The largest values of the optimised HLO: ``(dtype[shape], bytes)``, distinct, largest first."""
+  hlo: str | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def total_bytes(self) -> int | None:
+    """Temp + arguments + outputs - aliased: the device memory the executable needs."""
+    if not self.ok:
+      return None
+    return self.temp_bytes + self.argument_bytes + self.output_bytes - self.alias_bytes
+
+  def has_value(self, *dims: int) -> bool:
+    """Whether some HLO value has every one of ``dims`` among its dimensions."""
+    return any(all(d in _dims(s) for d in dims) for s in _values(self.hlo or ""))
+
+  def row(self) -> dict:
+    """A JSON-ready summary (no HLO)."""
+    out = dataclasses.asdict(self)
+    out.pop("hlo")
+    out["largest"] = [list(x) for x in self.largest[:5]]
+    out["total_bytes"] = self.total_bytes
+    return out
+
+
+_ITEM = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4}
+_ITEM |= {"s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_VALUE = re.compile(r"= (\w+)\[([\d,]*)\]")
+
+
+def _values(hlo: str) -> set[str]:
+  return {f"{t}[{d}]" for t, d in _VALUE.findall(hlo) if t in _ITEM}
+
+
+def _dims(value: str) -> list[int]:
+  inner = value[value.index("[") + 1 : -1]
+  return [int(d) for d in inner.split(",") if d]
+
+
+def _nbytes(value: str) -> int:
+  return _ITEM[value[: value.index("[")]] * int(np.prod(_dims(value), dtype=np.int64))
+
+
+def _mosaic(hlo: str) -> list[dict]:
+  out = []
+  for line in hlo.splitlines():
+    if 'custom_call_target="tpu_custom_call"' not in line:
+      continue
+    name = re.search(r"%([\w.\-]+) = ", line)
+    op = re.search(r'op_name="([^"]*)"', line)
+
+    def vmem(key, line=line):
+      m = re.search(rf'"{key}":\[\{{"memory_space":"1","offset":"\d+","size":"(\d+)"', line)
+      return int(m.group(1)) if m else None
+
+    out.append(
+      {
+        "name": name.group(1) if name else "?",
+        "op": op.group(1).rsplit("/", 2)[-2] if op and "/" in op.group(1) else None,
+        "vmem_limit": vmem("scoped_memory_configs"),
+        "vmem_used": vmem("used_scoped_memory_configs"),
+      }
+    )
+  return out
+
+
+def _placed(args, where):
+  def place(a):
+    if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None:
+      return abstract(a.shape, a.dtype, where)
+    return a
+
+  return jax.tree.map(place, args)
+
+
+def compile_for(
+  f: Callable,
+  *args,
+  target: str | Target,
+  static_argnums: Sequence[int] = (),
+  keep_hlo: bool = True,
+  top: int = 8,
+) -> Report:
+  """Compile ``f(*args)`` for ``target`` and report the executable's figures.
+
+  ``args`` are ``jax.ShapeDtypeStruct`` pytrees; one without a sharding is placed on the
+  target's first device (give shardings on :func:`mesh` for a multi-device compile).  A
+  compile error is caught and returned as ``Report(ok=False, error=...)``.
+  """
+  t = get_target(target)
+  args = _placed(args, t.name)
+  start = time.perf_counter()
+  try:
+    compiled = jax.jit(f, static_argnums=tuple(static_argnums)).lower(*args).compile()
+  except Exception as e:  # the compiler's verdict is the result
+    return Report(t.name, False, time.perf_counter() - start, error=_first_line(e))
+  seconds = time.perf_counter() - start
+  ma = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  values = sorted(_values(hlo), key=_nbytes, reverse=True)[:top]
+  return Report(
+    t.name,
+    True,
+    seconds,
+    temp_bytes=int(ma.temp_size_in_bytes),
+    argument_bytes=int(ma.argument_size_in_bytes),
+    output_bytes=int(ma.output_size_in_bytes),
+    alias_bytes=int(ma.alias_size_in_bytes),
+    mosaic=_mosaic(hlo),
+    while_loops=len(re.findall(r" while\([^)]*\), condition=", hlo)),
+    largest=[(v, _nbytes(v)) for v in values],
+    hlo=hlo if keep_hlo else None,
+  )
+
+
+def _first_line(e: Exception) -> str:
+  """The compiler's message, shortened to its informative part."""
+  text = str(e).strip()
+  m = re.search(r"Ran out of memory in memory space (\w+)\. Used ([\d.]+\w) of ([\d.]+\w)", text)
+  if m:
+    return f"out of {m.group(1)}: used {m.group(2)} of {m.group(3)}"
+  lines = [ln for ln in text.splitlines() if ln.strip()]
+  return (lines[0] if lines else type(e).__name__)[:300]
