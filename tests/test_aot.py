@@ -26,9 +26,9 @@ MIB = 2**20
 #: Temp bytes of ``auto`` forward + backward at that head, per target, from these compiles
 #: (jax / jaxlib 0.10.2, libtpu 0.0.42.1).  A regression guard: update on purpose only.
 RECORDED_TEMP = {
-  "h100": 2_703_640_664,
-  "a100": 2_703_640_664,
-  "b200": 2_969_883_224,
+  "h100": 1_524_758_888,
+  "a100": 1_524_758_888,
+  "b200": 1_524_758_888,
   "tpu-v4": 1_184_025_088,
   "tpu-v5e": 38_071_296,
   "tpu-v5p": 42_622_016,
@@ -76,9 +76,11 @@ def test_auto_compiles_with_its_plan(compiled):
   assert r.argument_bytes == ARGUMENT_BYTES
   assert r.output_bytes >= OUTPUT_GRAD_BYTES
   t = aot.TARGETS[r.target]
-  if not t.is_tpu:  # token_chunked: one token-block loop, never an [N, V] value
+  if not t.is_tpu:  # token_chunked: token-block loops, never an [N, V] value; its f32
+    # weight-gradient buffer (2.2 GiB) is over the budget: vocabulary slabs, no f32 [D, V]
     assert r.while_loops >= 1 and not r.mosaic
     assert not r.has_value(B * T, V), r.largest
+    assert f"f32[{D},{V}]" not in r.hlo and f"f32[{D},85376]" in r.hlo, r.largest
   elif r.target == "tpu-v4":  # 16 MiB of VMEM: the chunked (XLA) plan, no Mosaic call
     assert not r.mosaic and r.while_loops >= 1
     assert not r.has_value(B * T, V), r.largest
