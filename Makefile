@@ -20,7 +20,8 @@ AOT_PY    := $(AOT_VENV)/bin/python
 AOT_STAMP := $(AOT_VENV)/.installed
 AOT_TESTS := tests/test_aot.py
 # No accelerator: both compilers run on the CPU host (see DESIGN.md, Deviceless compilation).
-AOT_ENV   := JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 TF_CPP_MIN_LOG_LEVEL=3
+AOT_ENV   := JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 \
+  TF_CPP_MIN_LOG_LEVEL=3
 # The library's tests: they need jax, numpy, jaxtyping and the test tools only (no flax).
 LIBRARY_TESTS := tests/test_spans.py tests/test_nll.py tests/test_fused.py tests/test_distill.py \
   tests/test_imports.py

@@ -77,8 +77,11 @@ def get_target(name: str | Target) -> Target:
 
 
 def _quiet_env() -> None:
-  # The CUDA plugin checks the local CUDA installation unless told not to (there is none).
+  # The CUDA plugin checks the local CUDA installation unless told not to (there is none);
+  # libtpu takes a machine-wide lock unless told that other processes may load it too (a
+  # compile-only client holds no chip).
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @functools.cache
@@ -253,3 +256,194 @@ def _first_line(e: Exception) -> str:
     return f"out of {m.group(1)}: used {m.group(2)} of {m.group(3)}"
   lines = [ln for ln in text.splitlines() if ln.strip()]
   return (lines[0] if lines else type(e).__name__)[:300]
+
+
+# -- the head table: implementations x entries x heads x targets ---------------------------
+
+#: The fused head's implementations compiled by :func:`table` (``pallas_tpu``: TPU targets only).
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "token_chunked", "pallas_tpu")
+#: The entry points: ``scalar`` (:func:`jaxnll.linear_nll_loss`), ``per-sample``
+#: (:func:`jaxnll.linear_sequence_nll`), ``per-token`` (:func:`jaxnll.linear_token_nll`) and
+#: ``segment`` (:func:`jaxnll.linear_segment_nll`, 4 segments a row); each forward + backward
+#: for the hidden states and the weight.
+ENTRIES = ("scalar", "per-sample", "per-token", "segment")
+TOKENS = ((4, 2048), (8, 2048))
+SEGMENTS = 4
+
+
+def head_step(entry: str, implementation: str) -> Callable:
+  """``f(hidden, weight, targets, mask[, segment_ids]) -> (loss, (dhidden, dweight))``."""
+  import jax.numpy as jnp
+
+  import jaxnll
+
+  kw = {"implementation": implementation}
+
+  def scalar(h, w, y, m):
+    return jaxnll.linear_nll_loss(h, w, y, m, **kw)[0]
+
+  def per_sample(h, w, y, m):
+    return jnp.sum(jaxnll.linear_sequence_nll(h, w, y, m, **kw))
+
+  def per_token(h, w, y, m):
+    return jnp.sum(jaxnll.linear_token_nll(h, w, y, m, **kw))
+
+  def segment(h, w, y, m, seg):
+    return jnp.sum(jaxnll.linear_segment_nll(h, w, y, m, seg, num_segments=SEGMENTS, **kw))
+
+  loss = {"scalar": scalar, "per-sample": per_sample, "per-token": per_token}.get(entry, segment)
+  if entry not in ENTRIES:
+    raise ValueError(f"entry must be one of {ENTRIES}, got {entry!r}")
+
+  def step(h, w, *rest):
+    return jax.value_and_grad(loss, argnums=(0, 1))(h, w, *rest)
+
+  return step
+
+
+def head_args(entry: str, hidden: int, vocab: int, batch: int, length: int, dtype="bfloat16"):
+  """The ``ShapeDtypeStruct`` arguments of :func:`head_step` for a ``[hidden, vocab]`` head."""
+  import jax.numpy as jnp
+
+  sds = jax.ShapeDtypeStruct
+  args = [
+    sds((batch, length, hidden), jnp.dtype(dtype)),
+    sds((hidden, vocab), jnp.dtype(dtype)),
+    sds((batch, length), jnp.int32),
+    sds((batch, length), jnp.bool_),
+  ]
+  if entry == "segment":
+    args.append(sds((batch, length), jnp.int32))
+  return tuple(args)
+
+
+def table(
+  specs: Sequence,
+  targets: Sequence[str],
+  *,
+  implementations: Sequence[str] = IMPLEMENTATIONS,
+  entries: Sequence[str] = ENTRIES,
+  tokens: Sequence[tuple[int, int]] = TOKENS,
+  log: Callable[[str], None] = print,
+) -> list[dict]:
+  """One row per (target, head, tokens, entry, implementation): compiled or the compiler's
+  error, and the memory (``specs``: :class:`jaxnll.bench.specs.Spec`)."""
+  rows = []
+  for name in targets:
+    t = get_target(name)
+    for spec in specs:
+      for batch, length in tokens:
+        for entry in entries:
+          args = head_args(entry, spec.hidden, spec.vocab, batch, length)
+          for impl in implementations:
+            row = {
+              "target": t.name,
+              "spec": spec.name,
+              "tokens": f"{batch}x{length}",
+              "entry": entry,
+              "impl": impl,
+            }
+            if impl == "pallas_tpu" and not t.is_tpu:
+              row.update(ok=None, error="TPU kernel (interpreted elsewhere): not compiled")
+            else:
+              r = compile_for(head_step(entry, impl), *args, target=t, keep_hlo=False)
+              row.update(r.row())
+              row.pop("largest", None)
+              row["largest"] = r.largest[0][0] if r.largest else None
+            rows.append(row)
+            log(_line(row))
+  return rows
+
+
+def _mib(x) -> str:
+  return "" if x is None else f"{x / MIB:,.0f}"
+
+
+def _line(row: dict) -> str:
+  head = f"{row['target']:8} {row['spec']:11} {row['tokens']:7} {row['entry']:10} {row['impl']:13}"
+  if not row.get("ok"):
+    return f"{head} {row.get('error')}"
+  vmem = max((c["vmem_used"] or 0 for c in row["mosaic"]), default=0)
+  return (
+    f"{head} temp {_mib(row['temp_bytes'])} MiB, total {_mib(row['total_bytes'])} MiB, "
+    f"{len(row['mosaic'])} Mosaic (VMEM {_mib(vmem)} MiB), {row['while_loops']} loops, "
+    f"{row['compile_s']:.0f} s"
+  )
+
+
+def save(rows: Sequence[dict], out: str, env: dict | None = None) -> tuple[str, str]:
+  """Appends ``rows`` to ``out/aot.jsonl`` and rewrites ``out/aot.md`` from every row there
+  (the latest of each target, head, tokens, entry and implementation)."""
+  import json
+
+  path = Path(out)
+  path.mkdir(parents=True, exist_ok=True)
+  jsonl, md = path / "aot.jsonl", path / "aot.md"
+  with jsonl.open("a") as f:
+    for row in rows:
+      f.write(json.dumps({**(env or {}), **row}, default=str) + "\n")
+  latest = {}
+  for line in jsonl.read_text().splitlines():
+    r = json.loads(line)
+    latest[(r["target"], r["spec"], r["tokens"], r["entry"], r["impl"])] = r
+  md.write_text(markdown(list(latest.values())))
+  return str(md), str(jsonl)
+
+
+def markdown(rows: Sequence[dict]) -> str:
+  """The table of :func:`save`: device memory per device, compiled for each target, not run."""
+  out = [
+    "# Compiled for each target, not run",
+    "",
+    "Forward + backward (hidden and weight gradients) of each fused implementation and entry,",
+    "bf16, compiled on a CPU host by the target's own compiler (`jaxnll bench --aot`, see",
+    "`jaxnll/bench/aot.py`): libtpu for the TPUs, XLA:GPU (CUDA plugin, ptxas) for the GPUs.",
+    "Memory is the executable's memory analysis per device, in MiB: **temp** (what the program",
+    "holds besides its arguments and outputs) and **total** (temp + arguments + outputs).",
+    "*VMEM* is the largest Mosaic kernel's scoped VMEM use; *loops*, the HLO while loops.",
+    "No time is claimed: nothing here ran on an accelerator.",
+    "",
+    "| target | head | tokens | entry | implementation | compiled | temp | total | VMEM | loops |"
+    " largest value |",
+    "|---|---|---|---|---|---|---:|---:|---:|---:|---|",
+  ]
+  order = {n: i for i, n in enumerate(TARGETS)}
+  key = lambda r: (order.get(r["target"], 99), r["spec"], r["tokens"], r["entry"], r["impl"])
+  for r in sorted(rows, key=key):
+    if r.get("ok"):
+      vmem = max((c["vmem_used"] or 0 for c in r.get("mosaic", [])), default=0)
+      cells = [
+        "yes",
+        _mib(r["temp_bytes"]),
+        _mib(r["total_bytes"]),
+        _mib(vmem) if r.get("mosaic") else "",
+        str(r["while_loops"]),
+        f"`{r.get('largest')}`",
+      ]
+    else:
+      state = "n/a" if r.get("ok") is None else "**no**"
+      cells = [f"{state}: {r.get('error')}", "", "", "", "", ""]
+    out.append(
+      "| " + " | ".join([r["target"], r["spec"], r["tokens"], r["entry"], r["impl"], *cells]) + " |"
+    )
+  env = next((r for r in rows if "jax_version" in r), {})
+  if env:
+    out += ["", f"jax {env.get('jax_version')}, libtpu {env.get('libtpu_version')}."]
+  return "\n".join(out) + "\n"
+
+
+def environment() -> dict:
+  """Versions of the compilers behind the table."""
+  from importlib import metadata
+
+  def version(name):
+    try:
+      return metadata.version(name)
+    except metadata.PackageNotFoundError:
+      return None
+
+  return {
+    "jax_version": jax.__version__,
+    "libtpu_version": version("libtpu"),
+    "cuda_plugin_version": version("jax-cuda12-plugin"),
+  }
