@@ -103,6 +103,18 @@ def test_tpu_branch_follows_the_generation():
   for name in ("tpu-v5e", "tpu-v5p", "tpu-v6e", "tpu7x", "h100"):
     assert _branch_on(name) == "pallas_tpu", name
   assert auto.device_kind(jnp.zeros(3)) is None  # uncommitted on a CPU: unknown
+  # Split over 8 devices under jit: XLA would have to partition a Mosaic kernel.
+  split = aot.abstract((8, 128), jnp.float32, aot.mesh("tpu-v5e", (8,), ("x",)), jax.P("x"))
+  assert _branch_on(split) == "chunked"
+
+
+@pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
+def test_the_sharded_fused_train_step_compiles(target):
+  # The demo model's Flax NNX step with the fused head + loss, 8 devices, batch rows split.
+  r = aot.train_step(target, model={"num_layers": 1}, rows=16, length=64, mesh_shape=(8,))
+  assert r.ok, r.error
+  assert "all-reduce" in r.hlo  # the gradients' sum over the data axis
+  assert not r.mosaic  # on TPU: the chunked kernel (a Mosaic call cannot be auto-partitioned)
 
 
 def test_a_compile_error_is_reported():
@@ -111,13 +123,14 @@ def test_a_compile_error_is_reported():
   assert not r.ok and r.error and r.total_bytes is None
 
 
-def _branch_on(name):
-  """``auto.tpu_branch`` of an argument traced for target ``name``."""
+def _branch_on(where):
+  """``auto.tpu_branch`` of an argument traced for a target name or a placed struct."""
   seen = []
 
   def f(x):
     seen.append(auto.tpu_branch(x))
     return x
 
-  jax.jit(f).trace(aot.abstract((8, 128), jnp.float32, name))
+  x = aot.abstract((8, 128), jnp.float32, where) if isinstance(where, str) else where
+  jax.jit(f).trace(x)
   return seen[0]

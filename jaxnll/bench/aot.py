@@ -447,3 +447,66 @@ def environment() -> dict:
     "libtpu_version": version("libtpu"),
     "cuda_plugin_version": version("jax-cuda12-plugin"),
   }
+
+
+# -- the Flax NNX train step, sharded --------------------------------------------------------
+
+#: A Llama-shaped model for :func:`train_step`: Llama-3 8B's width, heads, MLP and vocabulary
+#: with a tied ``[V, D]`` head, two blocks (the head and loss are what is measured).
+LLAMA_SHAPED = {
+  "vocab_size": 128256,
+  "d_model": 4096,
+  "num_layers": 2,
+  "num_heads": 32,
+  "d_ff": 14336,
+  "tie_embeddings": True,
+}
+
+
+def train_step(
+  name: str | Target,
+  *,
+  model: dict | None = None,
+  rows: int = 32,
+  length: int = 128,
+  segments: int = 16,
+  accum: int = 1,
+  fused: bool = True,
+  mesh_shape: Sequence[int] = (8,),
+) -> Report:
+  """Compiles :func:`jaxnll.train.step.train_step_fn` (the demo model, or ``model``'s
+  overrides of it, with ``fused`` head + loss) for ``name`` over a ``("data",)`` mesh of
+  ``mesh_shape`` devices: state replicated, batch rows split over the devices (the sharding
+  of :mod:`jaxnll.train.step`).  Nothing is allocated: the state comes from
+  ``nnx.eval_shape``."""
+  from flax import nnx
+
+  from jaxnll.train import model as model_lib
+  from jaxnll.train import step as step_lib
+
+  config = model_lib.default_config(**(model or {}))
+  train_config = step_lib.TrainConfig(fused=fused, accum=accum)
+
+  def build():
+    m = model_lib.make_model(config, seed=0)
+    return step_lib.Trainer(m, step_lib.make_optimizer(train_config, 100))
+
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  m = mesh(name, tuple(mesh_shape), ("data",))
+  replicated = NamedSharding(m, PartitionSpec())
+  split = NamedSharding(m, PartitionSpec(None, "data"))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  per = (accum, rows // accum)
+  batch = {
+    key: jax.ShapeDtypeStruct(per + (width,), dtype, sharding=split)
+    for key, width, dtype in (
+      ("tokens", length, np.int32),
+      ("span_mask", length, np.bool_),
+      ("segment_ids", length, np.int32),
+      ("positions", length, np.int32),
+      ("sample_ids", segments, np.int32),
+    )
+  }
+  objective = train_config.objective()
+  step = lambda state, batch: step_lib.train_step_fn(graphdef, state, batch, objective=objective)
+  return compile_for(step, state, batch, target=name)

@@ -11,7 +11,10 @@ branch runs ``chunked`` instead: ``"auto"`` compiles on every generation.  The g
 the device kind of the arrays' sharding (what ``jit`` is lowering for, real devices or the
 compile-only ones of a deviceless compile), else of the context mesh, else of the default
 backend when it is a TPU; when none says (``jax.export`` of uncommitted arguments from a CPU),
-the TPU branch is ``pallas_tpu``.
+the TPU branch is ``pallas_tpu``.  The TPU branch is ``chunked`` too when the arrays are
+split over a mesh axis that XLA partitions automatically (a ``jit`` over sharded arguments:
+libtpu refuses with "Mosaic kernels cannot be automatically partitioned"); inside
+``shard_map``, where every axis is manual, it is ``pallas_tpu``.
 
 The branches must agree on every shape: they share one compaction (one sort) with the
 ``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``
@@ -60,11 +63,27 @@ def device_kind(*arrays) -> str | None:
   return None
 
 
+def auto_partitioned(*arrays) -> bool:
+  """Whether ``arrays`` (or the context mesh) span a mesh axis of more than one device that
+  is not manual: XLA would partition a kernel over it."""
+  meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays]
+  meshes.append(jax.sharding.get_abstract_mesh())
+  for mesh in meshes:
+    names, types = getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())
+    for name, kind in zip(names, types, strict=False):
+      if mesh.shape[name] > 1 and kind != jax.sharding.AxisType.Manual:
+        return True
+  return False
+
+
 def tpu_branch(*arrays) -> str:
   """The kernel of the TPU branch for ``arrays``: ``"chunked"`` on a small-VMEM generation
-  (:data:`SMALL_VMEM_KINDS`), else ``"pallas_tpu"``."""
+  (:data:`SMALL_VMEM_KINDS`) or under automatic partitioning (:func:`auto_partitioned`),
+  else ``"pallas_tpu"``."""
   kind = device_kind(*arrays) or ""
-  return "chunked" if kind.startswith(SMALL_VMEM_KINDS) else "pallas_tpu"
+  if kind.startswith(SMALL_VMEM_KINDS) or auto_partitioned(*arrays):
+    return "chunked"
+  return "pallas_tpu"
 
 
 def plan(branches: tuple[Plan, ...], *, one_pass: bool) -> Plan:
