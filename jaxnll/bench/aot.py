@@ -475,27 +475,36 @@ def train_step(
   mesh_shape: Sequence[int] = (8,),
 ) -> Report:
   """Compiles :func:`jaxnll.train.step.train_step_fn` (the demo model, or ``model``'s
-  overrides of it, with ``fused`` head + loss) for ``name`` over a ``("data",)`` mesh of
-  ``mesh_shape`` devices: state replicated, batch rows split over the devices (the sharding
-  of :mod:`jaxnll.train.step`).  Nothing is allocated: the state comes from
-  ``nnx.eval_shape``."""
+  overrides of it, with ``fused`` head + loss) for ``name`` over ``mesh_shape`` devices,
+  batch rows split over ``data``.  ``(n,)``: a ``("data",)`` mesh, the state replicated (the
+  sharding of :mod:`jaxnll.train.step`); ``(d, m)``: a ``("data", "model")`` mesh with the
+  state laid out by :func:`jaxnll.train.runtime.annotate_partitioning` (FSDP over ``data``,
+  the head's vocabulary over ``model``: the loss runs vocabulary-parallel, its collectives
+  inside).  Nothing is allocated: the state comes from ``nnx.eval_shape``."""
   from flax import nnx
 
   from jaxnll.train import model as model_lib
+  from jaxnll.train import runtime
   from jaxnll.train import step as step_lib
 
   config = model_lib.default_config(**(model or {}))
   train_config = step_lib.TrainConfig(fused=fused, accum=accum)
+  two_d = len(mesh_shape) == 2
+  m = mesh(name, tuple(mesh_shape), ("data", "model") if two_d else ("data",))
 
   def build():
-    m = model_lib.make_model(config, seed=0)
-    return step_lib.Trainer(m, step_lib.make_optimizer(train_config, 100))
+    t = step_lib.Trainer(
+      model_lib.make_model(config, seed=0), step_lib.make_optimizer(train_config, 100)
+    )
+    return runtime.annotate_partitioning(t, m, min_size=256) if two_d else t
 
   graphdef, state = nnx.split(nnx.eval_shape(build))
-  m = mesh(name, tuple(mesh_shape), ("data",))
-  replicated = NamedSharding(m, PartitionSpec())
+  if two_d:
+    shardings = runtime.state_shardings(state, m)
+  else:
+    shardings = jax.tree.map(lambda _: NamedSharding(m, PartitionSpec()), state)
+  state = runtime.abstract(state, shardings)
   split = NamedSharding(m, PartitionSpec(None, "data"))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
   per = (accum, rows // accum)
   batch = {
     key: jax.ShapeDtypeStruct(per + (width,), dtype, sharding=split)
@@ -509,4 +518,5 @@ def train_step(
   }
   objective = train_config.objective()
   step = lambda state, batch: step_lib.train_step_fn(graphdef, state, batch, objective=objective)
-  return compile_for(step, state, batch, target=name)
+  with jax.set_mesh(m):
+    return compile_for(step, state, batch, target=name)
