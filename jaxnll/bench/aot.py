@@ -254,8 +254,8 @@ def _first_line(e: Exception) -> str:
   m = re.search(r"Ran out of memory in memory space (\w+)\. Used ([\d.]+\w) of ([\d.]+\w)", text)
   if m:
     return f"out of {m.group(1)}: used {m.group(2)} of {m.group(3)}"
-  lines = [ln for ln in text.splitlines() if ln.strip()]
-  return (lines[0] if lines else type(e).__name__)[:300]
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  return (" ".join(lines[:3]) if lines else type(e).__name__)[:300]
 
 
 # -- the head table: implementations x entries x heads x targets ---------------------------
