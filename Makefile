@@ -2,6 +2,9 @@
 #   make test       install into .venv, lint, API docs, doctests, unit tests, notebooks
 #   make demo       install the application (.[train]) into .venv, fine-tune the small model
 #   make test-min   the library tests on the lowest versions pyproject.toml allows (.venv-min)
+#   make aot        the deviceless TPU / GPU compiles (tests/test_aot.py) in .venv-aot (part of
+#                   make test): libtpu and the CUDA plugin live there only, so .venv (make demo,
+#                   a library user) never loads them nor prints their warnings
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,13 +14,21 @@ TRAIN_STAMP := $(VENV)/.installed-train
 MIN_VENV  := .venv-min
 MIN_PY    := $(MIN_VENV)/bin/python
 MIN_STAMP := $(MIN_VENV)/.installed
+# The [aot] extra (libtpu, jax-cuda12-plugin, ptxas) in an environment of its own.
+AOT_VENV  := .venv-aot
+AOT_PY    := $(AOT_VENV)/bin/python
+AOT_STAMP := $(AOT_VENV)/.installed
+AOT_TESTS := tests/test_aot.py
+# No accelerator: both compilers run on the CPU host (see DESIGN.md, Deviceless compilation).
+AOT_ENV   := JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 \
+  TF_CPP_MIN_LOG_LEVEL=3
 # The library's tests: they need jax, numpy, jaxtyping and the test tools only (no flax).
 LIBRARY_TESTS := tests/test_spans.py tests/test_nll.py tests/test_fused.py tests/test_distill.py \
   tests/test_imports.py
 # The application's modules, left out of the library's doctests.
 APPLICATION := jaxnll/train jaxnll/bench jaxnll/cli.py
 
-.PHONY: install test lint docs unit notebooks demo bench test-min clean
+.PHONY: install test lint docs unit notebooks aot demo bench test-min clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,14 +53,26 @@ docs: install
 	$(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
 
 unit: install
-	$(PY) -m pytest -q -n 2 jaxnll tests
+	$(PY) -m pytest -q -n 2 jaxnll tests --ignore=$(AOT_TESTS)
 
 notebooks: install
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 	  $(PY) -m pytest -q -o addopts="" -n 2 --nbmake --nbmake-timeout=600 -p no:cacheprovider notebooks; \
 	else echo "no notebooks yet"; fi
 
-test: lint docs unit notebooks
+test: lint docs unit notebooks aot
+
+$(AOT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_PY) -m pip install --quiet --upgrade pip
+	$(AOT_PY) -m pip install --quiet -e ".[aot,train,test]"
+	touch $(AOT_STAMP)
+
+# Compile-only figures: "compiled for TARGET, not run".  The import check first, so that
+# the file fails here (never skips) if the extra did not install.
+aot: $(AOT_STAMP)
+	$(AOT_ENV) $(AOT_PY) -c "import libtpu, jax_cuda12_plugin"
+	$(AOT_ENV) $(AOT_PY) -m pytest -q -p no:cacheprovider $(AOT_TESTS)
 
 # The floors of the core dependencies and of [test], exactly (tools/min_requirements.py), in
 # an environment of their own; rebuilt whenever pyproject.toml changes.
@@ -74,4 +97,4 @@ bench: install
 	$(VENV)/bin/jaxnll bench --quick --out bench/results
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache docs/_build
+	rm -rf $(VENV) $(MIN_VENV) $(AOT_VENV) runs .pytest_cache docs/_build

@@ -101,6 +101,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     help="compile only, at the accelerator sizes (bf16, 4x2048 tokens) whatever the backend: "
     "temp memory and compile time of every implementation, nothing run",
   )
+  p.add_argument(
+    "--aot",
+    action="store_true",
+    help="compile only, for TPU / GPU targets from this CPU (needs the [aot] extra): every "
+    "fused implementation x entry x head x target, compiled or the compiler's error, and the "
+    "memory, into OUT/aot.md and .jsonl (compiled for TARGET, not run)",
+  )
+  p.add_argument(
+    "--target",
+    action="append",
+    help="--aot target (repeatable; default: all of jaxnll.bench.aot.TARGETS)",
+  )
+  p.add_argument("--entry", action="append", help="--aot entry (repeatable; default: all four)")
   p.add_argument("--no-report", action="store_true", help="do not write the table and plots")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -150,6 +163,8 @@ def failures(rows: Sequence[dict]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
   """Runs the suite for parsed ``args``; 0 if every implementation passed its check."""
+  if getattr(args, "aot", False):
+    return run_aot(args)
   t_start = time.perf_counter()
   cases = _cases(args)
   fractions = fractions_arg(args.fractions, QUICK_FRACTIONS if args.quick else FRACTIONS)
@@ -208,6 +223,45 @@ def _run_memory(args: argparse.Namespace, cases: Sequence[Case], env: dict) -> i
     md, _ = report(args.out)
     print(f"table: {md}")
   return 1 if bad else 0
+
+
+def _choices(flag: str, given, allowed) -> tuple:
+  if not given:
+    return tuple(allowed)
+  unknown = set(given) - set(allowed)
+  if unknown:
+    raise ValueError(f"unknown {flag} {sorted(unknown)}; choose from {list(allowed)}")
+  return tuple(dict.fromkeys(given))
+
+
+def run_aot(args: argparse.Namespace) -> int:
+  """``jaxnll bench --aot``: :func:`jaxnll.bench.aot.table` for the chosen targets, heads,
+  entries and implementations; 0 if every compile that applies succeeded."""
+  from jaxnll.bench import aot
+
+  targets = _choices("--target", args.target, aot.TARGETS)
+  impls = _choices("--impl", args.impl, aot.IMPLEMENTATIONS)
+  entries = _choices("--entry", args.entry, aot.ENTRIES)
+  specs = [SPECS[n] for n in (args.spec or [n for n, s in SPECS.items() if s.accel])]
+  tokens = [tuple(args.tokens)] if args.tokens else list(aot.TOKENS)
+  t_start = time.perf_counter()
+  print(
+    f"jaxnll bench --aot: {len(targets)} target(s) x {len(specs)} head(s) x {len(tokens)} "
+    f"token count(s) x {len(entries)} entr(ies) x {len(impls)} implementation(s), "
+    "compiled on this CPU, not run",
+    flush=True,
+  )
+  rows = []
+  env = {**aot.environment(), "git_commit": records.environment().get("git_commit")}
+  try:
+    for target in targets:  # saved per target: a killed run keeps the others
+      part = aot.table(specs, [target], implementations=impls, entries=entries, tokens=tokens)
+      aot.save(part, args.out, env)
+      rows += part
+  finally:
+    md = os.path.join(args.out, "aot.md")
+    print(f"table: {md} (and aot.jsonl); done in {time.perf_counter() - t_start:.0f} s")
+  return 1 if any(r.get("ok") is False for r in rows) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

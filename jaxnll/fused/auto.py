@@ -5,6 +5,17 @@ Each pass calls :func:`jax.lax.platform_dependent` over the passes of
 :mod:`~jaxnll.fused.chunked` (anything else), so one jitted or exported function carries the
 right kernel for every backend; only the branch of the platform being lowered is lowered.
 
+On a TPU generation with 16 MiB of VMEM per core (v2, v3, v4: :data:`SMALL_VMEM_KINDS`), the
+``pallas_tpu`` tiles do not fit (``Ran out of memory in memory space vmem``), and the TPU
+branch runs ``chunked`` instead: ``"auto"`` compiles on every generation.  The generation is
+the device kind of the arrays' sharding (what ``jit`` is lowering for, real devices or the
+compile-only ones of a deviceless compile), else of the context mesh, else of the default
+backend when it is a TPU; when none says (``jax.export`` of uncommitted arguments from a CPU),
+the TPU branch is ``pallas_tpu``.  The TPU branch is ``chunked`` too when the arrays are
+split over a mesh axis that XLA partitions automatically (a ``jit`` over sharded arguments:
+libtpu refuses with "Mosaic kernels cannot be automatically partitioned"); inside
+``shard_map``, where every axis is manual, it is ``pallas_tpu``.
+
 The branches must agree on every shape: they share one compaction (one sort) with the
 ``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``
 does; ``token_chunked`` reads a last block that would reach past it shifted back, and
@@ -19,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -31,6 +43,47 @@ BRANCHES = ("pallas_tpu", "token_chunked", "chunked")
 _MODULES = {"pallas_tpu": pallas_tpu, "token_chunked": token_chunked, "chunked": chunked}
 #: ``platform_dependent`` keyword of each branch (``default`` for the rest).
 _PLATFORMS = {"pallas_tpu": ("tpu",), "token_chunked": ("cuda", "rocm"), "chunked": ("default",)}
+#: TPU device kinds (prefixes) with 16 MiB of VMEM per core, where the TPU branch is
+#: ``chunked``: the ``pallas_tpu`` kernels ask for more (17.9 MiB at the Gemma-2 2B head, 30.6
+#: at Llama-3 8B's, compiled for TPU v4).
+SMALL_VMEM_KINDS = ("TPU v2", "TPU v3", "TPU v4")
+
+
+def device_kind(*arrays) -> str | None:
+  """The device kind ``arrays`` are being traced for: their sharding's (the first that has
+  one), the context mesh's, or the default backend's first device on a TPU; None if unknown."""
+  meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays]
+  meshes.append(jax.sharding.get_abstract_mesh())
+  for mesh in meshes:
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None:
+      return device.device_kind
+  if jax.default_backend() == "tpu":
+    return jax.devices()[0].device_kind
+  return None
+
+
+def auto_partitioned(*arrays) -> bool:
+  """Whether ``arrays`` (or the context mesh) span a mesh axis of more than one device that
+  is not manual: XLA would partition a kernel over it."""
+  meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays]
+  meshes.append(jax.sharding.get_abstract_mesh())
+  for mesh in meshes:
+    names, types = getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())
+    for name, kind in zip(names, types, strict=False):
+      if mesh.shape[name] > 1 and kind != jax.sharding.AxisType.Manual:
+        return True
+  return False
+
+
+def tpu_branch(*arrays) -> str:
+  """The kernel of the TPU branch for ``arrays``: ``"chunked"`` on a small-VMEM generation
+  (:data:`SMALL_VMEM_KINDS`) or under automatic partitioning (:func:`auto_partitioned`),
+  else ``"pallas_tpu"``."""
+  kind = device_kind(*arrays) or ""
+  if kind.startswith(SMALL_VMEM_KINDS) or auto_partitioned(*arrays):
+    return "chunked"
+  return "pallas_tpu"
 
 
 def plan(branches: tuple[Plan, ...], *, one_pass: bool) -> Plan:
@@ -68,7 +121,10 @@ def _cast(bt: Compacted, dh_c, dw, db):
 def _dispatch(bt: Compacted, run):
   """``lax.platform_dependent`` over ``run(module, view)`` for every branch."""
   per_platform = {}
-  for name, p in zip(BRANCHES, bt.plan.branches, strict=True):
+  plans = dict(zip(BRANCHES, bt.plan.branches, strict=True))
+  if tpu_branch(bt.weight, bt.hidden) == "chunked":
+    plans["pallas_tpu"] = plans["chunked"]
+  for name, p in plans.items():
     module = _MODULES[p.implementation]
     branch = lambda module=module, name=name, p=p: run(module, _view(bt, name, p))
     for platform in _PLATFORMS[name]:

@@ -180,7 +180,12 @@ def stats_pass(bt: Compacted):
 
 def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
   """Gradients of ``Σ scale·ℓ (+ Σ entropy_scale·H)``, recomputing each block once (two
-  matmuls per block)."""
+  matmuls per block); in vocabulary slabs (:mod:`~jaxnll.fused.token_slabs`) when the f32
+  weight-gradient buffer would exceed its budget."""
+  from jaxnll.fused import token_slabs
+
+  if token_slabs.use_slabs(bt, need):
+    return token_slabs.grad_pass(bt, scale_c, stats_c, need, entropy_scale_c)
   need = _need(bt, need)
 
   def body(i, carry):
@@ -194,7 +199,12 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_
 
 def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
   """Loss and gradients of ``Σ scale·ℓ`` with each logits block computed once (three matmuls
-  per block: ``6·N·D·V`` FLOPs)."""
+  per block: ``6·N·D·V`` FLOPs); over the weight-gradient budget, the forward then the
+  gradient in vocabulary slabs (:mod:`~jaxnll.fused.token_slabs`, ``8·N·D·V``)."""
+  from jaxnll.fused import token_slabs
+
+  if token_slabs.use_slabs(bt, need):
+    return token_slabs.one_pass(bt, scale_c, need)
   need = _need(bt, need)
 
   def body(i, carry):
