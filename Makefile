@@ -1,5 +1,7 @@
 # Entry points, each does all of its own set-up on a fresh machine:
 #   make test       install into .venv, lint, API docs, doctests, unit tests, notebooks
+#   make test-fast  lint + the library's tests only (no training, command line, benchmarks,
+#                   notebooks or deviceless compiles): the quick answer while working
 #   make demo       install the application (.[train]) into .venv, fine-tune the small model
 #   make test-min   the library tests on the lowest versions pyproject.toml allows (.venv-min)
 #   make aot        the deviceless TPU / GPU compiles (tests/test_aot.py) in .venv-aot (part of
@@ -28,7 +30,7 @@ LIBRARY_TESTS := tests/test_spans.py tests/test_nll.py tests/test_fused.py tests
 # The application's modules, left out of the library's doctests.
 APPLICATION := jaxnll/train jaxnll/bench jaxnll/cli.py
 
-.PHONY: install test lint docs unit notebooks aot demo bench test-min clean
+.PHONY: install test test-fast lint docs unit notebooks aot demo bench test-min clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +56,10 @@ docs: install
 
 unit: install
 	$(PY) -m pytest -q -n 2 jaxnll tests --ignore=$(AOT_TESTS)
+
+# The library lane: tests marked `app` (tests/conftest.py) are left out.
+test-fast: lint
+	$(PY) -m pytest -q -n 2 -m "not app" jaxnll tests --ignore=$(AOT_TESTS)
 
 notebooks: install
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \

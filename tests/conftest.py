@@ -92,6 +92,11 @@ def pytest_configure(config):
   config.addinivalue_line(
     "markers", "own_errors: asserts jaxnll's own argument errors; no jaxtyping run-time checks"
   )
+  config.addinivalue_line(
+    "markers",
+    "app: runs the application (models, training, command line, benchmarks); "
+    "`make test-fast` leaves these out (-m 'not app')",
+  )
 
 
 def pytest_collection_modifyitems(items):
@@ -99,6 +104,8 @@ def pytest_collection_modifyitems(items):
     fn = getattr(item, "function", None)
     if fn is not None and "pytest.raises" in inspect.getsource(fn):
       item.add_marker("own_errors")
+    if _runs_application(item):
+      item.add_marker("app")
 
 
 #: Not yet "raise": the bad-input tables and some library paths still broadcast a lower-rank
