@@ -152,36 +152,38 @@ def _shift(acc, total, m, m_new, rescale):
   return jnp.where(total > 0, rescale * (acc + total * (m - m_new)), 0.0)
 
 
-def _row_stats(plan: DistillPlan, s: Compacted, t: Compacted, i):
-  """Per-token ``(stats, loss)`` of token chunk ``i``: ``stats = (m_s, s_s, m_t, s_t, r)``
-  (row maxima and sums of ``exp(z - m)`` of both heads, and ``r``: the loss for
-  ``"reverse_kl"``, ``KL(p_s ‖ m)`` for ``"jsd"``, unused otherwise), float32 ``[C]`` each."""
+def _online(kind: str, zs, zt, carry):
+  """One vocabulary tile ``zs``, ``zt`` ``[C, K]`` added to the running row statistics
+  ``(m_s, s_s, m_t, s_t, acc)`` (``acc``: the kind's running weighted sum)."""
+  ms, ss, mt, st, acc = carry
+  ms_new = jnp.maximum(ms, jnp.max(zs, axis=1))
+  mt_new = jnp.maximum(mt, jnp.max(zt, axis=1))
+  es = jnp.exp(zs - ms_new[:, None])
+  et = jnp.exp(zt - mt_new[:, None])
+  rs, rt = jnp.exp(ms - ms_new), jnp.exp(mt - mt_new)
+  if kind == "ce":  # Σ e_t (z_s - m_t)
+    acc = _shift(acc, st, mt, mt_new, rt) + _xlogy_terms(et, zs, mt_new[:, None])
+  elif kind == "kl":  # Σ e_t (z_t - z_s)
+    acc = rt * acc + _xlogy_terms(et, zt, zs)
+  elif kind == "reverse_kl":  # Σ e_s (z_s - z_t)
+    acc = rs * acc + _xlogy_terms(es, zs, zt)
+  ss = ss * rs + jnp.sum(es, axis=1)
+  st = st * rt + jnp.sum(et, axis=1)
+  return ms_new, ss, mt_new, st, acc
+
+
+def _jsd_terms(plan: DistillPlan, zs, zt, lse_s, lse_t):
+  """``(Σ p_t (log p_t - log m), Σ p_s (log p_s - log m))`` of one tile, per row."""
+  lps, lpt = zs - lse_s[:, None], zt - lse_t[:, None]
+  lm = _log_m(plan, lps, lpt)
+  return _xlogy_terms(jnp.exp(lpt), lpt, lm), _xlogy_terms(jnp.exp(lps), lps, lm)
+
+
+def _finish(plan: DistillPlan, carry, jsd_pass):
+  """Per-row ``(stats, loss)`` from the running statistics (combined over vocabulary shards);
+  ``jsd_pass(lse_s, lse_t) -> (kt, ks)`` is the second pass of ``"jsd"``."""
   kind, opts = plan.kind, plan.opts
-  h_s, h_t = s.rows(i), t.rows(i)
-  low = jnp.finfo(F32).min
-
-  def online(start, width, carry):
-    ms, ss, mt, st, acc = carry
-    zs, zt = _tile(s, t, h_s, h_t, start, width)
-    ms_new = jnp.maximum(ms, jnp.max(zs, axis=1))
-    mt_new = jnp.maximum(mt, jnp.max(zt, axis=1))
-    es = jnp.exp(zs - ms_new[:, None])
-    et = jnp.exp(zt - mt_new[:, None])
-    rs, rt = jnp.exp(ms - ms_new), jnp.exp(mt - mt_new)
-    if kind == "ce":  # Σ e_t (z_s - m_t)
-      acc = _shift(acc, st, mt, mt_new, rt) + _xlogy_terms(et, zs, mt_new[:, None])
-    elif kind == "kl":  # Σ e_t (z_t - z_s)
-      acc = rt * acc + _xlogy_terms(et, zt, zs)
-    elif kind == "reverse_kl":  # Σ e_s (z_s - z_t)
-      acc = rs * acc + _xlogy_terms(es, zs, zt)
-    ss = ss * rs + jnp.sum(es, axis=1)
-    st = st * rt + jnp.sum(et, axis=1)
-    return ms_new, ss, mt_new, st, acc
-
-  rows = s.chunk
-  zero = s.full((rows,), F32)
-  init = (s.full((rows,), F32, low), zero, s.full((rows,), F32, low), zero, zero)
-  ms, ss, mt, st, acc = _over_vocab(online, init, s.cols, plan.vocab_chunk)
+  ms, ss, mt, st, acc = carry
   ms, ss, acc_s = _combine(opts, ms, ss, acc if kind == "reverse_kl" else None)
   mt, st, acc_t = _combine(opts, mt, st, acc if kind in ("ce", "kl") else None, shift=kind == "ce")
   lse_s, lse_t = ms + jnp.log(ss), mt + jnp.log(st)
@@ -196,24 +198,37 @@ def _row_stats(plan: DistillPlan, s: Compacted, t: Compacted, i):
     loss = jnp.maximum(acc_s / ss + (lse_t - lse_s), 0.0)
     r = loss
   else:  # jsd: a second pass, now that both log-sum-exps are known
-
-    def second(start, width, carry):
-      kt, ks = carry
-      zs, zt = _tile(s, t, h_s, h_t, start, width)
-      lps, lpt = zs - lse_s[:, None], zt - lse_t[:, None]
-      lm = _log_m(plan, lps, lpt)
-      kt = kt + _xlogy_terms(jnp.exp(lpt), lpt, lm)
-      ks = ks + _xlogy_terms(jnp.exp(lps), lps, lm)
-      return kt, ks
-
-    kt, ks = _over_vocab(second, (zero, zero), s.cols, plan.vocab_chunk)
+    kt, ks = jsd_pass(lse_s, lse_t)
     kt, ks = _core.all_sum(kt, opts), _core.all_sum(ks, opts)
     kt, ks = jnp.maximum(kt, 0.0), jnp.maximum(ks, 0.0)
     loss = plan.beta * kt + (1.0 - plan.beta) * ks
     r = ks
+  return (ms, ss, mt, st, r), loss
+
+
+def _row_stats(plan: DistillPlan, s: Compacted, t: Compacted, i):
+  """Per-token ``(stats, loss)`` of token chunk ``i``: ``stats = (m_s, s_s, m_t, s_t, r)``
+  (row maxima and sums of ``exp(z - m)`` of both heads, and ``r``: the loss for
+  ``"reverse_kl"``, ``KL(p_s ‖ m)`` for ``"jsd"``, unused otherwise), float32 ``[C]`` each."""
+  h_s, h_t = s.rows(i), t.rows(i)
+
+  def online(start, width, carry):
+    return _online(plan.kind, *_tile(s, t, h_s, h_t, start, width), carry)
+
+  def jsd_pass(lse_s, lse_t):
+    def second(start, width, carry):
+      kt, ks = _jsd_terms(plan, *_tile(s, t, h_s, h_t, start, width), lse_s, lse_t)
+      return carry[0] + kt, carry[1] + ks
+
+    return _over_vocab(second, (zero, zero), s.cols, plan.vocab_chunk)
+
+  rows = s.chunk
+  zero = s.full((rows,), F32)
+  low = s.full((rows,), F32, jnp.finfo(F32).min)
+  carry = _over_vocab(online, (low, zero, low, zero, zero), s.cols, plan.vocab_chunk)
+  stats, loss = _finish(plan, carry, jsd_pass)
   ok = s.part(s.valid, i)
-  stats = tuple(jnp.where(ok, x, 0.0) for x in (ms, ss, mt, st, r))
-  return stats, jnp.where(ok, loss, 0.0)
+  return tuple(jnp.where(ok, x, 0.0) for x in stats), jnp.where(ok, loss, 0.0)
 
 
 def _combine(opts: TokenOptions, m, total, acc, *, shift=False):
@@ -570,9 +585,42 @@ def _vary_alike(hs, ws, bs, ht, wt, bt_, span_mask, vocab_axis):
 # ----------------------------------------------------------------------------- materialised
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rows(plan: DistillPlan, xs, xt, ok):
+  """Per-row divergence of materialised logits ``[N, V]`` (any dtype; scored with ``τ``), 0
+  where ``ok`` is False; the backward is the fused kernels' (a zero cotangent sends back 0)."""
+  return _rows_fwd(plan, xs, xt, ok)[0]
+
+
+def _scored(plan: DistillPlan, xs, xt, ok):
+  keep = ok[:, None]
+  zs = _core.softcap(jnp.where(keep, xs, jnp.zeros((), xs.dtype)), plan.opts)
+  zt = _core.softcap(jnp.where(keep, xt, jnp.zeros((), xt.dtype)), plan.opts)
+  return zs, zt
+
+
+def _rows_fwd(plan: DistillPlan, xs, xt, ok):
+  zs, zt = _scored(plan, xs, xt, ok)
+  low, zero = jnp.full(ok.shape, jnp.finfo(F32).min), jnp.zeros(ok.shape, F32)
+  carry = _online(plan.kind, zs, zt, (low, zero, low, zero, zero))
+  stats, loss = _finish(plan, carry, lambda a, b: _jsd_terms(plan, zs, zt, a, b))
+  return jnp.where(ok, loss, 0.0), (xs, xt, ok, stats)
+
+
+def _rows_bwd(plan: DistillPlan, res, ct):
+  xs, xt, ok, stats = res
+  zs, zt = _scored(plan, xs, xt, ok)
+  g = _grad_tile(plan, zs, zt, stats, ct.astype(F32), ok)
+  return g.astype(xs.dtype), None, None
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
 def _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opts, ls, lt):
   """The ``"xla"`` path: both ``[B, T, V]`` logits, then the divergence (``"ce"`` / ``"kl"``:
-  :func:`jaxnll.distill_cross_entropy`; the others in plain float32 ``jnp`` under autodiff).
+  :func:`jaxnll.distill_cross_entropy`; the others row by row in float32 through :func:`_rows`,
+  whose backward is the fused kernels' gated formula, so a zero cotangent leaks no NaN).
   Hidden rows outside the span are zeroed first (NaN there reaches no gradient)."""
   from jaxnll.distill import distill_cross_entropy
 
@@ -584,7 +632,7 @@ def _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opt
     h = jnp.where(inside, h, jnp.zeros((), h.dtype))
     z = h @ w if layout == "dv" else jnp.einsum("btd,vd->btv", h, w)
     z = z if b is None else z + b[None, None, :]
-    if opts.logit_softcap is not None:
+    if opts.logit_softcap is not None and kind in ("ce", "kl"):
       c = opts.logit_softcap
       z = (c * jnp.tanh(z.astype(F32) / c)).astype(z.dtype)
     return z
@@ -595,17 +643,9 @@ def _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opt
     name = "cross_entropy" if kind == "ce" else "kl"
     return distill_cross_entropy(zs, zt, span_mask, temperature=tau, reduction=reduction, kind=name)
   mask = _core.mask_to_bool(span_mask)
-  s = jnp.where(mask[..., None], zs.astype(F32), 0.0) / tau
-  t = jnp.where(mask[..., None], zt.astype(F32), 0.0) / tau
-  lps, lpt = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
-  ps, pt = jnp.exp(lps), jnp.exp(lpt)
-  terms = lambda p, a, b: jnp.sum(jnp.where(p > 0, p * (a - b), 0.0), axis=-1)  # noqa: E731
-  if kind == "reverse_kl":
-    tok = terms(ps, lps, lpt)
-  else:
-    plan = DistillPlan(kind, beta, opts, 1, 1, 1)
-    lm = _log_m(plan, lps, lpt)
-    tok = beta * terms(pt, lpt, lm) + (1.0 - beta) * terms(ps, lps, lm)
+  plan = DistillPlan(kind, beta, opts, 1, 1, 1)  # soft-cap and τ inside: one gated backward
+  flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+  tok = _rows(plan, flat(zs), flat(zt), mask.reshape(-1)).reshape(mask.shape)
   weights = _core.mask_to_weights(span_mask)
   sums = jnp.sum(jnp.where(mask, tok * weights, 0.0), axis=1, dtype=F32)
   if reduction == "mean":
