@@ -5,6 +5,8 @@ One set of shapes for the whole file (``B·T = 14`` positions, ``V = 40``) so XL
 configuration once; block sizes 3 × 11 divide neither, 7 × 8 divide both.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,32 +58,51 @@ def f64_formula(hs, ws, ht, wt, mask, kind, tau, beta=0.5):
   return (np.where(w != 0, tok, 0.0) * w).sum(-1)
 
 
+_COMPILED = {}
+
+
 def value_and_grads(fn, hs, ws, *rest):
   """Per-sample values and the gradients of ``Σ_b c_b L_b`` (unequal c_b) for the student, in
-  one compiled function."""
-  c = jnp.array([1.0, -0.5])
+  one compiled function (compiled once per ``fn``: :func:`fused` and :func:`plain` hand out
+  one function per configuration)."""
+  if fn not in _COMPILED:
+    c = jnp.array([1.0, -0.5])
 
-  def both(h, w, *r):
-    grads = jax.grad(lambda h, w: jnp.sum(fn(h, w, *r) * c), argnums=(0, 1))(h, w)
-    return fn(h, w, *r), grads
+    def both(h, w, *r):
+      grads = jax.grad(lambda h, w: jnp.sum(fn(h, w, *r) * c), argnums=(0, 1))(h, w)
+      return fn(h, w, *r), grads
 
-  return jax.jit(both)(hs, ws, *rest)
+    _COMPILED[fn] = jax.jit(both)
+  return _COMPILED[fn](hs, ws, *rest)
+
+
+@functools.cache
+def _fused(impl, kind, tau, chunks, kw):
+  def fn(hs, ws, ht, wt, mask):
+    return linear_distill_loss(
+      hs, ws, ht, wt, mask, kind=kind, temperature=tau, implementation=impl, **dict(chunks),
+      **dict(kw),
+    )  # fmt: skip
+
+  return fn
 
 
 def fused(impl, kind, tau, chunks=ODD, **kw):
+  return _fused(impl, kind, tau, tuple(sorted(chunks.items())), tuple(sorted(kw.items())))
+
+
+@functools.cache
+def _plain(kind, tau, kw):
   def fn(hs, ws, ht, wt, mask):
-    return linear_distill_loss(
-      hs, ws, ht, wt, mask, kind=kind, temperature=tau, implementation=impl, **chunks, **kw
+    return reference.linear_distill_loss(
+      hs, ws, ht, wt, mask, kind=kind, temperature=tau, **dict(kw)
     )
 
   return fn
 
 
 def plain(kind, tau, **kw):
-  def fn(hs, ws, ht, wt, mask):
-    return reference.linear_distill_loss(hs, ws, ht, wt, mask, kind=kind, temperature=tau, **kw)
-
-  return fn
+  return _plain(kind, tau, tuple(sorted(kw.items())))
 
 
 def assert_close(got, want, rtol=2e-5, atol=2e-6):

@@ -73,6 +73,9 @@ DEFAULT_VOCAB_CHUNK = 2048
 #: As :data:`jaxnll.fused.api.WEIGHT_GRAD_CHUNK_BYTES`: with 16-bit heads the gradient pass
 #: widens its vocabulary tiles to about this many bytes of f32 ``[Ds, K]`` accumulator.
 WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
+#: ``"token_chunked"`` with 16-bit heads: the gradient pass sums the weight gradient in f32
+#: tiles of about this many bytes (not one f32 ``[Ds, V]`` buffer, 2.4 GiB at Gemma-2 2B).
+TOKEN_CHUNKED_GRAD_BYTES = 128 * 2**20
 #: ``"auto"``: which platforms take which kernel (``default``: the rest, TPU included).
 AUTO_BRANCHES = (("token_chunked", ("cuda", "rocm")), ("chunked", ("default",)))
 
@@ -429,12 +432,17 @@ def _head(name: str, hidden, weight, bias, layout: str):
 
 def _kernel_plan(implementation, base: DistillPlan, num_tokens, vocab, d, weight_dtype, tc, vc):
   """The plan of one kernel: ``"chunked"`` ``C × K`` tiles, ``"token_chunked"`` full-
-  vocabulary tiles with ``C`` from :func:`jaxnll.fused.token_chunked.block_rows` (two logits
-  blocks live: the budget per head is halved)."""
+  vocabulary tiles with ``C`` from :func:`jaxnll.fused.token_chunked.block_rows` (both heads'
+  logits and their exponentials live: a quarter of the budget per block); its gradient pass
+  runs vocabulary tiles of ``vocab_chunk`` columns if given, else the whole vocabulary, or with
+  16-bit heads tiles of :data:`TOKEN_CHUNKED_GRAD_BYTES` of f32 accumulator."""
   if implementation == "token_chunked":
-    c = token_chunked_lib.block_rows(2 * vocab, num_tokens, tc)
+    c = token_chunked_lib.block_rows(4 * vocab, num_tokens, tc)
+    gk = vocab if vc is None else min(vc, vocab)  # ``vocab_chunk``: the gradient's tiles
+    if vc is None and jnp.dtype(weight_dtype).itemsize < 4:
+      gk = min(vocab, max(1024, TOKEN_CHUNKED_GRAD_BYTES // (4 * d) // 1024 * 1024))
     return dataclasses.replace(
-      base, implementation=implementation, token_chunk=c, vocab_chunk=vocab, grad_vocab_chunk=vocab
+      base, implementation=implementation, token_chunk=c, vocab_chunk=vocab, grad_vocab_chunk=gk
     )
   c = max(1, min(DEFAULT_TOKEN_CHUNK if tc is None else tc, num_tokens))
   k = max(1, min(DEFAULT_VOCAB_CHUNK if vc is None else vc, vocab))
@@ -500,7 +508,9 @@ def linear_distill_loss(
     student_weight_layout, teacher_weight_layout: ``"dv"`` or ``"vd"``.
     implementation: ``"auto"`` (GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen when
       lowering), ``"chunked"``, ``"token_chunked"`` or ``"xla"`` (both logits materialised).
-    token_chunk, vocab_chunk: block sizes (need not divide ``B·T`` or ``V``).
+    token_chunk, vocab_chunk: block sizes (need not divide ``B·T`` or ``V``); for
+      ``"token_chunked"`` (full-vocabulary forward blocks) ``vocab_chunk`` sets the gradient
+      pass's vocabulary tiles.
 
   Returns:
     float32 ``[B]``; gradients come back in the student's dtypes.
