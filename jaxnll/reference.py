@@ -233,3 +233,87 @@ def group_advantages(
       a = a / jnp.where(same, 1.0, jnp.std(x))
     out.append(jnp.where(same, 0.0, a))
   return jnp.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- distillation
+#
+# The four divergences of :func:`jaxnll.fused.linear_distill_loss` straight from their
+# definitions, through full log-softmaxes.  They compute in ``result_type(float32, logits)``:
+# float64 inputs under ``jax.enable_x64`` give a float64 reference.
+
+DISTILL_KINDS = ("ce", "kl", "reverse_kl", "jsd")
+
+
+def distill_divergence(
+  student_logits: Float[Array, "B T V"],
+  teacher_logits: Float[Array, "B T V"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  kind: str = "ce",
+  temperature: float = 1.0,
+  beta: float = 0.5,
+  reduction: str = "sum",
+) -> Float[Array, " B"]:
+  """Per-sample sum (or mean) over the span of the divergence between ``p_t =
+  softmax(teacher/τ)`` (under ``stop_gradient``) and ``p_s = softmax(student/τ)``:
+  ``"ce"`` ``-Σ p_t log p_s``, ``"kl"`` ``KL(p_t‖p_s)``, ``"reverse_kl"`` ``KL(p_s‖p_t)``,
+  ``"jsd"`` ``β·KL(p_t‖m) + (1-β)·KL(p_s‖m)`` with ``m = β·p_t + (1-β)·p_s``."""
+  dtype = jnp.result_type(F32, student_logits.dtype, teacher_logits.dtype)
+  inside = (span_mask != 0)[..., None]
+  s = jnp.where(inside, student_logits.astype(dtype), 0.0) / temperature
+  t = jnp.where(inside, jax.lax.stop_gradient(teacher_logits).astype(dtype), 0.0) / temperature
+  log_ps, log_pt = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
+  ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
+
+  def kl(p, log_p, log_q):  # Σ p (log p - log q), 0 · anything = 0
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+  if kind == "ce":
+    tok = -jnp.sum(jnp.where(pt > 0, pt * log_ps, 0.0), axis=-1)
+  elif kind == "kl":
+    tok = kl(pt, log_pt, log_ps)
+  elif kind == "reverse_kl":
+    tok = kl(ps, log_ps, log_pt)
+  elif kind == "jsd":
+    log_m = jnp.log(beta * pt + (1.0 - beta) * ps)
+    tok = beta * kl(pt, log_pt, log_m) + (1.0 - beta) * kl(ps, log_ps, log_m)
+  else:
+    raise ValueError(f"kind must be one of {DISTILL_KINDS}, got {kind!r}")
+  w = span_mask.astype(dtype)
+  total = jnp.sum(jnp.where(span_mask != 0, tok * w, 0.0), axis=-1)
+  if reduction == "sum":
+    return total
+  count = jnp.sum(w, axis=-1)
+  return jnp.where(count != 0, total / jnp.where(count != 0, count, 1.0), 0.0)
+
+
+def linear_distill_loss(
+  student_hidden: Float[Array, "B T Ds"],
+  student_weight: Float[Array, "Ds V"] | Float[Array, "V Ds"],
+  teacher_hidden: Float[Array, "B T Dt"],
+  teacher_weight: Float[Array, "Dt V"] | Float[Array, "V Dt"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  student_bias: Float[Array, " V"] | None = None,
+  teacher_bias: Float[Array, " V"] | None = None,
+  student_weight_layout: str = "dv",
+  teacher_weight_layout: str = "dv",
+  logit_softcap: float | None = None,
+  **options,
+) -> Float[Array, " B"]:
+  """:func:`distill_divergence` of both heads' materialised logits (``"vd"``: a ``[V, D]``
+  table), soft-capped ``c·tanh(x/c)`` when ``logit_softcap`` is set."""
+
+  def logits(h, w, b, layout):
+    dtype = jnp.result_type(F32, h.dtype, w.dtype)
+    spec = "btd,vd->btv" if layout == "vd" else "btd,dv->btv"
+    z = jnp.einsum(spec, h.astype(dtype), w.astype(dtype))
+    z = z if b is None else z + b.astype(dtype)
+    return z if logit_softcap is None else logit_softcap * jnp.tanh(z / logit_softcap)
+
+  inside = (span_mask != 0)[..., None]
+  hs = jnp.where(inside, student_hidden, jnp.zeros((), student_hidden.dtype))
+  ht = jnp.where(inside, teacher_hidden, jnp.zeros((), teacher_hidden.dtype))
+  zs = logits(hs, student_weight, student_bias, student_weight_layout)
+  zt = logits(ht, teacher_weight, teacher_bias, teacher_weight_layout)
+  return distill_divergence(zs, zt, span_mask, **options)

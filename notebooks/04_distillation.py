@@ -326,3 +326,28 @@ print(f"notebook ran in {time.time() - start:.1f} s")
 #   *outputs*, and on this easy task every student already decodes the mode, so its benefit does
 #   not show here while its cost in likelihood does. One seed and one synthetic task: the sizes
 #   of the gaps are this run's, the directions are what the two objectives are built to do.
+
+# %% [markdown]
+# ## Fused distillation: no logits of either model (measured outside this notebook)
+#
+# At a real pair the two `[B, T, V]` logits tensors are the cost of token-level KD.
+# `jaxnll.fused.linear_distill_loss(student_hidden, student_weight, teacher_hidden,
+# teacher_weight, span_mask, kind=...)` takes both models' final hidden states and heads instead
+# (hidden sizes may differ), compacts the target span and streams vocabulary tiles of both heads
+# with two running log-sum-exps and one teacher-weighted sum; the backward recomputes the tiles.
+# `kind`: `"ce"` (this notebook's loss, equal to `distill_cross_entropy`), `"kl"`, `"reverse_kl"`,
+# `"jsd"` (GKD's, with `beta`).
+#
+# * **Memory**, forward + backward at the Gemma-2 9B → 2B head pair (D 3584 / 2304, V 256,000,
+#   soft-cap 30, 4 × 2048 bf16 tokens, `kind="kl"`), compiled temp of fused `auto` against the same
+#   loss on materialised logits: XLA:CPU 0.238 vs 25.705 GiB (1/108); compiled for H100, not run,
+#   0.433 vs 19.567 GiB (1/45); compiled for TPU v5p, not run, 0.272 vs 11.719 GiB (1/43); for
+#   TPU v5e the logits path does not fit its 16 GiB, the fused one needs 0.262 GiB
+#   (`bench/fused_distill_memory.py`, `bench/results/fused_distill_memory.md`).
+# * **Training**: `jaxnll train --teacher RUN --kd token --fused` feeds the teacher's hidden states
+#   and frozen head into the step. From one teacher (d-model 64, 2 layers, 60 steps, held-out NLL
+#   2.78) and a student of d-model 32, 1 layer, 30 steps, seed 0, α 0.5, τ 2, the student's
+#   held-out NLL (from 5.571) is: logits path 4.169351643, fused 4.169351653, fused with
+#   `--accum 2` 4.169351634 (equal within float tolerance); fused `--kd-kind kl` 4.169351653 (the
+#   same gradient as `ce`), `reverse_kl` 4.2202, `jsd` (β 0.5) 4.1920; no teacher 4.1320.
+#   Thirty steps of a tiny student: the divergences' ranking here says nothing general.

@@ -34,6 +34,13 @@ def _grads(fn, model, batch):
   return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
 
+def _assert_grads_close(got, want):
+  """Gradient leaves equal up to float32 summation order: relative 1e-4, and absolute 1e-5 of
+  the leaf's largest entry (entries that cancel to near 0 keep the others' rounding)."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+
+
 def _config(**kw):
   return DistillConfig(teacher="unused", **kw)
 
@@ -113,6 +120,60 @@ def test_sequence_objective_is_the_nll_of_the_teacher_answers():
   np.testing.assert_allclose(aux["denominator"], want_den, rtol=1e-6)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_token_objective_equals_the_logits_path(tied):
+  """``--fused``: the teacher's hidden states and frozen head in place of its logits give the
+  logits path's numerator, aux (per packed sample) and student gradients (``ce``), and the
+  teacher's head receives no gradient."""
+  batch, _ = _batch()
+  # A wider teacher (D_t = 24) than the student (D_s = 16); tied or untied student head.
+  model = make_model(dataclasses.replace(TINY, tie_embeddings=tied), seed=0)
+  teacher = make_model(dataclasses.replace(TINY, d_model=24, tie_embeddings=not tied), seed=1)
+  lay = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+  hidden = teacher(batch["tokens"], return_hidden=True, **lay)
+  head = distill_train.TeacherHead(*teacher.output_head())
+  config = _config(kd_weight=0.6, temperature=2.0)
+  fused = distill_train.Distill(config, head)
+  plain = distill_train.Distill(config)
+  (num, aux), g = _grads(fused, model, {**batch, "teacher_hidden": hidden})
+  (num_ref, aux_ref), g_ref = _grads(
+    plain, model, {**batch, "teacher_logits": teacher.logits(hidden)}
+  )
+  np.testing.assert_allclose(num, num_ref, rtol=1e-5)
+  for key in aux_ref:
+    np.testing.assert_allclose(aux[key], aux_ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  _assert_grads_close(g, g_ref)
+  dw = jax.grad(
+    lambda w: distill_train.Distill(config, distill_train.TeacherHead(w, head.layout))(
+      model, {**batch, "teacher_hidden": hidden}
+    )[0]
+  )(head.weight)
+  np.testing.assert_array_equal(dw, 0.0)
+
+
+def test_fused_token_objective_is_exact_under_accumulation():
+  """Two micro-batches of unequal token counts give the full batch's sums and gradients, for
+  every divergence."""
+  from jaxnll.train import step as step_lib
+
+  batch, _ = _batch()
+  model, teacher = make_model(TINY, seed=0), make_model(TINY, seed=1)
+  lay = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+  hidden = teacher(batch["tokens"], return_hidden=True, **lay)
+  full = {**batch, "teacher_hidden": hidden}
+  head = distill_train.TeacherHead(*teacher.output_head())
+  for kind in ("reverse_kl", "jsd"):
+    obj = distill_train.Distill(_config(kind=kind, temperature=1.5), head)
+    one = step_lib.accumulate_gradients(model, step_lib.micro_batches(full, 1), obj)
+    two = step_lib.accumulate_gradients(model, step_lib.micro_batches(full, 2), obj)
+    for key in ("kd_sum", "target_sum", "denominator", "loss_sum"):
+      np.testing.assert_allclose(one[1][key], two[1][key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(
+      one[2]["sample_kd_sums"], two[2]["sample_kd_sums"], rtol=1e-5, atol=1e-6
+    )
+    _assert_grads_close(two[0], one[0])
+
+
 # ----------------------------------------------------------------------------- teacher answers
 
 
@@ -185,6 +246,28 @@ def test_train_with_a_token_level_teacher_logs_both_losses_per_sample(runs):
   assert json.load(open(out / "summary.json"))["steps"] == 3
 
 
+def test_train_fused_token_teacher_matches_the_logits_run(runs):
+  """``--kd token --fused`` (teacher hidden states and head, no logits) trains the same
+  student as the logits path at the same seed; other divergences run and are logged."""
+  root, args = runs
+  kd = ["--teacher", str(root / "teacher"), "--kd-weight", "0.7", "--temperature", "2"]
+  logits_run, fused_run = root / "kd-logits", root / "kd-fused"
+  assert cli.main(args + ["--out", str(logits_run), "--steps", "3"] + kd) == 0
+  assert cli.main(args + ["--out", str(fused_run), "--steps", "3", "--fused"] + kd) == 0
+  for a, b in zip(_records(logits_run), _records(fused_run), strict=True):
+    for key in ("loss", "target_loss", "kd_loss"):
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=key)
+  jsd = root / "kd-jsd"
+  extra = ["--fused", "--kd-kind", "jsd", "--kd-beta", "0.3", "--accum", "2", "--batch-size", "16"]
+  assert cli.main(args + ["--out", str(jsd), "--steps", "2"] + kd + extra) == 0
+  saved = json.load(open(jsd / "config.json"))["distill"]
+  assert saved["kind"] == "jsd" and saved["beta"] == 0.3
+  for r in _records(jsd):
+    np.testing.assert_allclose(
+      r["loss"], 0.3 * r["target_loss"] + 0.7 * 4 * r["kd_loss"], rtol=1e-5
+    )
+
+
 def test_train_with_sequence_level_teacher_and_resume(runs):
   root, args = runs
   kd = ["--teacher", str(root / "teacher"), "--kd", "sequence", "--kd-weight", "0.5"]
@@ -211,7 +294,9 @@ def test_train_with_sequence_level_teacher_and_resume(runs):
     (["--teacher", "{root}/teacher", "--temperature", "0"], "temperature"),
     (["--teacher", "{root}/nowhere"], "no config.json"),
     (["--teacher", "{root}/teacher", "--kd", "sequence", "--pack"], "drop --pack"),
-    (["--teacher", "{root}/teacher", "--fused"], "without --fused"),
+    (["--teacher", "{root}/teacher", "--kd", "sequence", "--fused"], "fused only with --kd token"),
+    (["--teacher", "{root}/teacher", "--kd-kind", "jsd"], "--kd-kind jsd needs --fused"),
+    (["--teacher", "{root}/teacher", "--kd-beta", "0.2", "--fused"], "--kd-beta only applies"),
   ],
 )
 def test_bad_distillation_arguments_are_clear_errors(runs, capsys, extra, match):

@@ -4,7 +4,8 @@ One op folder: :mod:`~jaxnll.fused.api` holds the public entries, their argument
 the ``implementation=`` dispatch; :mod:`~jaxnll.fused.compact` the span compaction every
 implementation shares; one module per implementation (:mod:`~jaxnll.fused.chunked`,
 :mod:`~jaxnll.fused.token_chunked`, :mod:`~jaxnll.fused.pallas_tpu`) and
-:mod:`~jaxnll.fused.auto`, which picks one per platform.
+:mod:`~jaxnll.fused.auto`, which picks one per platform; :mod:`~jaxnll.fused.distill` the
+fused distillation divergences on the same compaction.
 """
 
 from jaxnll.fused.api import DEFAULT_TOKEN_CHUNK as DEFAULT_TOKEN_CHUNK
@@ -16,3 +17,4 @@ from jaxnll.fused.api import linear_nll_loss as linear_nll_loss
 from jaxnll.fused.api import linear_segment_nll as linear_segment_nll
 from jaxnll.fused.api import linear_sequence_nll as linear_sequence_nll
 from jaxnll.fused.api import linear_token_nll as linear_token_nll
+from jaxnll.fused.distill import linear_distill_loss as linear_distill_loss

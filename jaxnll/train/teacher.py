@@ -22,6 +22,13 @@ normalised like every jaxnll training loss (a global token mean, exact under acc
   The normaliser is ``(1 - α)|y| + α|ŷ|`` target tokens, so ``α = 1`` is exactly training
   on the teacher's outputs.  Needs unpacked batches (one sample per row).
 
+* ``--kd token --fused``: the teacher's final hidden states ``[B, T, D_t]`` (not its
+  ``[B, T, V]`` logits) enter the step as data (``batch["teacher_hidden"]``), its frozen head
+  rides with the objective (:class:`TeacherHead`), and both heads go through
+  :func:`jaxnll.fused.linear_distill_loss` (no logits of either model); the student's NLL
+  through its fused head.  ``--kd-kind`` picks the divergence (``ce`` — the default, equal to
+  the logits path —, ``kl``, ``reverse_kl``, ``jsd`` with ``--kd-beta``), always times ``τ²``.
+
 Logged per step in ``metrics.jsonl``: ``loss`` (the objective above), ``target_loss`` (the
 student's NLL of the reference answers, as in every run), ``kd_loss`` (token mean of the KD
 term, without ``τ²``), and per sample ``sample_nll`` and ``sample_kd`` (sums, aligned with
@@ -47,8 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnll import parallel
 from jaxnll.argtypes import mode_options
 from jaxnll.distill import segment_distill_cross_entropy
+from jaxnll.fused.distill import KINDS as KD_KINDS
+from jaxnll.fused.distill import linear_distill_loss
 from jaxnll.nll import segment_nll
 from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
@@ -72,6 +82,9 @@ class DistillConfig:
     temperature: ``τ > 0`` of both softmaxes (token mode; the term is scaled by ``τ²``).
     kd: ``"token"`` or ``"sequence"`` (module docstring).
     max_new: most tokens decoded per teacher answer (sequence mode).
+    kind: the token-level divergence, one of ``("ce", "kl", "reverse_kl", "jsd")``
+      (:func:`jaxnll.fused.linear_distill_loss`); from logits only ``ce`` and ``kl``.
+    beta: ``β`` of ``kind="jsd"``, in ``[0, 1]``.
   """
 
   teacher: str
@@ -79,6 +92,8 @@ class DistillConfig:
   temperature: float = 1.0
   kd: str = "token"
   max_new: int = 64
+  kind: str = "ce"
+  beta: float = 0.5
 
   def __post_init__(self):
     if self.kd not in KD_MODES:
@@ -91,6 +106,15 @@ class DistillConfig:
       raise ValueError("temperature only applies to --kd token (sequence KD decodes greedily)")
     if not isinstance(self.max_new, int) or self.max_new < 1:
       raise ValueError(f"max_new must be a positive int, got {self.max_new!r}")
+    if self.kind not in KD_KINDS:
+      raise ValueError(f"kind (--kd-kind) must be one of {KD_KINDS}, got {self.kind!r}")
+    if self.kd == "sequence" and (self.kind != "ce" or self.beta != 0.5):
+      raise ValueError("--kd-kind / --kd-beta only apply to --kd token")
+    if not 0.0 <= self.beta <= 1.0:
+      raise ValueError(f"beta (--kd-beta) must be in [0, 1], got {self.beta}")
+    if self.beta != 0.5 and self.kind != "jsd":
+      raise ValueError(f"--kd-beta only applies to --kd-kind jsd (got kind {self.kind!r})")
+    object.__setattr__(self, "beta", float(self.beta))
     object.__setattr__(self, "kd_weight", float(self.kd_weight))
     object.__setattr__(self, "temperature", float(self.temperature))
 
@@ -105,6 +129,15 @@ class DistillConfig:
 # ----------------------------------------------------------------------------- the objective
 
 
+class TeacherHead:
+  """The teacher's frozen output head ``(weight, layout)``, carried by the objective into the
+  step (a constant of the compiled step, like the objective's settings).  Hashed by identity:
+  one head, one compiled step."""
+
+  def __init__(self, weight, layout: str):
+    self.weight, self.layout = jax.lax.stop_gradient(jnp.asarray(weight)), layout
+
+
 @dataclasses.dataclass(frozen=True)
 class Distill(Objective):
   """The numerator of ``(1 - α)·NLL + α·KD`` for one micro-batch, and its aux.
@@ -113,23 +146,53 @@ class Distill(Objective):
   :class:`~jaxnll.train.objectives.SFT`) that also reports ``kd_sum`` / ``kd_count`` (logged
   as ``kd_loss``) and the per-sample ``sample_kd_sums`` / ``sample_kd_counts`` ``[B, S]``.
   ``denominator`` is ``(1 - α)·target_count + α·kd_count``.  Reads ``batch["teacher_logits"]``
-  (token mode) or the ``kd_*`` batch of teacher answers (sequence mode), which
-  :class:`Distiller` adds on the host.
+  (token mode), ``batch["teacher_hidden"]`` with :attr:`teacher_head` (token mode, fused) or
+  the ``kd_*`` batch of teacher answers (sequence mode), which :class:`Distiller` adds on the
+  host.
   """
 
   config: DistillConfig
+  teacher_head: TeacherHead | None = None  # set: the fused token mode
+
+  def _fused_token(self, model: nnx.Module, batch: Batch, targets, target_mask, seg, num_segments):
+    """Per-segment NLL and KD sums ``[B, S]`` (differentiable) through both fused heads."""
+    config = self.config
+    hidden = model(
+      batch["tokens"], return_hidden=True, segment_ids=seg, positions=batch["positions"],
+      span_mask=target_mask,
+    )  # fmt: skip
+    weight, layout = model.output_head()
+    nll = parallel.head_segment_nll(
+      hidden, weight, targets, target_mask, seg, num_segments=num_segments, weight_layout=layout
+    )
+    head = self.teacher_head
+    kd_opts = dict(
+      kind=config.kind, temperature=config.temperature, beta=config.beta,
+      student_weight_layout=layout, teacher_weight_layout=head.layout,
+    )  # fmt: skip
+    teacher_hidden = batch["teacher_hidden"]
+    # Per segment: the span of segment s (S compacted passes over its own tokens only).
+    masks = (seg[None] == jnp.arange(1, num_segments + 1)[:, None, None]) & target_mask[None]
+    kd = jax.vmap(
+      lambda m: linear_distill_loss(hidden, weight, teacher_hidden, head.weight, m, **kd_opts)
+    )(masks)
+    return nll, kd.T
 
   def __call__(self, model: nnx.Module, batch: Batch):
     config = self.config
     targets, target_mask, valid_mask, num_segments = batch_masks(batch)
     seg = batch["segment_ids"]
-    logits = model(
-      batch["tokens"], segment_ids=seg, positions=batch["positions"], span_mask=target_mask
-    )
-    nll = segment_nll(logits, targets, target_mask, seg, num_segments=num_segments)
     counts = segment_counts(target_mask, seg, num_segments)
     alpha = config.kd_weight
-    if config.kd == "token":
+    if config.kd == "token" and self.teacher_head is not None:
+      nll, kd = self._fused_token(model, batch, targets, target_mask, seg, num_segments)
+      kd_counts, scale = counts, config.temperature**2
+    else:
+      logits = model(
+        batch["tokens"], segment_ids=seg, positions=batch["positions"], span_mask=target_mask
+      )
+      nll = segment_nll(logits, targets, target_mask, seg, num_segments=num_segments)
+    if config.kd == "token" and self.teacher_head is None:
       kd = segment_distill_cross_entropy(
         logits,
         batch["teacher_logits"],
@@ -137,9 +200,10 @@ class Distill(Objective):
         seg,
         num_segments=num_segments,
         temperature=config.temperature,
+        kind="cross_entropy" if config.kind == "ce" else config.kind,
       )
       kd_counts, scale = counts, config.temperature**2
-    else:
+    elif config.kd == "sequence":
       kd_tokens, kd_seg = batch["kd_tokens"], batch["kd_segment_ids"]
       kd_targets, kd_mask = shift_targets(kd_tokens, batch["kd_span_mask"], kd_seg)
       kd_logits = model(
@@ -181,6 +245,11 @@ def load_teacher(run_dir: str):
 @nnx.jit
 def _forward(model, tokens, segment_ids, positions):
   return model(tokens, segment_ids=segment_ids, positions=positions)
+
+
+@nnx.jit
+def _forward_hidden(model, tokens, segment_ids, positions):
+  return model(tokens, segment_ids=segment_ids, positions=positions, return_hidden=True)
 
 
 def teacher_answers(
@@ -240,16 +309,18 @@ class Distiller(Task):
     *,
     log: Callable[[str], None] = print,
   ):
-    if run.train.loss != "subsequence" or run.train.fused:
+    fused = run.train.fused
+    if run.train.loss != "subsequence" or (fused and config.kd != "token"):
       raise ValueError(
-        "distillation trains the sub-sequence loss from logits: use loss 'subsequence' "
-        f"without --fused (got loss {run.train.loss!r}, fused={run.train.fused})"
+        "distillation trains the sub-sequence loss, fused only with --kd token: use loss "
+        f"'subsequence' (got loss {run.train.loss!r}, fused={fused}, kd={config.kd!r})"
       )
+    if not fused and config.kind not in ("ce", "kl"):
+      raise ValueError(f"--kd-kind {config.kind} needs --fused (from logits: --kd-kind ce or kl)")
     if jax.process_count() > 1:
       raise ValueError("distillation runs in a single process (any device mesh there)")
     if config.kd == "sequence" and run.batch.pack:
       raise ValueError("--kd sequence needs unpacked batches (one sample per row): drop --pack")
-    super().__init__(Distill(config))
     self.config = config
     self.teacher, teacher_run, step = load_teacher(config.teacher)
     if teacher_run.model.vocab_size != run.model.vocab_size:
@@ -257,10 +328,15 @@ class Distiller(Task):
         f"teacher vocabulary ({teacher_run.model.vocab_size}) differs from the student's "
         f"({run.model.vocab_size})"
       )
+    self.fused = fused and config.kd == "token"
+    head = TeacherHead(*self.teacher.output_head()) if self.fused else None
+    super().__init__(Distill(config, head))
     log(
       f"teacher: {teacher_run.model.kind} with {count_params(self.teacher):,} parameters "
       f"from {config.teacher} (step {step}); kd={config.kd}, α={config.kd_weight}"
-      + (f", τ={config.temperature}" if config.kd == "token" else "")
+      + (f", τ={config.temperature}, {config.kind}" if config.kd == "token" else "")
+      + (f" (β={config.beta})" if config.kind == "jsd" else "")
+      + (", fused (teacher hidden states and head, no logits)" if self.fused else "")
     )
     self.length = run.batch.length
     self.answers: list[tuple[np.ndarray, np.ndarray]] = []
@@ -298,7 +374,13 @@ class Distiller(Task):
     return answers
 
   def prepare(self, batch: Batch, model=None, step: int = 0) -> Batch:
-    """``batch`` with the teacher's logits, or the aligned batch of teacher answers."""
+    """``batch`` with the teacher's logits (fused: its hidden states), or the aligned batch of
+    teacher answers."""
+    if self.fused:
+      hidden = _forward_hidden(
+        self.teacher, batch["tokens"], batch["segment_ids"], batch["positions"]
+      )
+      return {**batch, "teacher_hidden": hidden}
     if self.config.kd == "token":
       logits = _forward(self.teacher, batch["tokens"], batch["segment_ids"], batch["positions"])
       return {**batch, "teacher_logits": logits}
@@ -350,16 +432,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help="token: match the teacher's next-token distributions (default); "
     "sequence: NLL of the teacher's greedy answers",
   )
+  g.add_argument(
+    "--kd-kind",
+    choices=KD_KINDS,
+    help="divergence of --kd token: ce (default), kl, reverse_kl, jsd; reverse_kl and jsd "
+    "need --fused",
+  )
+  g.add_argument("--kd-beta", type=float, metavar="BETA", help="β of --kd-kind jsd (default: 0.5)")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
   """``RunConfig.distill`` from parsed arguments (``None`` without ``--teacher``)."""
   given = mode_options(
     args,
-    ("kd_weight", "temperature", "kd"),
+    ("kd_weight", "temperature", "kd", "kd_kind", "kd_beta"),
     enabled=args.teacher is not None,
     needs="--teacher RUN_DIR",
   )
   if args.teacher is None:
     return None
+  renamed = {"kd_kind": "kind", "kd_beta": "beta"}
+  given = {renamed.get(k, k): v for k, v in given.items()}
   return DistillConfig(teacher=os.path.abspath(args.teacher), **given).to_dict()
