@@ -89,6 +89,27 @@ def all_sum(x: jax.Array, opts: "TokenOptions") -> jax.Array:
   return x if opts.vocab_axis is None else jax.lax.psum(x, opts.vocab_axis)
 
 
+def cotangents_split(opts: "TokenOptions") -> bool:
+  """Whether, inside ``shard_map(..., check_vma=False)``, a result replicated over the
+  vocabulary axis gets its cotangent in parts: JAX then hands each shard ``1/n`` of it (and
+  sums the shards' input cotangents), so a backward that reads the cotangent as the whole
+  one must first sum it over the axis — what autodiff of a ``psum`` does there.  With
+  ``check_vma`` on (the default) the cotangent of a replicated result is already whole."""
+  if opts.vocab_axis is None:
+    return False
+  from jax._src import config  # the shard_map body's check_vma setting (no public accessor)
+
+  return not config._check_vma.value
+
+
+def whole_cotangent(ct: jax.Array, opts: "TokenOptions", split: bool | None = None) -> jax.Array:
+  """The cotangent of a result replicated over the vocabulary axis, summed over the axis when
+  it arrives in parts (:func:`cotangents_split`; ``split`` as decided at trace time of the
+  forward, else now)."""
+  split = cotangents_split(opts) if split is None else split
+  return jax.lax.psum(ct, opts.vocab_axis) if split else ct
+
+
 def softcap(x: jax.Array, opts: TokenOptions) -> jax.Array:
   """The scored logits ``z = c·tanh(x / c) / τ`` in float32 (no cap: ``x / τ``; ``τ = 1``:
   no division).  Monotonic in ``x``, so a row maximum can be taken before it."""

@@ -131,6 +131,7 @@ def _token_nll_rows_bwd(opts, res, g):
   # row max goes through it too: the forward's ``exp(z - max)`` broadcasts the same value,
   # and one broadcast shared by both passes would be materialised as a [..., V] f32 buffer.
   x, stats = jax.lax.optimization_barrier((x, stats))
+  g = _core.whole_cotangent(g, opts)  # split over the vocabulary shards with check_vma off
   return _row_grad(x, stats, targets, mask, g, opts), None, None
 
 

@@ -24,7 +24,11 @@ already use:
   the application: :mod:`jaxnll.train.runtime`.
 
 Inside your own ``shard_map``, call :func:`jaxnll.fused.linear_nll_loss` (or
-:func:`jaxnll.sequence_nll`) with ``vocab_axis="model", vocab_size=V`` directly.
+:func:`jaxnll.sequence_nll`) with ``vocab_axis="model", vocab_size=V`` directly: values and
+gradients are exact with ``check_vma`` on (the default) or off — with it off JAX hands each
+shard a part of a replicated result's cotangent, and the backward sums the parts over the
+vocabulary axis first — under ``jax.jit`` or eagerly (the fused kernels then run as one
+jitted call each).
 """
 
 from __future__ import annotations

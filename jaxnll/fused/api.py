@@ -144,6 +144,7 @@ def _sequence_bwd(plan, res, ct):
   if isinstance(ct, SymbolicZero):
     return (None,) * 5
   span_mask = res[4]
+  ct = _core.whole_cotangent(ct, plan.opts, plan.cotangents_split)
   if plan.reduction == "mean":
     ct = ct * safe_inverse(compact.counts(span_mask))
   dh, dw, db = _sequence_grads(plan, res, ct)
@@ -215,9 +216,11 @@ def _loss_bwd(plan, res, cts):
   if isinstance(ct_loss, SymbolicZero):
     grads = [None, None, None]
   else:
+    ct_loss = _core.whole_cotangent(ct_loss, plan.opts, plan.cotangents_split)
     grads = [_scaled(ct_loss, dh), _scaled(ct_loss, dw), _scaled(ct_loss, db)]
   if not isinstance(ct_sums, SymbolicZero):
     # The per-sample sums were differentiated too: one more (recomputing) gradient pass.
+    ct_sums = _core.whole_cotangent(ct_sums, plan.opts, plan.cotangents_split)
     extra = _sequence_grads(plan, seq_res, ct_sums)
     grads = [_add(g, e) for g, e in zip(grads, extra, strict=True)]
   return (*grads, None, None)
@@ -267,6 +270,7 @@ def _tokens_bwd(plan, res, cts):
   mask = _core.mask_to_bool(span_mask)
 
   def compacted(ct):
+    ct = _core.whole_cotangent(ct, plan.opts, plan.cotangents_split)
     return bt.compact(jnp.where(mask, ct.astype(F32), 0.0).reshape(-1))
 
   scale_c = bt.compact(jnp.zeros(mask.size, F32)) if cts[0] is None else compacted(cts[0])
@@ -280,6 +284,23 @@ _tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- public API
+
+#: The kernels' ``custom_vjp`` functions, jitted with the plan static: what a ``shard_map``
+#: body that runs eagerly calls (see :func:`_call`).
+_JITTED = {}
+
+
+def _call(fn, plan: Plan, *args):
+  """``fn(plan, *args)`` of a kernel's ``custom_vjp``; inside a ``shard_map`` through
+  ``jax.jit`` (the plan static).  An eager ``shard_map`` body runs each operation on its own
+  and cannot run a ``custom_vjp`` with symbolic zeros; a jitted call is one operation it can
+  run (under an outer ``jax.jit`` the inner one is inlined: no cost)."""
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return fn(plan, *args)
+  if fn not in _JITTED:
+    _JITTED[fn] = jax.jit(fn, static_argnums=0)
+  return _JITTED[fn](plan, *args)
+
 
 #: ``weight_layout=``: ``"dv"`` a ``[D, V]`` head kernel (Flax ``Linear``), ``"vd"`` a
 #: ``[V, D]`` table (an embedding, as tied heads use) read in place, without a transposed copy.
@@ -437,6 +458,7 @@ def _plan(
     grad_vocab_chunk=gc,
     implementation=implementation,
     weight_layout=weight_layout,
+    cotangents_split=_core.cotangents_split(opts),
     **fields,
   )
   configure = getattr(KERNELS[implementation], "configure", None)
@@ -554,8 +576,10 @@ def linear_sequence_nll(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     reduction=reduction,
   )  # fmt: skip
-  return _sequence(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  return _call(
+    _sequence,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
 
 
@@ -648,8 +672,10 @@ def linear_nll_loss(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     normalize=normalize, schedule=schedule,
   )  # fmt: skip
-  return _loss(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  return _call(
+    _loss,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
 
 
@@ -742,8 +768,10 @@ def linear_segment_nll(
       **kw,
     )  # fmt: skip
   plan = _plan(implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout)
-  tok = _tokens(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  tok = _call(
+    _tokens,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
   mask, weights = _core.mask_to_bool(span_mask), _core.mask_to_weights(span_mask)
   return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
@@ -838,6 +866,8 @@ def linear_token_nll(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     entropy=return_entropy,
   )  # fmt: skip
-  return _tokens(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  return _call(
+    _tokens,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )

@@ -42,6 +42,10 @@ class Plan:
   branches: tuple = ()
   weight_layout: str = "dv"  # "dv": weight [D, V]; "vd": weight [V, D] (an embedding table)
   entropy: bool = False  # the forward also keeps each row's mean logit (for the entropy)
+  #: Inside ``shard_map(..., check_vma=False)`` with a vocabulary axis: the results'
+  #: cotangents arrive split over the shards and the shards' hidden gradients are summed by
+  #: ``shard_map`` itself (see :func:`jaxnll._core.cotangents_split`).
+  cotangents_split: bool = False
 
   @property
   def grad_chunk(self) -> int:
@@ -141,7 +145,10 @@ class Compacted:
     # but the vocabulary's (unless the targets or the mask do).
     axis = plan.opts.vocab_axis
     self.row_vma = (self.vma - {axis}) | varying_axes(targets) | varying_axes(span_mask)
-    self.sum_hidden_grad = axis is not None and axis not in varying_axes(hidden)
+    # With check_vma off, shard_map's transpose sums each shard's hidden gradient itself.
+    self.sum_hidden_grad = (
+      axis is not None and axis not in varying_axes(hidden) and not plan.cotangents_split
+    )
 
   def full(self, shape, dtype, value=0, *, rows=False):
     """A loop-carry initial value (varying over the inputs' mesh axes under shard_map);
