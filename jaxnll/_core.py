@@ -211,8 +211,19 @@ def int32_ids(targets: jax.Array) -> jax.Array:
   """Token ids of any integer type as int32, every id outside ``[0, 2**31)`` mapped to ``-1``.
 
   Narrowing first would wrap ``2**32 + 3`` to the valid id ``3``; ``-1`` stays out of range for
-  every later ``[0, V)`` test, so the loss there is NaN as for any other bad id.
+  every later ``[0, V)`` test, so the loss there is NaN as for any other bad id.  This holds
+  for int64 NumPy input with ``jax_enable_x64`` off too (JAX's default, where JAX itself would
+  narrow first): such ids are range-checked in NumPy before the cast — the contract's NaN
+  rather than a trace-time error, so a batch with a bad id behaves the same whether it
+  arrives as a NumPy array, a JAX array or inside ``jit`` (``jaxnll.checked`` names it).
   """
+  if isinstance(targets, (np.ndarray, np.generic)) and np.dtype(targets.dtype).itemsize > 4:
+    # Concrete 64-bit NumPy ids: tested in NumPy, before JAX narrows them (with x64 off, as
+    # by default, ``jnp.asarray`` would wrap ``2**32 + 3`` to the valid id ``3``).
+    targets = np.asarray(targets)
+    if np.issubdtype(targets.dtype, np.integer):
+      ok = (targets >= 0) & (targets <= np.iinfo(np.int32).max)
+      return jnp.asarray(np.where(ok, targets, -1).astype(np.int32))
   targets = jnp.asarray(targets)
   if targets.dtype == jnp.int32:
     return targets

@@ -225,7 +225,7 @@ def token_nll(
   opts = TokenOptions(
     z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size, temperature=temperature
   )
-  return _token_nll(jnp.asarray(logits), jnp.asarray(targets), None, opts)
+  return _token_nll(jnp.asarray(logits), _core.int32_ids(targets), None, opts)
 
 
 # ----------------------------------------------------------------------------- sequence level
@@ -255,7 +255,7 @@ def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=Non
   weights = _core.mask_to_weights(span_mask)
   compute = mask if extra_mask is None else mask | extra_mask
   # Token losses are independent per position: one call over all B*T rows.
-  tok = _token_nll(jnp.asarray(logits), jnp.asarray(targets), compute, opts)
+  tok = _token_nll(jnp.asarray(logits), _core.int32_ids(targets), compute, opts)
   return tok, weights, mask
 
 

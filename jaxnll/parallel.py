@@ -386,7 +386,8 @@ def _fused_entry(
   kind, hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options, extra=None
 ):
   layout = options.get("weight_layout", "dv")
-  fused_lib.api._check(hidden, weight, targets, span_mask, bias, layout)
+  # The checked ids: int32, a 64-bit NumPy id outside [0, 2**31) at -1 (never wrapped).
+  targets = fused_lib.api._check(hidden, weight, targets, span_mask, bias, layout)[2]
   data_axis, model_axis = _axes(mesh, data_axis, model_axis)
   _check_batch(mesh, data_axis, np.shape(hidden)[0])
   shards = axis_size(mesh, model_axis)
@@ -454,6 +455,7 @@ def sequence_nll(
   _check_batch(mesh, data_axis, np.shape(logits)[0])
   vocab = np.shape(logits)[-1]
   options.setdefault("vocab_size", vocab)
+  targets = _core.int32_ids(targets)  # before jit narrows a 64-bit NumPy id (no wrap)
   logits = pad_vocab(jnp.asarray(logits), axis_size(mesh, model_axis))
   rows = P(data_axis)
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxnll import _core
+
 F32 = jnp.float32
 
 
@@ -42,13 +44,15 @@ def _loud_nll_fwd(z, targets, label_smoothing, z_loss):
 
 
 def _loud_nll_bwd(label_smoothing, z_loss, res, ct):
-  """Plain autodiff, then the one explicit gate: a bad target's row of the gradient is NaN
-  (its loss is) unless its cotangent is exactly 0 (another sample's loss: nothing leaks).
-  Plain autodiff alone sends back the finite softmax of a token that does not exist."""
+  """Plain autodiff, then the explicit gates: a row whose cotangent is exactly 0 sends back
+  nothing (another sample's loss: nothing leaks, even from NaN logits), and a bad target's
+  row is NaN (its loss is) — plain autodiff alone sends back the finite softmax of a token
+  that does not exist."""
   z, targets = res
   _, vjp = jax.vjp(lambda z: _plain_nll(z, targets, label_smoothing, z_loss), z)
   (g,) = vjp(jnp.where(_in_range(targets, z.shape[-1]), ct, 0.0))
   bad = ~_in_range(targets, z.shape[-1]) & (ct != 0)
+  g = jnp.where((ct != 0)[..., None], g, 0.0)  # not 0 · NaN from a NaN row's softmax
   return jnp.where(bad[..., None], jnp.nan, g), None
 
 
@@ -68,6 +72,8 @@ def token_nll(
   z = logits.astype(F32)
   if logit_softcap is not None:
     z = logit_softcap * jnp.tanh(z / logit_softcap)
+  # int64 NumPy ids range-checked before JAX narrows them (no 2**32 + 3 -> 3).
+  targets = _core.int32_ids(targets)
   return _loud_nll(z, targets, float(label_smoothing), float(z_loss))
 
 
@@ -92,7 +98,7 @@ def sequence_nll(
   """Sum (or mean) of the reference token losses over the span."""
   inside = span_mask != 0
   safe = jnp.where(inside[..., None], logits, 0)  # keep masked NaN out of the softmax
-  tok = token_nll(safe, jnp.where(inside, targets, 0), **token_opts)
+  tok = token_nll(safe, jnp.where(inside, _core.int32_ids(targets), 0), **token_opts)
   return _reduce(tok, span_mask, reduction)
 
 

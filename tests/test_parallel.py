@@ -408,3 +408,20 @@ def test_user_shard_map_data_and_model_axes_without_check_vma():
   f = lambda fn: jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
   want = f(lambda h, w, b: reference.sequence_nll(ref_logits(h, w, b), y, m).sum())(h, w, b)
   assert_close(f(lambda h, w, b: sharded(h, w, b, y, m))(h, w, b), want)
+
+
+def test_int64_numpy_ids_beyond_int32_never_wrap_in_the_mesh_entries():
+  """x64 off: an int64 NumPy id ``2**32 + 3`` reached the ``shard_map`` through ``jit``,
+  which narrowed it to the valid id ``3``; it is out of range, so its sample is NaN."""
+  assert not jax.config.jax_enable_x64
+  mesh = parallel.make_mesh("data=2,model=4")
+  h, w, b, y, m = make(seed=7, v=40)
+  m = m.at[0, 2].set(True)
+  bad = np.asarray(y, np.int64)
+  bad[0, 2] = 2**32 + 3
+  got = parallel.linear_sequence_nll(h, w, bad, m, mesh=mesh, bias=b)
+  logits_got = parallel.sequence_nll(ref_logits(h, w, b), bad, m, mesh=mesh)
+  want = reference.sequence_nll(ref_logits(h, w, b), y, m)
+  for out in (got, logits_got):
+    assert np.isnan(out[0]) and np.isfinite(out[1:]).all()
+    assert_close(out[1:], want[1:])

@@ -372,17 +372,58 @@ def _is_empty(hidden) -> bool:
   return hidden.shape[0] * hidden.shape[1] == 0
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head(hidden, weight, bias, vd):
+  """float32 logits ``hidden @ weight (+ bias)`` of the materialised paths, as the fused
+  kernels compute them: operands in ``result_type(hidden, weight)``, float32 accumulation
+  and result (a bf16 head scored in bf16 loses two digits of every logit)."""
+  return _head_fwd(hidden, weight, bias, vd)[0]
+
+
+def _head_fwd(hidden, weight, bias, vd):
+  cdt = jnp.result_type(hidden.dtype, weight.dtype)
+  spec = "btd,vd->btv" if vd else "btd,dv->btv"
+  z = jnp.einsum(spec, hidden.astype(cdt), weight.astype(cdt), preferred_element_type=F32)
+  if bias is not None:
+    z = z + bias.astype(F32)[None, None, :]
+  return z, (hidden, weight, bias)
+
+
+def _head_bwd(vd, res, g):
+  """The matmul's gradients with the fused kernels' dtypes (``∂z`` cast to the matmul dtype,
+  float32 accumulation); a row of ``∂z`` that is all zero (a sample whose loss has a zero
+  cotangent, a context position) keeps its hidden state out of the weight gradient, so NaN
+  there cannot turn ``0`` into ``NaN · 0``."""
+  hidden, weight, bias = res
+  cdt = jnp.result_type(hidden.dtype, weight.dtype)
+  live = jnp.any(g != 0, axis=-1, keepdims=True)
+  gq = g.astype(cdt)
+  h = jnp.where(live, hidden, jnp.zeros((), hidden.dtype)).astype(cdt)
+  w = weight.astype(cdt)
+  dh = jnp.einsum("btv,vd->btd" if vd else "btv,dv->btd", gq, w, preferred_element_type=F32)
+  dw = jnp.einsum("btv,btd->vd" if vd else "btd,btv->dv", *((gq, h) if vd else (h, gq)),
+                  preferred_element_type=F32)  # fmt: skip
+  db = None if bias is None else jnp.sum(g, axis=(0, 1)).astype(bias.dtype)
+  return dh.astype(hidden.dtype), dw.astype(weight.dtype), db
+
+
+_head.defvjp(_head_fwd, _head_bwd)
+
+
 def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_layout):
   """``(logits, lib, token_opts)`` of the paths that build the ``[B, T, V]`` logits.
 
-  Hidden rows outside the span are zeroed (a select) before the matmul, so NaN/inf there
-  reaches neither a value nor the weight gradient (``hᵀ·∂z`` would turn ``NaN · 0`` into NaN).
-  ``"xla"`` hands the logits to :mod:`jaxnll.nll`; ``"reference"`` scores them itself (soft-cap,
-  temperature, float32) and hands them to :mod:`jaxnll.reference`.
+  The logits are float32, as in the fused kernels (:func:`_head`: so ``"xla"`` gives their
+  numbers at bf16 / f16 too).  Hidden rows outside the span are zeroed (a select) before the
+  matmul, so NaN/inf there reaches neither a value nor the weight gradient (``hᵀ·∂z`` would
+  turn ``NaN · 0`` into NaN); inside the span, a row whose loss gets a zero cotangent is kept
+  out of the weight gradient by :func:`_head`'s backward.  ``"xla"`` hands the logits to
+  :mod:`jaxnll.nll`; ``"reference"`` scores them itself (soft-cap, temperature) and hands
+  them to :mod:`jaxnll.reference`.
   """
   inside = _core.mask_to_bool(span_mask)[..., None]
   hidden = jnp.where(inside, hidden, jnp.zeros((), hidden.dtype))
-  spec = "btd,vd->btv" if weight_layout == "vd" else "btd,dv->btv"
+  logits = _head(hidden, weight, bias, weight_layout == "vd")
   if implementation == "reference":
     from jaxnll import reference
 
@@ -390,17 +431,12 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
       raise ValueError(
         'implementation="reference" takes no vocab_axis / vocab_size; use implementation="xla"'
       )
-    logits = jnp.einsum(spec, hidden, weight, preferred_element_type=F32)
-    if bias is not None:
-      logits = logits + bias.astype(F32)[None, None, :]
     if opts.logit_softcap is not None:
       logits = opts.logit_softcap * jnp.tanh(logits / opts.logit_softcap)
     logits = logits / opts.temperature
     return logits, reference, dict(z_loss=opts.z_loss, label_smoothing=opts.label_smoothing)
   from jaxnll import nll
 
-  logits = hidden @ weight if weight_layout == "dv" else jnp.einsum(spec, hidden, weight)
-  logits = logits if bias is None else logits + bias[None, None, :]
   return logits, nll, dataclasses.asdict(opts)
 
 

@@ -184,9 +184,21 @@ class Compacted:
     """``g · wᵀ`` ``[C, D]`` f32 for a gradient block ``g [C, K]`` and weight chunk ``w``."""
     return dot(g, w, (1, 0) if self.vd else (1, 1))
 
-  def weight_grad(self, h, g):
-    """The weight-gradient chunk ``hᵀ g`` (f32) in the weight's layout."""
+  def weight_grad(self, h, g, live=None):
+    """The weight-gradient chunk ``hᵀ g`` (f32) in the weight's layout; ``live`` (bool
+    ``[C]``): the rows that take part — the others' hidden states are selected away, so a
+    NaN there cannot turn their zero gradient rows into NaN (``NaN · 0``)."""
+    if live is not None:
+      h = jnp.where(live[:, None], h, jnp.zeros((), h.dtype))
     return dot(g, h, (0, 0)) if self.vd else dot(h, g, (0, 0))
+
+  @staticmethod
+  def live(scale, entropy_scale=None):
+    """bool ``[C]``: rows whose loss (or entropy) is differentiated, a non-zero cotangent.
+    The others send back exactly nothing, whatever their hidden state holds: a sample whose
+    loss gets a zero cotangent leaks nothing into another's gradient."""
+    live = scale != 0
+    return live if entropy_scale is None else live | (entropy_scale != 0)
 
   def logits(self, h, w, start, width):
     """Scored float32 logits ``[C, width]`` (soft-capped, over ``τ``) of local columns
@@ -270,7 +282,7 @@ class Compacted:
       scale=scale,
       entropy=ent,
     )
-    keep = ok[:, None]
+    keep = (ok & self.live(scale, entropy_scale))[:, None]
     real = self.real(start, z.shape[1])
     if real is not None:
       keep = keep & real
