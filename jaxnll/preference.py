@@ -25,8 +25,10 @@ float32 ``[P]`` (one loss per pair: reduce them yourself, e.g. a mean over the n
 pairs, which stays exact under accumulation when you add sums and counts).  A pair whose
 chosen or rejected span is empty (its count is ``0``) costs exactly ``0`` and gets exactly
 zero, finite gradients, whatever its NLL entries hold (selects, never masks by
-multiplication).  The reference model's NLLs are data: they are under ``stop_gradient``.
-Option values outside their domain raise ``ValueError`` at trace time, naming the option.
+multiplication).  A negative, NaN or infinite count is broken input, not an empty span: that
+pair's loss and its gradient are NaN.  The reference model's NLLs are data: they are under
+``stop_gradient``.  Option values outside their domain raise ``ValueError`` at trace time (a
+value of the wrong type ``TypeError``), naming the option.
 
 References: R. Rafailov et al., *Direct Preference Optimization: Your Language Model is
 Secretly a Reward Model* (2023); E. Mitchell, *A note on DPO with noisy preferences &
@@ -75,8 +77,15 @@ def _check_arrays(**arrays) -> tuple[int, ...]:
   return shape
 
 
+def _check_number(name: str, value, what: str) -> None:
+  """A ``TypeError`` naming the option unless ``value`` is a Python (or NumPy) real number."""
+  if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+    raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+
+
 def _check_positive(name: str, value) -> float:
-  if isinstance(value, jax.Array | np.ndarray) or not np.isfinite(value) or value <= 0:
+  _check_number(name, value, "a finite float > 0")
+  if not np.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
   return float(value)
 
@@ -89,11 +98,31 @@ def _check_counts(chosen_count, rejected_count) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _count(count) -> jax.Array | None:
+  """A token count as float32, NaN where it is negative, NaN or infinite: such a count is
+  broken input, never an empty span — the pair's loss (and its gradient) is NaN, loud."""
+  if count is None:
+    return None
+  c = jnp.asarray(count).astype(F32)
+  return jnp.where((c >= 0) & jnp.isfinite(c), c, jnp.nan)
+
+
 def _valid(chosen_count, rejected_count, shape) -> jax.Array:
-  """Pairs with a non-empty chosen and rejected span (all, without counts)."""
+  """Pairs that are not empty (all, without counts): only a count of exactly 0 empties a pair.
+  A NaN count (see :func:`_count`) keeps its pair, so that its NaN reaches the loss."""
   if chosen_count is None:
     return jnp.ones(shape, bool)
-  return (jnp.asarray(chosen_count) > 0) & (jnp.asarray(rejected_count) > 0)
+  return (jnp.asarray(chosen_count) != 0) & (jnp.asarray(rejected_count) != 0)
+
+
+def _broken(chosen_count, rejected_count) -> jax.Array | float:
+  """``NaN`` for pairs with a broken count (:func:`_count`), 1 elsewhere: a factor of a loss's
+  inner value, it makes that pair's loss and its gradient NaN (an added NaN would leave the
+  gradient of a piecewise-linear loss finite)."""
+  if chosen_count is None:
+    return 1.0
+  bad = jnp.isnan(chosen_count) | jnp.isnan(rejected_count)
+  return jnp.where(bad, jnp.nan, 1.0)
 
 
 def _safe(x, valid, fill=0.0) -> jax.Array:
@@ -211,6 +240,7 @@ def dpo_loss(
     chosen_count=chosen_count,
     rejected_count=rejected_count,
   )
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   sg = jax.lax.stop_gradient
   h = reward_margin(
@@ -220,6 +250,7 @@ def dpo_loss(
     _safe(sg(ref_rejected_nll), valid),
     beta=beta,
   )
+  h = h * _broken(chosen_count, rejected_count)
   if kind == "sigmoid":
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h)
     if label_smoothing:
@@ -273,7 +304,8 @@ def simpo_loss(
   Reference: Meng, Xia and Chen (2024).
   """
   beta = _check_positive("beta", beta)
-  if isinstance(gamma, jax.Array | np.ndarray) or not np.isfinite(gamma):
+  _check_number("gamma", gamma, "a finite float")
+  if not np.isfinite(gamma):
     raise ValueError(f"gamma must be a finite float, got {gamma!r}")
   shape = _check_arrays(
     chosen_nll=chosen_nll,
@@ -281,6 +313,7 @@ def simpo_loss(
     rejected_nll=rejected_nll,
     rejected_count=rejected_count,
   )
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   chosen = _mean(_safe(chosen_nll, valid), chosen_count, valid)
   rejected = _mean(_safe(rejected_nll, valid), rejected_count, valid)
@@ -337,6 +370,7 @@ def orpo_loss(
     rejected_nll=rejected_nll,
     rejected_count=rejected_count,
   )
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   chosen = _mean(_safe(chosen_nll, valid), chosen_count, valid)
   rejected = _mean(_safe(rejected_nll, valid), rejected_count, valid)
@@ -413,6 +447,7 @@ def preference_metrics(
     rejected_count=rejected_count,
   )
   sg = jax.lax.stop_gradient
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   zero = jnp.zeros(shape, F32)
   ref_c = zero if ref_chosen_nll is None else _safe(sg(ref_chosen_nll), valid)
@@ -421,8 +456,9 @@ def preference_metrics(
   if length_normalize:
     c, ref_c = _mean(c, chosen_count, valid), _mean(ref_c, chosen_count, valid)
     r, ref_r = _mean(r, rejected_count, valid), _mean(ref_r, rejected_count, valid)
-  chosen_reward = jnp.where(valid, beta * (ref_c - c), 0.0)
-  rejected_reward = jnp.where(valid, beta * (ref_r - r), 0.0)
+  broken = _broken(chosen_count, rejected_count)  # NaN for a pair with a broken count
+  chosen_reward = jnp.where(valid, beta * (ref_c - c) * broken, 0.0)
+  rejected_reward = jnp.where(valid, beta * (ref_r - r) * broken, 0.0)
   margin = chosen_reward - rejected_reward
   return {
     "chosen_reward": chosen_reward,

@@ -175,6 +175,44 @@ def test_an_empty_pair_costs_exactly_zero_with_zero_gradients():
   assert np.all(np.asarray(m["margin"][1:]) == 0.0) and not np.any(m["ranked_right"][1:])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, -0.5, float("inf")])
+def test_a_broken_token_count_is_nan_not_an_empty_pair(bad):
+  """A NaN, negative or infinite count is broken input: the pair's loss and its gradient are
+  NaN (it used to cost exactly 0, read as an empty span); the other pairs are unchanged."""
+  c, cn, r, rn, rc, rr = (f32(x) for x in _pairs(p=3))
+  bad_cn, bad_rn = cn.at[1].set(bad), rn.at[2].set(bad)
+  losses = {
+    "dpo": lambda c, r, cn, rn: dpo_loss(c, r, rc, rr, chosen_count=cn, rejected_count=rn),
+    "hinge": lambda c, r, cn, rn: dpo_loss(
+      c, r, rc, rr, kind="hinge", chosen_count=cn, rejected_count=rn
+    ),
+    "simpo": lambda c, r, cn, rn: simpo_loss(c, cn, r, rn),
+    "orpo": lambda c, r, cn, rn: orpo_loss(c, cn, r, rn),
+  }
+  for name, fn in losses.items():
+    want = fn(c, r, cn, rn)
+    got = fn(c, r, bad_cn, bad_rn)
+    assert np.isnan(got[1]) and np.isnan(got[2]), (name, got)
+    assert float(got[0]) == float(want[0]), name
+    gc, gr = jax.grad(lambda c, r, f=fn: f(c, r, bad_cn, bad_rn).sum(), argnums=(0, 1))(c, r)
+    assert np.isnan(gc[1]) or np.isnan(gr[1]), name
+    assert np.isnan(gc[2]) or np.isnan(gr[2]), name
+  m = preference_metrics(c, r, rc, rr, chosen_count=bad_cn, rejected_count=bad_rn)
+  assert np.isnan(m["margin"][1]) and np.isnan(m["margin"][2]) and np.isfinite(m["margin"][0])
+
+
+def test_string_options_are_type_errors_naming_the_option():
+  x = jnp.ones(3)
+  for call, name in (
+    (lambda: dpo_loss(x, x, x, x, beta="0.1"), "beta"),
+    (lambda: simpo_loss(x, x, x, x, gamma="0.5"), "gamma"),
+    (lambda: orpo_loss(x, x, x, x, beta=None), "beta"),
+    (lambda: preference_metrics(x, x, beta=True), "beta"),
+  ):
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+      call()
+
+
 def test_the_reference_receives_no_gradient():
   c, cn, r, rn, rc, rr = (f32(x) for x in _pairs())
   for kind in ("sigmoid", "ipo", "hinge"):
