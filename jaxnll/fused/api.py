@@ -58,8 +58,9 @@ from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (publ
 from jaxnll.fused import auto, chunked, compact, pallas_tpu, token_chunked
 from jaxnll.fused.compact import Compacted, Plan, safe_inverse
 
-#: ``"xla"``: the logits materialised, then :func:`jaxnll.sequence_nll` (what XLA makes of the
-#: plain program); ``"reference"``: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
+#: ``"xla"``: the float32 logits materialised (as the fused kernels compute them, so the same
+#: numbers at bf16 / f16), then :func:`jaxnll.sequence_nll` (what XLA makes of the plain
+#: program); ``"reference"``: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
 #: ``"auto"`` picks per platform at lowering time (:mod:`jaxnll.fused.auto`).
 IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla", "reference")
 SCHEDULES = ("auto", "one_pass", "two_pass")
