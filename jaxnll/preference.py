@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Bool, Float
 
+from jaxnll import _core
+
 F32 = jnp.float32
 DPO_KINDS = ("sigmoid", "ipo", "hinge")
 _LOG_HALF = -math.log(2.0)
@@ -321,6 +323,10 @@ def simpo_loss(
   return jnp.where(valid, loss, 0.0)
 
 
+#: ``nll_mean=`` of :func:`orpo_loss`.
+ORPO_NLL_MEANS = ("pair", "tokens")
+
+
 def orpo_loss(
   chosen_nll: Float[ArrayLike, " P"],
   chosen_count: Float[ArrayLike, " P"],
@@ -328,19 +334,37 @@ def orpo_loss(
   rejected_count: Float[ArrayLike, " P"],
   *,
   beta: float = 0.1,
-) -> Float[ArrayLike, " P"]:
+  nll_mean: Literal["pair", "tokens"] = "pair",
+  return_terms: bool = False,
+) -> Float[ArrayLike, " P"] | tuple[Float[ArrayLike, " P"], dict[str, Float[ArrayLike, " P"]]]:
   """ORPO loss per pair: the chosen answer's NLL plus an odds-ratio preference term.
 
   .. math::
 
-     \\frac{\\mathrm{nll}_w}{|y_w|} - β \\log σ\\big(\\log \\mathrm{odds}_w - \\log
+     \\mathrm{NLL}_p - β \\log σ\\big(\\log \\mathrm{odds}_w - \\log
      \\mathrm{odds}_l\\big), \\qquad \\log \\mathrm{odds} = ℓ - \\log(1 - e^{ℓ}), \\quad
-     ℓ = -\\frac{\\mathrm{nll}}{|y|}.
+     ℓ = -\\frac{\\mathrm{nll}}{|y|},
 
-  ``ℓ`` is the mean log-probability per target token (``≤ 0``).  ``log(1 - e^ℓ)`` is computed
-  as ``log(-expm1(ℓ))`` near 0 and ``log1p(-exp(ℓ))`` below ``-log 2`` (accurate and finite
-  for every ``ℓ < 0``); ``ℓ`` is kept at or below ``-2^-100`` so that an answer with
-  probability 1 in float32 gives a large finite log-odds, not ``inf - inf``.
+  with the NLL term, by ``nll_mean``:
+
+  * ``"pair"`` (default): ``NLL_p = nll_w / |y_w|``, each pair's own token mean — the mean
+    over pairs is a mean of per-pair means (every chosen answer weighs the same, whatever its
+    length; the paper's ``L_SFT`` per example).
+  * ``"tokens"``: one token mean over every chosen token of the pairs of this call,
+    ``Σ nll_w / Σ |y_w|`` (non-empty pairs), as TRL's ``ORPOTrainer`` and Liger's fused ORPO
+    compute it (a long chosen answer weighs more).  So that the mean of the per-pair losses
+    over the ``n`` non-empty pairs is exactly that token mean plus the mean odds-ratio term,
+    pair ``p`` holds the share ``NLL_p = n · nll_w,p / Σ |y_w|``.  The normalisation is over
+    this call's pairs: with micro-batches or devices, add ``Σ nll_w`` and ``Σ |y_w|`` across
+    them yourself (the ``"pair"`` convention needs nothing of the kind).
+
+  The two agree when every chosen answer has the same length and otherwise differ by the
+  length weighting (about 1e-3 relative on typical batches).  The odds-ratio term is the same
+  in both: ``ℓ`` is each answer's mean log-probability per target token (``≤ 0``).
+  ``log(1 - e^ℓ)`` is computed as ``log(-expm1(ℓ))`` near 0 and ``log1p(-exp(ℓ))`` below
+  ``-log 2`` (accurate and finite for every ``ℓ < 0``); ``ℓ`` is kept at or below ``-2^-100``
+  so that an answer with probability 1 in float32 gives a large finite log-odds, not
+  ``inf - inf``.
 
   Args:
     chosen_nll: ``[P]`` policy ``-log π(y_w | x)`` (per-sample NLL sum).
@@ -348,9 +372,14 @@ def orpo_loss(
     rejected_nll: ``[P]`` policy ``-log π(y_l | x)``.
     rejected_count: ``[P]`` target-token count ``|y_l|``.
     beta: ``β > 0``, the weight of the odds-ratio term (the paper's ``λ``).
+    nll_mean: ``"pair"`` or ``"tokens"`` (above).
+    return_terms: also return the terms, as ``(loss, terms)`` with ``terms["nll"]`` the NLL
+      term ``NLL_p``, ``terms["odds_ratio"]`` the odds-ratio term ``-β log σ(·)`` (their sum
+      is ``loss``) and ``terms["log_odds_ratio"]`` ``log odds_w - log odds_l`` (what TRL
+      logs), each float32 ``[P]`` and 0 for an empty pair.
 
   Returns:
-    float32 ``[P]``, one loss per pair.
+    float32 ``[P]``, one loss per pair (or ``(loss, terms)`` with ``return_terms``).
 
   Examples:
     Mean log-probabilities ``log 0.5`` for both answers: log-odds 0 and 0, so the loss is
@@ -360,10 +389,17 @@ def orpo_loss(
     >>> n = jnp.array([2 * math.log(2.0)])
     >>> round(float(orpo_loss(n, jnp.array([2.0]), n, jnp.array([2.0]), beta=0.1)[0]), 5)
     0.76246
+    >>> loss, terms = orpo_loss(n, jnp.array([2.0]), n, jnp.array([2.0]), return_terms=True)
+    >>> round(float(terms["nll"][0]), 5), round(float(terms["odds_ratio"][0]), 5)
+    (0.69315, 0.06931)
 
   Reference: Hong, Lee and Thorne (2024).
   """
   beta = _check_positive("beta", beta)
+  if nll_mean not in ORPO_NLL_MEANS:
+    raise ValueError(f"nll_mean must be one of {ORPO_NLL_MEANS}, got {nll_mean!r}")
+  if not isinstance(return_terms, bool):
+    raise TypeError(f"return_terms must be a Python bool, got {return_terms!r}")
   shape = _check_arrays(
     chosen_nll=chosen_nll,
     chosen_count=chosen_count,
@@ -379,8 +415,24 @@ def orpo_loss(
     ell = jnp.minimum(-mean_nll, _MAX_MEAN_LOGP)
     return ell - _log1mexp(ell)
 
-  loss = chosen - beta * jax.nn.log_sigmoid(log_odds(chosen) - log_odds(rejected))
-  return jnp.where(valid, loss, 0.0)
+  log_ratio = log_odds(chosen) - log_odds(rejected)
+  odds_term = -beta * jax.nn.log_sigmoid(log_ratio)
+  if nll_mean == "pair":
+    nll = chosen
+  else:
+    pairs = jnp.sum(valid, dtype=F32)
+    tokens = jnp.sum(_safe(chosen_count, valid))
+    share = _core.safe_divide(pairs, tokens)
+    nll = _safe(chosen_nll, valid) * share
+  loss = jnp.where(valid, nll + odds_term, 0.0)
+  if not return_terms:
+    return loss
+  terms = {
+    "nll": jnp.where(valid, nll, 0.0),
+    "odds_ratio": jnp.where(valid, odds_term, 0.0),
+    "log_odds_ratio": jnp.where(valid, log_ratio, 0.0),
+  }
+  return loss, terms
 
 
 # ----------------------------------------------------------------------------- diagnostics

@@ -213,6 +213,35 @@ def test_string_options_are_type_errors_naming_the_option():
       call()
 
 
+def test_orpo_token_mean_convention_and_its_terms():
+  """``nll_mean="tokens"``: the mean of the per-pair losses over the non-empty pairs is one
+  token mean over every chosen token plus the mean odds-ratio term (TRL's / Liger's ORPO), in
+  float64; ``return_terms`` gives the NLL and odds-ratio terms, which add up to the loss."""
+  c, cn, r, rn, _, _ = _pairs(p=5, seed=3)
+  cn[2] = 0.0  # an empty pair: out of every sum
+  valid = cn > 0
+  pw, pl = np.exp(-c / np.where(valid, cn, 1)), np.exp(-r / rn)
+  log_or = np.log(pw / (1 - pw)) - np.log(pl / (1 - pl))
+  beta = 0.2
+  want = c[valid].sum() / cn[valid].sum() - beta * _logsig(log_or[valid]).mean()
+  loss, terms = orpo_loss(f32(c), f32(cn), f32(r), f32(rn), beta=beta, nll_mean="tokens",
+                          return_terms=True)  # fmt: skip
+  assert loss[2] == 0 and all(float(t[2]) == 0 for t in terms.values())
+  np.testing.assert_allclose(float(loss.sum()) / valid.sum(), want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(terms["nll"] + terms["odds_ratio"]), loss, rtol=1e-6)
+  np.testing.assert_allclose(terms["log_odds_ratio"][valid], log_or[valid], rtol=1e-5)
+  np.testing.assert_allclose(terms["odds_ratio"][valid], -beta * _logsig(log_or[valid]), rtol=1e-5)
+  # The default keeps its return type and the per-pair mean, which weighs lengths differently.
+  pair = orpo_loss(f32(c), f32(cn), f32(r), f32(rn), beta=beta)
+  assert isinstance(pair, jax.Array) and pair.shape == (5,)
+  np.testing.assert_allclose(pair[valid], np_orpo(c, cn, r, rn, beta)[valid], rtol=1e-5)
+  assert abs(float(pair.sum()) - float(loss.sum())) > 1e-3
+  _, pair_terms = orpo_loss(f32(c), f32(cn), f32(r), f32(rn), beta=beta, return_terms=True)
+  np.testing.assert_allclose(pair_terms["nll"][valid], (c / cn)[valid], rtol=1e-6)
+  with pytest.raises(ValueError, match="nll_mean"):
+    orpo_loss(f32(c), f32(cn), f32(r), f32(rn), nll_mean="batch")
+
+
 def test_the_reference_receives_no_gradient():
   c, cn, r, rn, rc, rr = (f32(x) for x in _pairs())
   for kind in ("sigmoid", "ipo", "hinge"):
