@@ -89,6 +89,27 @@ def all_sum(x: jax.Array, opts: "TokenOptions") -> jax.Array:
   return x if opts.vocab_axis is None else jax.lax.psum(x, opts.vocab_axis)
 
 
+def cotangents_split(opts: "TokenOptions") -> bool:
+  """Whether, inside ``shard_map(..., check_vma=False)``, a result replicated over the
+  vocabulary axis gets its cotangent in parts: JAX then hands each shard ``1/n`` of it (and
+  sums the shards' input cotangents), so a backward that reads the cotangent as the whole
+  one must first sum it over the axis — what autodiff of a ``psum`` does there.  With
+  ``check_vma`` on (the default) the cotangent of a replicated result is already whole."""
+  if opts.vocab_axis is None:
+    return False
+  from jax._src import config  # the shard_map body's check_vma setting (no public accessor)
+
+  return not config._check_vma.value
+
+
+def whole_cotangent(ct: jax.Array, opts: "TokenOptions", split: bool | None = None) -> jax.Array:
+  """The cotangent of a result replicated over the vocabulary axis, summed over the axis when
+  it arrives in parts (:func:`cotangents_split`; ``split`` as decided at trace time of the
+  forward, else now)."""
+  split = cotangents_split(opts) if split is None else split
+  return jax.lax.psum(ct, opts.vocab_axis) if split else ct
+
+
 def softcap(x: jax.Array, opts: TokenOptions) -> jax.Array:
   """The scored logits ``z = c·tanh(x / c) / τ`` in float32 (no cap: ``x / τ``; ``τ = 1``:
   no division).  Monotonic in ``x``, so a row maximum can be taken before it."""
@@ -190,8 +211,19 @@ def int32_ids(targets: jax.Array) -> jax.Array:
   """Token ids of any integer type as int32, every id outside ``[0, 2**31)`` mapped to ``-1``.
 
   Narrowing first would wrap ``2**32 + 3`` to the valid id ``3``; ``-1`` stays out of range for
-  every later ``[0, V)`` test, so the loss there is NaN as for any other bad id.
+  every later ``[0, V)`` test, so the loss there is NaN as for any other bad id.  This holds
+  for int64 NumPy input with ``jax_enable_x64`` off too (JAX's default, where JAX itself would
+  narrow first): such ids are range-checked in NumPy before the cast — the contract's NaN
+  rather than a trace-time error, so a batch with a bad id behaves the same whether it
+  arrives as a NumPy array, a JAX array or inside ``jit`` (``jaxnll.checked`` names it).
   """
+  if isinstance(targets, (np.ndarray, np.generic)) and np.dtype(targets.dtype).itemsize > 4:
+    # Concrete 64-bit NumPy ids: tested in NumPy, before JAX narrows them (with x64 off, as
+    # by default, ``jnp.asarray`` would wrap ``2**32 + 3`` to the valid id ``3``).
+    targets = np.asarray(targets)
+    if np.issubdtype(targets.dtype, np.integer):
+      ok = (targets >= 0) & (targets <= np.iinfo(np.int32).max)
+      return jnp.asarray(np.where(ok, targets, -1).astype(np.int32))
   targets = jnp.asarray(targets)
   if targets.dtype == jnp.int32:
     return targets

@@ -131,6 +131,7 @@ def _token_nll_rows_bwd(opts, res, g):
   # row max goes through it too: the forward's ``exp(z - max)`` broadcasts the same value,
   # and one broadcast shared by both passes would be materialised as a [..., V] f32 buffer.
   x, stats = jax.lax.optimization_barrier((x, stats))
+  g = _core.whole_cotangent(g, opts)  # split over the vocabulary shards with check_vma off
   return _row_grad(x, stats, targets, mask, g, opts), None, None
 
 
@@ -224,7 +225,7 @@ def token_nll(
   opts = TokenOptions(
     z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size, temperature=temperature
   )
-  return _token_nll(jnp.asarray(logits), jnp.asarray(targets), None, opts)
+  return _token_nll(jnp.asarray(logits), _core.int32_ids(targets), None, opts)
 
 
 # ----------------------------------------------------------------------------- sequence level
@@ -254,7 +255,7 @@ def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=Non
   weights = _core.mask_to_weights(span_mask)
   compute = mask if extra_mask is None else mask | extra_mask
   # Token losses are independent per position: one call over all B*T rows.
-  tok = _token_nll(jnp.asarray(logits), jnp.asarray(targets), compute, opts)
+  tok = _token_nll(jnp.asarray(logits), _core.int32_ids(targets), compute, opts)
   return tok, weights, mask
 
 

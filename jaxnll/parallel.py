@@ -24,7 +24,11 @@ already use:
   the application: :mod:`jaxnll.train.runtime`.
 
 Inside your own ``shard_map``, call :func:`jaxnll.fused.linear_nll_loss` (or
-:func:`jaxnll.sequence_nll`) with ``vocab_axis="model", vocab_size=V`` directly.
+:func:`jaxnll.sequence_nll`) with ``vocab_axis="model", vocab_size=V`` directly: values and
+gradients are exact with ``check_vma`` on (the default) or off — with it off JAX hands each
+shard a part of a replicated result's cotangent, and the backward sums the parts over the
+vocabulary axis first — under ``jax.jit`` or eagerly (the fused kernels then run as one
+jitted call each).
 """
 
 from __future__ import annotations
@@ -382,7 +386,8 @@ def _fused_entry(
   kind, hidden, weight, targets, span_mask, mesh, bias, data_axis, model_axis, options, extra=None
 ):
   layout = options.get("weight_layout", "dv")
-  fused_lib.api._check(hidden, weight, targets, span_mask, bias, layout)
+  # The checked ids: int32, a 64-bit NumPy id outside [0, 2**31) at -1 (never wrapped).
+  targets = fused_lib.api._check(hidden, weight, targets, span_mask, bias, layout)[2]
   data_axis, model_axis = _axes(mesh, data_axis, model_axis)
   _check_batch(mesh, data_axis, np.shape(hidden)[0])
   shards = axis_size(mesh, model_axis)
@@ -450,6 +455,7 @@ def sequence_nll(
   _check_batch(mesh, data_axis, np.shape(logits)[0])
   vocab = np.shape(logits)[-1]
   options.setdefault("vocab_size", vocab)
+  targets = _core.int32_ids(targets)  # before jit narrows a 64-bit NumPy id (no wrap)
   logits = pad_vocab(jnp.asarray(logits), axis_size(mesh, model_axis))
   rows = P(data_axis)
 

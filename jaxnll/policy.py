@@ -246,7 +246,9 @@ def group_advantages(
   The std is the population std (``ddof=0``).  A group whose rewards are all equal (every
   answer right, or every answer wrong) carries no learning signal: its advantages are exactly
   ``0``, never NaN (detected as max == min, so rounding in the mean cannot turn it into
-  ``±1``).  ``normalize_std=False`` keeps the centred rewards (Dr. GRPO).
+  ``±1``).  A NaN or infinite reward makes its whole group's advantages NaN (loud, not the
+  ``0`` of a group without signal).  ``normalize_std=False`` keeps the centred rewards
+  (Dr. GRPO).
 
   Args:
     rewards: ``[N]`` floating, ``N`` a multiple of ``group_size``.
@@ -278,7 +280,10 @@ def group_advantages(
     std = jnp.sqrt(jnp.mean(jnp.square(centred), axis=1, keepdims=True))
     ok = ~flat & (std > 0)
     centred = jnp.where(ok, _core.safe_divide(centred, std), 0.0)
-  return jnp.where(flat, 0.0, centred).reshape(n)
+  # A NaN or infinite reward is broken input: its whole group is NaN (loud), never the 0 of a
+  # group without signal (NaN fails max == min, then std > 0, and read as "flat").
+  finite = jnp.all(jnp.isfinite(r), axis=1, keepdims=True)
+  return jnp.where(finite, jnp.where(flat, 0.0, centred), jnp.nan).reshape(n)
 
 
 def policy_loss_terms(

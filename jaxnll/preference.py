@@ -25,8 +25,10 @@ float32 ``[P]`` (one loss per pair: reduce them yourself, e.g. a mean over the n
 pairs, which stays exact under accumulation when you add sums and counts).  A pair whose
 chosen or rejected span is empty (its count is ``0``) costs exactly ``0`` and gets exactly
 zero, finite gradients, whatever its NLL entries hold (selects, never masks by
-multiplication).  The reference model's NLLs are data: they are under ``stop_gradient``.
-Option values outside their domain raise ``ValueError`` at trace time, naming the option.
+multiplication).  A negative, NaN or infinite count is broken input, not an empty span: that
+pair's loss and its gradient are NaN.  The reference model's NLLs are data: they are under
+``stop_gradient``.  Option values outside their domain raise ``ValueError`` at trace time (a
+value of the wrong type ``TypeError``), naming the option.
 
 References: R. Rafailov et al., *Direct Preference Optimization: Your Language Model is
 Secretly a Reward Model* (2023); E. Mitchell, *A note on DPO with noisy preferences &
@@ -46,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Bool, Float
+
+from jaxnll import _core
 
 F32 = jnp.float32
 DPO_KINDS = ("sigmoid", "ipo", "hinge")
@@ -75,8 +79,15 @@ def _check_arrays(**arrays) -> tuple[int, ...]:
   return shape
 
 
+def _check_number(name: str, value, what: str) -> None:
+  """A ``TypeError`` naming the option unless ``value`` is a Python (or NumPy) real number."""
+  if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+    raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+
+
 def _check_positive(name: str, value) -> float:
-  if isinstance(value, jax.Array | np.ndarray) or not np.isfinite(value) or value <= 0:
+  _check_number(name, value, "a finite float > 0")
+  if not np.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
   return float(value)
 
@@ -89,11 +100,31 @@ def _check_counts(chosen_count, rejected_count) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _count(count) -> jax.Array | None:
+  """A token count as float32, NaN where it is negative, NaN or infinite: such a count is
+  broken input, never an empty span — the pair's loss (and its gradient) is NaN, loud."""
+  if count is None:
+    return None
+  c = jnp.asarray(count).astype(F32)
+  return jnp.where((c >= 0) & jnp.isfinite(c), c, jnp.nan)
+
+
 def _valid(chosen_count, rejected_count, shape) -> jax.Array:
-  """Pairs with a non-empty chosen and rejected span (all, without counts)."""
+  """Pairs that are not empty (all, without counts): only a count of exactly 0 empties a pair.
+  A NaN count (see :func:`_count`) keeps its pair, so that its NaN reaches the loss."""
   if chosen_count is None:
     return jnp.ones(shape, bool)
-  return (jnp.asarray(chosen_count) > 0) & (jnp.asarray(rejected_count) > 0)
+  return (jnp.asarray(chosen_count) != 0) & (jnp.asarray(rejected_count) != 0)
+
+
+def _broken(chosen_count, rejected_count) -> jax.Array | float:
+  """``NaN`` for pairs with a broken count (:func:`_count`), 1 elsewhere: a factor of a loss's
+  inner value, it makes that pair's loss and its gradient NaN (an added NaN would leave the
+  gradient of a piecewise-linear loss finite)."""
+  if chosen_count is None:
+    return 1.0
+  bad = jnp.isnan(chosen_count) | jnp.isnan(rejected_count)
+  return jnp.where(bad, jnp.nan, 1.0)
 
 
 def _safe(x, valid, fill=0.0) -> jax.Array:
@@ -211,6 +242,7 @@ def dpo_loss(
     chosen_count=chosen_count,
     rejected_count=rejected_count,
   )
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   sg = jax.lax.stop_gradient
   h = reward_margin(
@@ -220,6 +252,7 @@ def dpo_loss(
     _safe(sg(ref_rejected_nll), valid),
     beta=beta,
   )
+  h = h * _broken(chosen_count, rejected_count)
   if kind == "sigmoid":
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h)
     if label_smoothing:
@@ -273,7 +306,8 @@ def simpo_loss(
   Reference: Meng, Xia and Chen (2024).
   """
   beta = _check_positive("beta", beta)
-  if isinstance(gamma, jax.Array | np.ndarray) or not np.isfinite(gamma):
+  _check_number("gamma", gamma, "a finite float")
+  if not np.isfinite(gamma):
     raise ValueError(f"gamma must be a finite float, got {gamma!r}")
   shape = _check_arrays(
     chosen_nll=chosen_nll,
@@ -281,11 +315,16 @@ def simpo_loss(
     rejected_nll=rejected_nll,
     rejected_count=rejected_count,
   )
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   chosen = _mean(_safe(chosen_nll, valid), chosen_count, valid)
   rejected = _mean(_safe(rejected_nll, valid), rejected_count, valid)
   loss = -jax.nn.log_sigmoid(beta * (rejected - chosen) - gamma)
   return jnp.where(valid, loss, 0.0)
+
+
+#: ``nll_mean=`` of :func:`orpo_loss`.
+ORPO_NLL_MEANS = ("pair", "tokens")
 
 
 def orpo_loss(
@@ -295,19 +334,37 @@ def orpo_loss(
   rejected_count: Float[ArrayLike, " P"],
   *,
   beta: float = 0.1,
-) -> Float[ArrayLike, " P"]:
+  nll_mean: Literal["pair", "tokens"] = "pair",
+  return_terms: bool = False,
+) -> Float[ArrayLike, " P"] | tuple[Float[ArrayLike, " P"], dict[str, Float[ArrayLike, " P"]]]:
   """ORPO loss per pair: the chosen answer's NLL plus an odds-ratio preference term.
 
   .. math::
 
-     \\frac{\\mathrm{nll}_w}{|y_w|} - β \\log σ\\big(\\log \\mathrm{odds}_w - \\log
+     \\mathrm{NLL}_p - β \\log σ\\big(\\log \\mathrm{odds}_w - \\log
      \\mathrm{odds}_l\\big), \\qquad \\log \\mathrm{odds} = ℓ - \\log(1 - e^{ℓ}), \\quad
-     ℓ = -\\frac{\\mathrm{nll}}{|y|}.
+     ℓ = -\\frac{\\mathrm{nll}}{|y|},
 
-  ``ℓ`` is the mean log-probability per target token (``≤ 0``).  ``log(1 - e^ℓ)`` is computed
-  as ``log(-expm1(ℓ))`` near 0 and ``log1p(-exp(ℓ))`` below ``-log 2`` (accurate and finite
-  for every ``ℓ < 0``); ``ℓ`` is kept at or below ``-2^-100`` so that an answer with
-  probability 1 in float32 gives a large finite log-odds, not ``inf - inf``.
+  with the NLL term, by ``nll_mean``:
+
+  * ``"pair"`` (default): ``NLL_p = nll_w / |y_w|``, each pair's own token mean — the mean
+    over pairs is a mean of per-pair means (every chosen answer weighs the same, whatever its
+    length; the paper's ``L_SFT`` per example).
+  * ``"tokens"``: one token mean over every chosen token of the pairs of this call,
+    ``Σ nll_w / Σ |y_w|`` (non-empty pairs), as TRL's ``ORPOTrainer`` and Liger's fused ORPO
+    compute it (a long chosen answer weighs more).  So that the mean of the per-pair losses
+    over the ``n`` non-empty pairs is exactly that token mean plus the mean odds-ratio term,
+    pair ``p`` holds the share ``NLL_p = n · nll_w,p / Σ |y_w|``.  The normalisation is over
+    this call's pairs: with micro-batches or devices, add ``Σ nll_w`` and ``Σ |y_w|`` across
+    them yourself (the ``"pair"`` convention needs nothing of the kind).
+
+  The two agree when every chosen answer has the same length and otherwise differ by the
+  length weighting (about 1e-3 relative on typical batches).  The odds-ratio term is the same
+  in both: ``ℓ`` is each answer's mean log-probability per target token (``≤ 0``).
+  ``log(1 - e^ℓ)`` is computed as ``log(-expm1(ℓ))`` near 0 and ``log1p(-exp(ℓ))`` below
+  ``-log 2`` (accurate and finite for every ``ℓ < 0``); ``ℓ`` is kept at or below ``-2^-100``
+  so that an answer with probability 1 in float32 gives a large finite log-odds, not
+  ``inf - inf``.
 
   Args:
     chosen_nll: ``[P]`` policy ``-log π(y_w | x)`` (per-sample NLL sum).
@@ -315,9 +372,14 @@ def orpo_loss(
     rejected_nll: ``[P]`` policy ``-log π(y_l | x)``.
     rejected_count: ``[P]`` target-token count ``|y_l|``.
     beta: ``β > 0``, the weight of the odds-ratio term (the paper's ``λ``).
+    nll_mean: ``"pair"`` or ``"tokens"`` (above).
+    return_terms: also return the terms, as ``(loss, terms)`` with ``terms["nll"]`` the NLL
+      term ``NLL_p``, ``terms["odds_ratio"]`` the odds-ratio term ``-β log σ(·)`` (their sum
+      is ``loss``) and ``terms["log_odds_ratio"]`` ``log odds_w - log odds_l`` (what TRL
+      logs), each float32 ``[P]`` and 0 for an empty pair.
 
   Returns:
-    float32 ``[P]``, one loss per pair.
+    float32 ``[P]``, one loss per pair (or ``(loss, terms)`` with ``return_terms``).
 
   Examples:
     Mean log-probabilities ``log 0.5`` for both answers: log-odds 0 and 0, so the loss is
@@ -327,16 +389,24 @@ def orpo_loss(
     >>> n = jnp.array([2 * math.log(2.0)])
     >>> round(float(orpo_loss(n, jnp.array([2.0]), n, jnp.array([2.0]), beta=0.1)[0]), 5)
     0.76246
+    >>> loss, terms = orpo_loss(n, jnp.array([2.0]), n, jnp.array([2.0]), return_terms=True)
+    >>> round(float(terms["nll"][0]), 5), round(float(terms["odds_ratio"][0]), 5)
+    (0.69315, 0.06931)
 
   Reference: Hong, Lee and Thorne (2024).
   """
   beta = _check_positive("beta", beta)
+  if nll_mean not in ORPO_NLL_MEANS:
+    raise ValueError(f"nll_mean must be one of {ORPO_NLL_MEANS}, got {nll_mean!r}")
+  if not isinstance(return_terms, bool):
+    raise TypeError(f"return_terms must be a Python bool, got {return_terms!r}")
   shape = _check_arrays(
     chosen_nll=chosen_nll,
     chosen_count=chosen_count,
     rejected_nll=rejected_nll,
     rejected_count=rejected_count,
   )
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   chosen = _mean(_safe(chosen_nll, valid), chosen_count, valid)
   rejected = _mean(_safe(rejected_nll, valid), rejected_count, valid)
@@ -345,8 +415,24 @@ def orpo_loss(
     ell = jnp.minimum(-mean_nll, _MAX_MEAN_LOGP)
     return ell - _log1mexp(ell)
 
-  loss = chosen - beta * jax.nn.log_sigmoid(log_odds(chosen) - log_odds(rejected))
-  return jnp.where(valid, loss, 0.0)
+  log_ratio = log_odds(chosen) - log_odds(rejected)
+  odds_term = -beta * jax.nn.log_sigmoid(log_ratio)
+  if nll_mean == "pair":
+    nll = chosen
+  else:
+    pairs = jnp.sum(valid, dtype=F32)
+    tokens = jnp.sum(_safe(chosen_count, valid))
+    share = _core.safe_divide(pairs, tokens)
+    nll = _safe(chosen_nll, valid) * share
+  loss = jnp.where(valid, nll + odds_term, 0.0)
+  if not return_terms:
+    return loss
+  terms = {
+    "nll": jnp.where(valid, nll, 0.0),
+    "odds_ratio": jnp.where(valid, odds_term, 0.0),
+    "log_odds_ratio": jnp.where(valid, log_ratio, 0.0),
+  }
+  return loss, terms
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -413,6 +499,7 @@ def preference_metrics(
     rejected_count=rejected_count,
   )
   sg = jax.lax.stop_gradient
+  chosen_count, rejected_count = _count(chosen_count), _count(rejected_count)
   valid = _valid(chosen_count, rejected_count, shape)
   zero = jnp.zeros(shape, F32)
   ref_c = zero if ref_chosen_nll is None else _safe(sg(ref_chosen_nll), valid)
@@ -421,8 +508,9 @@ def preference_metrics(
   if length_normalize:
     c, ref_c = _mean(c, chosen_count, valid), _mean(ref_c, chosen_count, valid)
     r, ref_r = _mean(r, rejected_count, valid), _mean(ref_r, rejected_count, valid)
-  chosen_reward = jnp.where(valid, beta * (ref_c - c), 0.0)
-  rejected_reward = jnp.where(valid, beta * (ref_r - r), 0.0)
+  broken = _broken(chosen_count, rejected_count)  # NaN for a pair with a broken count
+  chosen_reward = jnp.where(valid, beta * (ref_c - c) * broken, 0.0)
+  rejected_reward = jnp.where(valid, beta * (ref_r - r) * broken, 0.0)
   margin = chosen_reward - rejected_reward
   return {
     "chosen_reward": chosen_reward,

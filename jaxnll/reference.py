@@ -6,11 +6,57 @@ float32 log-softmax and use masks by multiplication-free selects, nothing more.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxnll import _core
+
 F32 = jnp.float32
+
+
+def _plain_nll(z, targets, label_smoothing, z_loss):
+  """Cross-entropy of float32 scored logits ``z`` through a full log-softmax; NaN where the
+  target is outside ``[0, V)``."""
+  vocab = z.shape[-1]
+  logp = jax.nn.log_softmax(z, axis=-1)
+  onehot = jax.nn.one_hot(targets, vocab, dtype=F32)
+  labels = (1.0 - label_smoothing) * onehot + label_smoothing / vocab
+  loss = -jnp.sum(labels * logp, axis=-1)
+  if z_loss:
+    loss = loss + z_loss * jnp.square(jax.nn.logsumexp(z, axis=-1))
+  return jnp.where(_in_range(targets, vocab), loss, jnp.nan)
+
+
+def _in_range(targets, vocab):
+  return (targets >= 0) & (targets < vocab)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _loud_nll(z, targets, label_smoothing, z_loss):
+  return _plain_nll(z, targets, label_smoothing, z_loss)
+
+
+def _loud_nll_fwd(z, targets, label_smoothing, z_loss):
+  return _plain_nll(z, targets, label_smoothing, z_loss), (z, targets)
+
+
+def _loud_nll_bwd(label_smoothing, z_loss, res, ct):
+  """Plain autodiff, then the explicit gates: a row whose cotangent is exactly 0 sends back
+  nothing (another sample's loss: nothing leaks, even from NaN logits), and a bad target's
+  row is NaN (its loss is) — plain autodiff alone sends back the finite softmax of a token
+  that does not exist."""
+  z, targets = res
+  _, vjp = jax.vjp(lambda z: _plain_nll(z, targets, label_smoothing, z_loss), z)
+  (g,) = vjp(jnp.where(_in_range(targets, z.shape[-1]), ct, 0.0))
+  bad = ~_in_range(targets, z.shape[-1]) & (ct != 0)
+  g = jnp.where((ct != 0)[..., None], g, 0.0)  # not 0 · NaN from a NaN row's softmax
+  return jnp.where(bad[..., None], jnp.nan, g), None
+
+
+_loud_nll.defvjp(_loud_nll_fwd, _loud_nll_bwd)
 
 
 def token_nll(
@@ -21,19 +67,14 @@ def token_nll(
   label_smoothing: float = 0.0,
   logit_softcap: float | None = None,
 ) -> Float[Array, "..."]:
-  """Per-position cross-entropy through a full float32 log-softmax."""
+  """Per-position cross-entropy through a full float32 log-softmax (NaN in value and gradient
+  at a target outside ``[0, V)``)."""
   z = logits.astype(F32)
   if logit_softcap is not None:
     z = logit_softcap * jnp.tanh(z / logit_softcap)
-  vocab = z.shape[-1]
-  logp = jax.nn.log_softmax(z, axis=-1)
-  onehot = jax.nn.one_hot(targets, vocab, dtype=F32)
-  labels = (1.0 - label_smoothing) * onehot + label_smoothing / vocab
-  loss = -jnp.sum(labels * logp, axis=-1)
-  if z_loss:
-    loss = loss + z_loss * jnp.square(jax.nn.logsumexp(z, axis=-1))
-  in_range = (targets >= 0) & (targets < vocab)
-  return jnp.where(in_range, loss, jnp.nan)
+  # int64 NumPy ids range-checked before JAX narrows them (no 2**32 + 3 -> 3).
+  targets = _core.int32_ids(targets)
+  return _loud_nll(z, targets, float(label_smoothing), float(z_loss))
 
 
 def _reduce(tok, span_mask, reduction):
@@ -57,7 +98,7 @@ def sequence_nll(
   """Sum (or mean) of the reference token losses over the span."""
   inside = span_mask != 0
   safe = jnp.where(inside[..., None], logits, 0)  # keep masked NaN out of the softmax
-  tok = token_nll(safe, jnp.where(inside, targets, 0), **token_opts)
+  tok = token_nll(safe, jnp.where(inside, _core.int32_ids(targets), 0), **token_opts)
   return _reduce(tok, span_mask, reduction)
 
 

@@ -275,3 +275,153 @@ def test_segment_and_token_entries_vocab_parallel_equal_single_device(layout):
   )
   want = total(jaxnll.linear_segment_nll, jaxnll.linear_token_nll, jaxnll.linear_nll_loss)
   assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- a user's shard_map
+
+
+def psum_cross_entropy(h, w, b, y, m, axis):
+  """Hand-written vocabulary-parallel cross-entropy (Megatron style) for a shard_map body:
+  what JAX's own autodiff of ``psum`` makes exact under either ``check_vma``."""
+  z = jnp.einsum("btd,dv->btv", h, w, precision="highest") + b
+  cols = z.shape[-1]
+  offset = jax.lax.axis_index(axis) * cols
+  top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(z, axis=-1)), axis)
+  lse = top + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(z - top[..., None]), axis=-1), axis))
+  local = y - offset
+  here = (local >= 0) & (local < cols)
+  picked = jnp.take_along_axis(z, jnp.where(here, local, 0)[..., None], axis=-1)[..., 0]
+  zy = jax.lax.psum(jnp.where(here, picked, 0.0), axis)
+  return jnp.sum(jnp.where(m, lse - zy, 0.0), axis=-1)
+
+
+def _user_entry(entry, implementation):
+  """``local(h, w, b, y, m, seg) -> f32[B]`` calling one jaxnll entry with ``vocab_axis``."""
+  kw = dict(vocab_axis="model", vocab_size=40)
+  if implementation is not None:
+    kw["implementation"] = implementation
+
+  def local(h, w, b, y, m, seg):
+    if entry == "handwritten":
+      return psum_cross_entropy(h, w, b, y, m, "model")
+    if entry == "sequence":
+      return jaxnll.linear_sequence_nll(h, w, y, m, bias=b, **kw)
+    if entry in ("loss", "loss_sums"):
+      loss, sums = jaxnll.linear_nll_loss(h, w, y, m, bias=b, normalize="sum", **kw)
+      # "loss": the scalar, spread evenly (the test's cotangents are then all 1).
+      return sums if entry == "loss_sums" else jnp.broadcast_to(loss / h.shape[0], sums.shape)
+    if entry == "token":
+      return jaxnll.linear_token_nll(h, w, y, m, bias=b, **kw).sum(-1)
+    if entry == "segment":
+      return jaxnll.linear_segment_nll(h, w, y, m, seg, num_segments=2, bias=b, **kw).sum(-1)
+    z = jnp.einsum("btd,dv->btv", h, w, precision="highest") + b  # "logits"
+    return jaxnll.sequence_nll(z, y, m, vocab_axis="model", vocab_size=40)
+
+  return local
+
+
+USER_ENTRIES = [
+  ("handwritten", None),
+  ("sequence", "chunked"),
+  ("sequence", "token_chunked"),
+  ("sequence", "xla"),
+  ("loss", "chunked"),
+  ("loss", "token_chunked"),
+  ("loss_sums", "chunked"),
+  ("token", "chunked"),
+  ("segment", "token_chunked"),
+  ("logits", None),
+]
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("entry,implementation", USER_ENTRIES)
+def test_user_shard_map_exact_with_and_without_check_vma(entry, implementation, check_vma):
+  """Inside the caller's own ``shard_map`` under ``jax.jit``: values and the gradients of
+  hidden, weight and bias equal the unsharded ones on 8 devices.  With ``check_vma=False``
+  JAX hands each shard ``1/8`` of a replicated result's cotangent (and sums the shards'
+  replicated-input cotangents); the weight gradient was 1/8 of the true one there."""
+  mesh = parallel.make_mesh("model=8")
+  h, w, b, y, m = make(seed=5, v=40)
+  seg = jnp.where(jnp.arange(6) < 3, 1, 2)[None, :].repeat(4, 0)
+  sharded = jax.shard_map(
+    _user_entry(entry, implementation),
+    mesh=mesh,
+    in_specs=(P(), P(None, "model"), P("model"), P(), P(), P()),
+    out_specs=P(),
+    check_vma=check_vma,
+  )
+  # A different cotangent per sample (the scalar loss: the same for all).
+  weights = jnp.ones(4) if entry == "loss" else jnp.arange(1.0, 5.0)
+  f = lambda fn: jax.jit(
+    jax.value_and_grad(lambda h, w, b: fn(h, w, b, y, m, seg) @ weights, argnums=(0, 1, 2))
+  )
+  want = f(lambda h, w, b, y, m, seg: reference.sequence_nll(ref_logits(h, w, b), y, m))(h, w, b)
+  assert_close(f(sharded)(h, w, b), want)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_user_shard_map_runs_eagerly(check_vma):
+  """The same body without ``jax.jit``: an eager ``shard_map`` ran each operation on its own
+  and raised ``NotImplementedError`` (custom_vjp symbolic zeros) at the fused entries."""
+  mesh = parallel.make_mesh("model=8")
+  h, w, b, y, m = make(seed=5, v=40)
+  seg = jnp.ones((4, 6), int)
+  outs = []
+  for entry, impl in (("loss", "chunked"), ("sequence", "token_chunked")):
+    sharded = jax.shard_map(
+      _user_entry(entry, impl),
+      mesh=mesh,
+      in_specs=(P(), P(None, "model"), P("model"), P(), P(), P()),
+      out_specs=P(),
+      check_vma=check_vma,
+    )
+    outs.append(sharded(h, w, b, y, m, seg).sum())
+    grads = jax.grad(lambda h, w, b, f=sharded: f(h, w, b, y, m, seg).sum(), argnums=(0, 1, 2))
+    outs.append(grads(h, w, b))
+  want = reference.sequence_nll(ref_logits(h, w, b), y, m).sum()
+  want_grads = jax.grad(
+    lambda h, w, b: reference.sequence_nll(ref_logits(h, w, b), y, m).sum(), argnums=(0, 1, 2)
+  )(h, w, b)
+  assert_close(outs, [want, want_grads] * 2)
+
+
+def test_user_shard_map_data_and_model_axes_without_check_vma():
+  """``data=2, model=4`` with ``check_vma=False``: the caller sums the batch shards' losses
+  with ``psum`` (its own); the weight is split over ``model`` only."""
+  mesh = parallel.make_mesh("data=2,model=4")
+  h, w, b, y, m = make(seed=6, v=40)
+
+  def local(h, w, b, y, m):
+    loss, _ = jaxnll.linear_nll_loss(
+      h, w, y, m, bias=b, normalize="sum", vocab_axis="model", vocab_size=40
+    )
+    return jax.lax.psum(loss, "data")
+
+  sharded = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P("data"), P(None, "model"), P("model"), P("data"), P("data")),
+    out_specs=P(),
+    check_vma=False,
+  )
+  f = lambda fn: jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+  want = f(lambda h, w, b: reference.sequence_nll(ref_logits(h, w, b), y, m).sum())(h, w, b)
+  assert_close(f(lambda h, w, b: sharded(h, w, b, y, m))(h, w, b), want)
+
+
+def test_int64_numpy_ids_beyond_int32_never_wrap_in_the_mesh_entries():
+  """x64 off: an int64 NumPy id ``2**32 + 3`` reached the ``shard_map`` through ``jit``,
+  which narrowed it to the valid id ``3``; it is out of range, so its sample is NaN."""
+  assert not jax.config.jax_enable_x64
+  mesh = parallel.make_mesh("data=2,model=4")
+  h, w, b, y, m = make(seed=7, v=40)
+  m = m.at[0, 2].set(True)
+  bad = np.asarray(y, np.int64)
+  bad[0, 2] = 2**32 + 3
+  got = parallel.linear_sequence_nll(h, w, bad, m, mesh=mesh, bias=b)
+  logits_got = parallel.sequence_nll(ref_logits(h, w, b), bad, m, mesh=mesh)
+  want = reference.sequence_nll(ref_logits(h, w, b), y, m)
+  for out in (got, logits_got):
+    assert np.isnan(out[0]) and np.isfinite(out[1:]).all()
+    assert_close(out[1:], want[1:])

@@ -123,6 +123,18 @@ def test_group_advantages_zero_spread_and_formula():
   assert np.all(np.asarray(centred[4:8]) == 0.0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_group_advantages_nan_or_inf_reward_makes_its_group_nan(bad, normalize_std):
+  """A broken reward is loud for its own group (it used to give that group advantages 0, as
+  if it carried no signal); the other groups are unchanged."""
+  rewards = jnp.array([1.0, 0.0, 1.0, 0.5, 2.0, 2.0])
+  got = group_advantages(rewards.at[1].set(bad), 2, normalize_std=normalize_std)
+  want = group_advantages(rewards, 2, normalize_std=normalize_std)
+  assert np.isnan(got[:2]).all()
+  np.testing.assert_array_equal(got[2:], want[2:])
+
+
 def test_bad_arguments_are_clear_errors():
   new, old, ref, adv, mask = make()
   with pytest.raises(ValueError, match="advantages must have shape"):

@@ -175,6 +175,74 @@ def test_an_empty_pair_costs_exactly_zero_with_zero_gradients():
   assert np.all(np.asarray(m["margin"][1:]) == 0.0) and not np.any(m["ranked_right"][1:])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, -0.5, float("inf")])
+def test_a_broken_token_count_is_nan_not_an_empty_pair(bad):
+  """A NaN, negative or infinite count is broken input: the pair's loss and its gradient are
+  NaN (it used to cost exactly 0, read as an empty span); the other pairs are unchanged."""
+  c, cn, r, rn, rc, rr = (f32(x) for x in _pairs(p=3))
+  bad_cn, bad_rn = cn.at[1].set(bad), rn.at[2].set(bad)
+  losses = {
+    "dpo": lambda c, r, cn, rn: dpo_loss(c, r, rc, rr, chosen_count=cn, rejected_count=rn),
+    "hinge": lambda c, r, cn, rn: dpo_loss(
+      c, r, rc, rr, kind="hinge", chosen_count=cn, rejected_count=rn
+    ),
+    "simpo": lambda c, r, cn, rn: simpo_loss(c, cn, r, rn),
+    "orpo": lambda c, r, cn, rn: orpo_loss(c, cn, r, rn),
+  }
+  for name, fn in losses.items():
+    want = fn(c, r, cn, rn)
+    got = fn(c, r, bad_cn, bad_rn)
+    assert np.isnan(got[1]) and np.isnan(got[2]), (name, got)
+    assert float(got[0]) == float(want[0]), name
+    gc, gr = jax.grad(lambda c, r, f=fn: f(c, r, bad_cn, bad_rn).sum(), argnums=(0, 1))(c, r)
+    assert np.isnan(gc[1]) or np.isnan(gr[1]), name
+    assert np.isnan(gc[2]) or np.isnan(gr[2]), name
+  m = preference_metrics(c, r, rc, rr, chosen_count=bad_cn, rejected_count=bad_rn)
+  assert np.isnan(m["margin"][1]) and np.isnan(m["margin"][2]) and np.isfinite(m["margin"][0])
+
+
+def test_string_options_are_type_errors_naming_the_option():
+  x = jnp.ones(3)
+  for call, name in (
+    (lambda: dpo_loss(x, x, x, x, beta="0.1"), "beta"),
+    (lambda: simpo_loss(x, x, x, x, gamma="0.5"), "gamma"),
+    (lambda: orpo_loss(x, x, x, x, beta=None), "beta"),
+    (lambda: preference_metrics(x, x, beta=True), "beta"),
+  ):
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+      call()
+
+
+def test_orpo_token_mean_convention_and_its_terms():
+  """``nll_mean="tokens"``: the mean of the per-pair losses over the non-empty pairs is one
+  token mean over every chosen token plus the mean odds-ratio term (TRL's / Liger's ORPO), in
+  float64; ``return_terms`` gives the NLL and odds-ratio terms, which add up to the loss."""
+  c, cn, r, rn, _, _ = _pairs(p=5, seed=3)
+  cn[2] = 0.0  # an empty pair: out of every sum
+  valid = cn > 0
+  pw, pl = np.exp(-c / np.where(valid, cn, 1)), np.exp(-r / rn)
+  log_or = np.log(pw / (1 - pw)) - np.log(pl / (1 - pl))
+  beta = 0.2
+  want = c[valid].sum() / cn[valid].sum() - beta * _logsig(log_or[valid]).mean()
+  loss, terms = orpo_loss(f32(c), f32(cn), f32(r), f32(rn), beta=beta, nll_mean="tokens",
+                          return_terms=True)  # fmt: skip
+  assert loss[2] == 0 and all(float(t[2]) == 0 for t in terms.values())
+  np.testing.assert_allclose(float(loss.sum()) / valid.sum(), want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(terms["nll"] + terms["odds_ratio"]), loss, rtol=1e-6)
+  np.testing.assert_allclose(terms["log_odds_ratio"][valid], log_or[valid], rtol=1e-5)
+  np.testing.assert_allclose(terms["odds_ratio"][valid], -beta * _logsig(log_or[valid]), rtol=1e-5)
+  # The default keeps its return type and the per-pair mean, which weighs lengths differently.
+  pair = orpo_loss(f32(c), f32(cn), f32(r), f32(rn), beta=beta)
+  assert isinstance(pair, jax.Array) and pair.shape == (5,)
+  want_pair = np_orpo(c[valid], cn[valid], r[valid], rn[valid], beta)
+  np.testing.assert_allclose(pair[valid], want_pair, rtol=1e-5)
+  assert abs(float(pair.sum()) - float(loss.sum())) > 1e-3
+  _, pair_terms = orpo_loss(f32(c), f32(cn), f32(r), f32(rn), beta=beta, return_terms=True)
+  np.testing.assert_allclose(pair_terms["nll"][valid], c[valid] / cn[valid], rtol=1e-6)
+  with pytest.raises(ValueError, match="nll_mean"):
+    orpo_loss(f32(c), f32(cn), f32(r), f32(rn), nll_mean="batch")
+
+
 def test_the_reference_receives_no_gradient():
   c, cn, r, rn, rc, rr = (f32(x) for x in _pairs())
   for kind in ("sigmoid", "ipo", "hinge"):

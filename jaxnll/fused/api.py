@@ -58,8 +58,9 @@ from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (publ
 from jaxnll.fused import auto, chunked, compact, pallas_tpu, token_chunked
 from jaxnll.fused.compact import Compacted, Plan, safe_inverse
 
-#: ``"xla"``: the logits materialised, then :func:`jaxnll.sequence_nll` (what XLA makes of the
-#: plain program); ``"reference"``: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
+#: ``"xla"``: the float32 logits materialised (as the fused kernels compute them, so the same
+#: numbers at bf16 / f16), then :func:`jaxnll.sequence_nll` (what XLA makes of the plain
+#: program); ``"reference"``: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
 #: ``"auto"`` picks per platform at lowering time (:mod:`jaxnll.fused.auto`).
 IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla", "reference")
 SCHEDULES = ("auto", "one_pass", "two_pass")
@@ -144,6 +145,7 @@ def _sequence_bwd(plan, res, ct):
   if isinstance(ct, SymbolicZero):
     return (None,) * 5
   span_mask = res[4]
+  ct = _core.whole_cotangent(ct, plan.opts, plan.cotangents_split)
   if plan.reduction == "mean":
     ct = ct * safe_inverse(compact.counts(span_mask))
   dh, dw, db = _sequence_grads(plan, res, ct)
@@ -215,9 +217,11 @@ def _loss_bwd(plan, res, cts):
   if isinstance(ct_loss, SymbolicZero):
     grads = [None, None, None]
   else:
+    ct_loss = _core.whole_cotangent(ct_loss, plan.opts, plan.cotangents_split)
     grads = [_scaled(ct_loss, dh), _scaled(ct_loss, dw), _scaled(ct_loss, db)]
   if not isinstance(ct_sums, SymbolicZero):
     # The per-sample sums were differentiated too: one more (recomputing) gradient pass.
+    ct_sums = _core.whole_cotangent(ct_sums, plan.opts, plan.cotangents_split)
     extra = _sequence_grads(plan, seq_res, ct_sums)
     grads = [_add(g, e) for g, e in zip(grads, extra, strict=True)]
   return (*grads, None, None)
@@ -267,6 +271,7 @@ def _tokens_bwd(plan, res, cts):
   mask = _core.mask_to_bool(span_mask)
 
   def compacted(ct):
+    ct = _core.whole_cotangent(ct, plan.opts, plan.cotangents_split)
     return bt.compact(jnp.where(mask, ct.astype(F32), 0.0).reshape(-1))
 
   scale_c = bt.compact(jnp.zeros(mask.size, F32)) if cts[0] is None else compacted(cts[0])
@@ -280,6 +285,23 @@ _tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- public API
+
+#: The kernels' ``custom_vjp`` functions, jitted with the plan static: what a ``shard_map``
+#: body that runs eagerly calls (see :func:`_call`).
+_JITTED = {}
+
+
+def _call(fn, plan: Plan, *args):
+  """``fn(plan, *args)`` of a kernel's ``custom_vjp``; inside a ``shard_map`` through
+  ``jax.jit`` (the plan static).  An eager ``shard_map`` body runs each operation on its own
+  and cannot run a ``custom_vjp`` with symbolic zeros; a jitted call is one operation it can
+  run (under an outer ``jax.jit`` the inner one is inlined: no cost)."""
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return fn(plan, *args)
+  if fn not in _JITTED:
+    _JITTED[fn] = jax.jit(fn, static_argnums=0)
+  return _JITTED[fn](plan, *args)
+
 
 #: ``weight_layout=``: ``"dv"`` a ``[D, V]`` head kernel (Flax ``Linear``), ``"vd"`` a
 #: ``[V, D]`` table (an embedding, as tied heads use) read in place, without a transposed copy.
@@ -351,17 +373,58 @@ def _is_empty(hidden) -> bool:
   return hidden.shape[0] * hidden.shape[1] == 0
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head(hidden, weight, bias, vd):
+  """float32 logits ``hidden @ weight (+ bias)`` of the materialised paths, as the fused
+  kernels compute them: operands in ``result_type(hidden, weight)``, float32 accumulation
+  and result (a bf16 head scored in bf16 loses two digits of every logit)."""
+  return _head_fwd(hidden, weight, bias, vd)[0]
+
+
+def _head_fwd(hidden, weight, bias, vd):
+  cdt = jnp.result_type(hidden.dtype, weight.dtype)
+  spec = "btd,vd->btv" if vd else "btd,dv->btv"
+  z = jnp.einsum(spec, hidden.astype(cdt), weight.astype(cdt), preferred_element_type=F32)
+  if bias is not None:
+    z = z + bias.astype(F32)[None, None, :]
+  return z, (hidden, weight, bias)
+
+
+def _head_bwd(vd, res, g):
+  """The matmul's gradients with the fused kernels' dtypes (``∂z`` cast to the matmul dtype,
+  float32 accumulation); a row of ``∂z`` that is all zero (a sample whose loss has a zero
+  cotangent, a context position) keeps its hidden state out of the weight gradient, so NaN
+  there cannot turn ``0`` into ``NaN · 0``."""
+  hidden, weight, bias = res
+  cdt = jnp.result_type(hidden.dtype, weight.dtype)
+  live = jnp.any(g != 0, axis=-1, keepdims=True)
+  gq = g.astype(cdt)
+  h = jnp.where(live, hidden, jnp.zeros((), hidden.dtype)).astype(cdt)
+  w = weight.astype(cdt)
+  dh = jnp.einsum("btv,vd->btd" if vd else "btv,dv->btd", gq, w, preferred_element_type=F32)
+  dw = jnp.einsum("btv,btd->vd" if vd else "btd,btv->dv", *((gq, h) if vd else (h, gq)),
+                  preferred_element_type=F32)  # fmt: skip
+  db = None if bias is None else jnp.sum(g, axis=(0, 1)).astype(bias.dtype)
+  return dh.astype(hidden.dtype), dw.astype(weight.dtype), db
+
+
+_head.defvjp(_head_fwd, _head_bwd)
+
+
 def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_layout):
   """``(logits, lib, token_opts)`` of the paths that build the ``[B, T, V]`` logits.
 
-  Hidden rows outside the span are zeroed (a select) before the matmul, so NaN/inf there
-  reaches neither a value nor the weight gradient (``hᵀ·∂z`` would turn ``NaN · 0`` into NaN).
-  ``"xla"`` hands the logits to :mod:`jaxnll.nll`; ``"reference"`` scores them itself (soft-cap,
-  temperature, float32) and hands them to :mod:`jaxnll.reference`.
+  The logits are float32, as in the fused kernels (:func:`_head`: so ``"xla"`` gives their
+  numbers at bf16 / f16 too).  Hidden rows outside the span are zeroed (a select) before the
+  matmul, so NaN/inf there reaches neither a value nor the weight gradient (``hᵀ·∂z`` would
+  turn ``NaN · 0`` into NaN); inside the span, a row whose loss gets a zero cotangent is kept
+  out of the weight gradient by :func:`_head`'s backward.  ``"xla"`` hands the logits to
+  :mod:`jaxnll.nll`; ``"reference"`` scores them itself (soft-cap, temperature) and hands
+  them to :mod:`jaxnll.reference`.
   """
   inside = _core.mask_to_bool(span_mask)[..., None]
   hidden = jnp.where(inside, hidden, jnp.zeros((), hidden.dtype))
-  spec = "btd,vd->btv" if weight_layout == "vd" else "btd,dv->btv"
+  logits = _head(hidden, weight, bias, weight_layout == "vd")
   if implementation == "reference":
     from jaxnll import reference
 
@@ -369,17 +432,12 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
       raise ValueError(
         'implementation="reference" takes no vocab_axis / vocab_size; use implementation="xla"'
       )
-    logits = jnp.einsum(spec, hidden, weight, preferred_element_type=F32)
-    if bias is not None:
-      logits = logits + bias.astype(F32)[None, None, :]
     if opts.logit_softcap is not None:
       logits = opts.logit_softcap * jnp.tanh(logits / opts.logit_softcap)
     logits = logits / opts.temperature
     return logits, reference, dict(z_loss=opts.z_loss, label_smoothing=opts.label_smoothing)
   from jaxnll import nll
 
-  logits = hidden @ weight if weight_layout == "dv" else jnp.einsum(spec, hidden, weight)
-  logits = logits if bias is None else logits + bias[None, None, :]
   return logits, nll, dataclasses.asdict(opts)
 
 
@@ -437,6 +495,7 @@ def _plan(
     grad_vocab_chunk=gc,
     implementation=implementation,
     weight_layout=weight_layout,
+    cotangents_split=_core.cotangents_split(opts),
     **fields,
   )
   configure = getattr(KERNELS[implementation], "configure", None)
@@ -554,8 +613,10 @@ def linear_sequence_nll(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     reduction=reduction,
   )  # fmt: skip
-  return _sequence(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  return _call(
+    _sequence,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
 
 
@@ -648,8 +709,10 @@ def linear_nll_loss(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     normalize=normalize, schedule=schedule,
   )  # fmt: skip
-  return _loss(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  return _call(
+    _loss,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
 
 
@@ -742,8 +805,10 @@ def linear_segment_nll(
       **kw,
     )  # fmt: skip
   plan = _plan(implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout)
-  tok = _tokens(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  tok = _call(
+    _tokens,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
   mask, weights = _core.mask_to_bool(span_mask), _core.mask_to_weights(span_mask)
   return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
@@ -838,6 +903,8 @@ def linear_token_nll(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     entropy=return_entropy,
   )  # fmt: skip
-  return _tokens(
-    plan, *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis)
+  return _call(
+    _tokens,
+    plan,
+    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )

@@ -112,10 +112,11 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_
       h = bt.rows(i)
       z = bt.logits(h, w, start, width)
       es = None if entropy_scale_c is None else bt.part(entropy_scale_c, i)
-      g = bt.grad_block(z, i, start, bt.part_stats(stats_c, i), bt.part(scale_c, i), es)
+      scale = bt.part(scale_c, i)
+      g = bt.grad_block(z, i, start, bt.part_stats(stats_c, i), scale, es)
       gq = g.astype(bt.cdt)
       if need_w:
-        dw_k = dw_k + bt.weight_grad(h, gq)
+        dw_k = dw_k + bt.weight_grad(h, gq, bt.live(scale, es))
       if need_b:
         db_k = db_k + jnp.sum(g, axis=0)
       if need_h:
@@ -184,7 +185,8 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
       if need_h:
         dh = dh + bt.hidden_grad(gq, bt.columns(start, width))
       if need_w:
-        dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=bt.wax) + bt.weight_grad(h, gq)
+        dw_k = bt.weight_grad(h, gq, bt.live(scale))
+        dw_k = lax.dynamic_slice_in_dim(dw, start, width, axis=bt.wax) + dw_k
         dw = lax.dynamic_update_slice(dw, dw_k, (start, 0) if bt.vd else (0, start))
       if need_b:
         db_k = lax.dynamic_slice_in_dim(db, start, width) + jnp.sum(g, axis=0)

@@ -42,6 +42,10 @@ class Plan:
   branches: tuple = ()
   weight_layout: str = "dv"  # "dv": weight [D, V]; "vd": weight [V, D] (an embedding table)
   entropy: bool = False  # the forward also keeps each row's mean logit (for the entropy)
+  #: Inside ``shard_map(..., check_vma=False)`` with a vocabulary axis: the results'
+  #: cotangents arrive split over the shards and the shards' hidden gradients are summed by
+  #: ``shard_map`` itself (see :func:`jaxnll._core.cotangents_split`).
+  cotangents_split: bool = False
 
   @property
   def grad_chunk(self) -> int:
@@ -141,7 +145,10 @@ class Compacted:
     # but the vocabulary's (unless the targets or the mask do).
     axis = plan.opts.vocab_axis
     self.row_vma = (self.vma - {axis}) | varying_axes(targets) | varying_axes(span_mask)
-    self.sum_hidden_grad = axis is not None and axis not in varying_axes(hidden)
+    # With check_vma off, shard_map's transpose sums each shard's hidden gradient itself.
+    self.sum_hidden_grad = (
+      axis is not None and axis not in varying_axes(hidden) and not plan.cotangents_split
+    )
 
   def full(self, shape, dtype, value=0, *, rows=False):
     """A loop-carry initial value (varying over the inputs' mesh axes under shard_map);
@@ -177,9 +184,21 @@ class Compacted:
     """``g · wᵀ`` ``[C, D]`` f32 for a gradient block ``g [C, K]`` and weight chunk ``w``."""
     return dot(g, w, (1, 0) if self.vd else (1, 1))
 
-  def weight_grad(self, h, g):
-    """The weight-gradient chunk ``hᵀ g`` (f32) in the weight's layout."""
+  def weight_grad(self, h, g, live=None):
+    """The weight-gradient chunk ``hᵀ g`` (f32) in the weight's layout; ``live`` (bool
+    ``[C]``): the rows that take part — the others' hidden states are selected away, so a
+    NaN there cannot turn their zero gradient rows into NaN (``NaN · 0``)."""
+    if live is not None:
+      h = jnp.where(live[:, None], h, jnp.zeros((), h.dtype))
     return dot(g, h, (0, 0)) if self.vd else dot(h, g, (0, 0))
+
+  @staticmethod
+  def live(scale, entropy_scale=None):
+    """bool ``[C]``: rows whose loss (or entropy) is differentiated, a non-zero cotangent.
+    The others send back exactly nothing, whatever their hidden state holds: a sample whose
+    loss gets a zero cotangent leaks nothing into another's gradient."""
+    live = scale != 0
+    return live if entropy_scale is None else live | (entropy_scale != 0)
 
   def logits(self, h, w, start, width):
     """Scored float32 logits ``[C, width]`` (soft-capped, over ``τ``) of local columns
@@ -263,7 +282,7 @@ class Compacted:
       scale=scale,
       entropy=ent,
     )
-    keep = ok[:, None]
+    keep = (ok & self.live(scale, entropy_scale))[:, None]
     real = self.real(start, z.shape[1])
     if real is not None:
       keep = keep & real

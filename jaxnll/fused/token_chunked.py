@@ -142,12 +142,14 @@ def _stats_init(bt: Compacted):
   return (zeros,) * (3 if bt.plan.entropy else 2), zeros
 
 
-def _accumulate(bt: Compacted, i, h, g, need, dh_c, dw, db):
+def _accumulate(bt: Compacted, i, h, g, live, need, dh_c, dw, db):
+  """Adds block ``i``'s gradients; ``live``: its rows with a non-zero cotangent (the others'
+  hidden states stay out of the weight gradient, NaN or not)."""
   gq = g.astype(bt.cdt)
   if need[0]:
     dh_c = _put(bt, dh_c, bt.hidden_grad(gq, bt.columns(0, bt.cols)), i, fresh(bt, i))
   if need[1]:
-    dw = dw + bt.weight_grad(h, gq)
+    dw = dw + bt.weight_grad(h, gq, live & fresh(bt, i))
   if need[2]:
     db = db + jnp.sum(g, axis=0)
   return dh_c, dw, db
@@ -191,8 +193,9 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_
   def body(i, carry):
     h, z, _ = _block(bt, i)
     es = None if entropy_scale_c is None else bt.part(entropy_scale_c, i)
-    g = logit_grad(bt, z, i, bt.part_stats(stats_c, i), bt.part(scale_c, i), es)
-    return _accumulate(bt, i, h, g, need, *carry)
+    scale = bt.part(scale_c, i)
+    g = logit_grad(bt, z, i, bt.part_stats(stats_c, i), scale, es)
+    return _accumulate(bt, i, h, g, bt.live(scale, es), need, *carry)
 
   return lax.fori_loop(0, bt.num_chunks, body, _grad_init(bt, need))
 
@@ -211,10 +214,11 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
     stats_c, loss_c, *grads = carry
     h, z, real = _block(bt, i)
     stats, loss = _stats(bt, i, z, real)
-    g = logit_grad(bt, z, i, stats, bt.part(scale_c, i))
+    scale = bt.part(scale_c, i)
+    g = logit_grad(bt, z, i, stats, scale)
     new = fresh(bt, i)
     stats_c = _put_stats(bt, stats_c, stats, i, new)
     loss_c = _put(bt, loss_c, loss, i, new)
-    return (stats_c, loss_c, *_accumulate(bt, i, h, g, need, *grads))
+    return (stats_c, loss_c, *_accumulate(bt, i, h, g, bt.live(scale), need, *grads))
 
   return lax.fori_loop(0, bt.num_chunks, body, _stats_init(bt) + _grad_init(bt, need))
