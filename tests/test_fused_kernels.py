@@ -521,3 +521,33 @@ def test_tpu_interpret_semantics_match_reference():
     check("pallas_tpu", 9, token_chunk=8, vocab_chunk=128, **FUSED_OPTIONS)
   finally:
     pt.INTERPRET = old
+
+
+@pytest.mark.parametrize(
+  "kind, rows", [("TPU v6 lite", 512), ("TPU v4", 128), ("TPU v99", 256), (None, 256)]
+)
+def test_tiles_follow_the_generation_the_arguments_are_placed_on(kind, rows):
+  """The kernels read the TPU generation from the arguments' sharding (as in a deviceless
+  compile for a named TPU): v6e's fused forward takes 512-row blocks, v4's 128; an unknown
+  generation, or arguments placed nowhere, the conservative rule's 256."""
+  from jax._src.mesh import AbstractDevice
+  from jax.sharding import AbstractMesh, NamedSharding
+
+  sharding = None
+  if kind is not None:
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(kind, 1, "tpu"))
+    sharding = NamedSharding(mesh, P())
+  s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+  args = (s((2, 1024, 256), jnp.bfloat16), s((256, 4096), jnp.bfloat16))
+  args += (s((2, 1024), jnp.int32), s((2, 1024), jnp.bool_))
+
+  def fwd_bwd(h, w, y, m):
+    fn = lambda h, w: linear_nll_loss(h, w, y, m, implementation="pallas_tpu")[0]  # noqa: E731
+    return jax.grad(fn, (0, 1))(h, w)
+
+  calls = list(_pallas_calls(jax.jit(fwd_bwd).trace(*args).jaxpr.jaxpr))
+  fused = [e for e in calls if e.params["name"] == "jaxnll_fused_nll_fwd_dh"]
+  assert fused
+  for eqn in fused:
+    row_block = eqn.params["grid_mapping"].block_mappings[0].block_shape[0]
+    assert getattr(row_block, "block_size", row_block) == rows

@@ -154,7 +154,11 @@ def chip_of(*arrays) -> Chip:
     if x is None:
       continue
     mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    kind = getattr(mesh, "device_kind", None)
+    if isinstance(mesh, jax.sharding.Mesh):
+      device = mesh.devices.flat[0] if mesh.devices.size else None
+    else:  # an AbstractMesh: its device kind, when the arguments are placed
+      device = getattr(mesh, "abstract_device", None)
+    kind = getattr(device, "device_kind", None)
     if kind:
       return CHIPS.get(kind, UNKNOWN_CHIP)
   if jax.default_backend() == "tpu":
