@@ -140,6 +140,9 @@ VMEM_SHARE = 0.7
 #: hidden-gradient accumulator; ``hidden`` / ``weight``: logits again and one gradient).
 MATMULS = {"stats": 1, "fused": 2, "hidden": 2, "weight": 2}
 _TILES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+#: ``vmem_limit_bytes`` per kernel kind, overriding the rule of :func:`_compiler_params`
+#: (``bench/roofline.py`` sets one low to read the compiler's real VMEM use from its refusal).
+VMEM_LIMIT: dict[str, int] = {}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -312,7 +315,7 @@ def _compiler_params(cfg: _Config, semantics):
   """Row (or vocabulary) blocks ``parallel`` (megacore splits them), the inner axis
   ``arbitrary``; a VMEM limit of 1.5× the estimate, at least 16 MiB, within the chip's VMEM."""
   need = vmem_estimate(cfg.kind, cfg.tm, cfg.tv, cfg.d, jnp.dtype(cfg.cdt).itemsize)
-  limit = min(cfg.vmem, max(16 * _MIB, need * 3 // 2))
+  limit = VMEM_LIMIT.get(cfg.kind) or min(cfg.vmem, max(16 * _MIB, need * 3 // 2))
   return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=int(limit))
 
 
