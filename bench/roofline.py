@@ -238,7 +238,7 @@ def tokamax_model(target: str, head: str, b: int, t: int) -> dict:
 
 def vmem_used(target: str, head: str, entry: str, b: int, t: int) -> dict:
   """The VMEM each kernel really uses, as the compiler reports it: compiled once per kernel
-  with that kernel's limit set to 1 MiB, the refusal says ``Used X of 1.00M``."""
+  with that kernel's limit set to 1 MiB, the refusal names the scoped allocation's size."""
   d, v = HEADS[head]
   kinds = ("fused", "weight") if entry.startswith("loss") else ("stats", "hidden", "weight")
   used = {}
@@ -248,7 +248,7 @@ def vmem_used(target: str, head: str, entry: str, b: int, t: int) -> dict:
       compile_for(target, entry, b, t, d, v)
       used[kind] = "fits 1 MiB"
     except Exception as e:
-      found = re.search(r"Used ([0-9.]+[KMG]?) of", str(e))
+      found = re.search(r"(?:Used|allocation with size) ([0-9.]+[KMG]?)", str(e))
       used[kind] = found.group(1) if found else str(e).splitlines()[0][:120]
     finally:
       pt.VMEM_LIMIT.pop(kind)
@@ -333,7 +333,14 @@ def main(argv=None) -> int:
   rows = []
   if args.render:  # the table again from a saved roofline.jsonl
     with open(args.render) as f:
-      rows = [json.loads(line) for line in f]
+      rows = [json.loads(line) for line in f if line.startswith("{")]
+    if args.tokamax:
+      pairs = {(r["target"], r["head"], r["tokens"]) for r in rows}
+      for target, head, tokens in sorted(pairs):
+        b, t = (int(x) for x in tokens.split("x"))
+        rows.append(tokamax_model(target, head, b, t))
+    order = {k: n for n, k in enumerate([*TARGETS, *HEADS, *ENTRIES, "tokamax (model)"])}
+    rows.sort(key=lambda r: (order[r["target"]], order[r["head"]], r["tokens"], order[r["entry"]]))
   for target in [] if args.render else args.targets:
     for head in args.heads:
       for b in args.batch:
