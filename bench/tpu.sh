@@ -6,6 +6,7 @@
 # where they import; time, planned device memory, useful TFLOP/s and fraction of the dense
 # bf16 peak (v5e 197, v5p 459, v6e 918 TFLOP/s), device name.  No case starts after 360 s,
 # hard stop at 440 s; each case is saved when done.
+# The kernels' modelled roofline per generation needs no TPU: bench/roofline.py (compile-only).
 # Without a TPU backend for JAX it says so and runs the tiny smoke case on the CPU instead
 # (pallas_tpu then runs in Pallas interpret mode only inside the tests, not here).
 #
@@ -19,6 +20,9 @@ source "$(dirname "$0")/setup.sh" "$@"
 
 if [ "$backend" = tpu ]; then
   "$PY" -c 'import jax; print("tpu.sh:", len(jax.devices()), "x", jax.devices()[0].device_kind)'
+  # The pallas_tpu tiles this generation gets (Llama-3 8B head, 4 x 2048 bf16 tokens).
+  "$PY" -c 'from jaxnll.fused import pallas_tpu as pt; c = pt.chip_of()
+print("tpu.sh: pallas_tpu on", c.name, {k: pt.tiles(c, k, 4096, 2, 8192, 128256) for k in pt.MATMULS})'
   timeout -k 10 440 "$PY" bench/accelerators.py --out "$OUT" --budget-s 360
   rc=$?
   [ $rc -eq 0 ] || echo "tpu.sh: jax benchmark ended with status $rc (cases done are kept in $OUT)"

@@ -22,6 +22,9 @@ from jaxnll.fused import (
 KERNELS = ("chunked", "token_chunked", "pallas_tpu", "auto")
 B, T, D, V = 2, 9, 12, 200  # N = 18 positions; D and V divide neither 8 / 128 tiles nor 128
 OPTIONS = dict(z_loss=1e-3, label_smoothing=0.1, logit_softcap=4.0)
+#: Options under which the scalar entry's forward also accumulates the hidden gradient
+#: (pallas_tpu: no label smoothing under a soft-cap).
+FUSED_OPTIONS = dict(z_loss=1e-3, logit_softcap=4.0, temperature=0.7)
 
 
 def make(seed=0, *, dtype=jnp.float32, bias=True, mask="bool", v=V):
@@ -106,6 +109,18 @@ def test_float_weights_mean_and_dividing_blocks_match_reference(implementation):
   check(implementation, 1, make_kw, entries=("seq",), token_chunk=24, reduction="mean")
 
 
+@pytest.mark.parametrize(
+  "options",
+  [FUSED_OPTIONS, dict(z_loss=1e-3, label_smoothing=0.1), {}],
+  ids=["zloss-cap-temperature", "zloss-smoothing", "plain"],
+)
+def test_scalar_entry_with_the_hidden_gradient_in_the_forward_matches_reference(options):
+  """pallas_tpu's scalar entry accumulates ``∂ℓ/∂h`` online in its forward (no hidden
+  gradient kernel): values and gradients equal the reference's, 4-row blocks and 128-column
+  tiles dividing neither the targets nor ``V``."""
+  check("pallas_tpu", 7, entries=("loss",), token_chunk=4, vocab_chunk=128, **options)
+
+
 @pytest.mark.parametrize("implementation", ["token_chunked", "pallas_tpu"])
 def test_all_masked_batch_is_zero_with_zero_grads(implementation):
   """The scalar entry's 0 / 0 token mean: 0, with exactly zero gradients."""
@@ -129,8 +144,15 @@ def test_bf16_accumulates_in_f32_and_returns_input_dtype_grads(implementation):
   assert_close((got[0][1], got[1][1]), (want[0][1], want[1][1]), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("implementation", ["token_chunked", "pallas_tpu"])
-def test_vocabulary_sharded_with_padding_matches_reference(implementation):
+@pytest.mark.parametrize(
+  "implementation, options",
+  [
+    ("token_chunked", OPTIONS),
+    ("pallas_tpu", OPTIONS),
+    ("pallas_tpu", FUSED_OPTIONS),
+  ],
+)
+def test_vocabulary_sharded_with_padding_matches_reference(implementation, options):
   """Inside ``shard_map`` over a (data 2, model 4) mesh: rows, targets and span sharded over
   the data axis, 4 vocabulary shards of 64 columns, 56 of them padding."""
   mesh = parallel.make_mesh("data=2,model=4")
@@ -139,7 +161,7 @@ def test_vocabulary_sharded_with_padding_matches_reference(implementation):
   wp, bp = pad(weight), pad(bias)
   bad_hidden, _, _, bad_targets, _ = poisoned(hidden, weight, bias, targets, span)
   ct = jnp.arange(1.0, B + 1)
-  opts = dict(OPTIONS, vocab_axis="model", vocab_size=V, implementation=implementation)
+  opts = dict(options, vocab_axis="model", vocab_size=V, implementation=implementation)
 
   def local(h, w, b, y, m, ct):
     out = linear_sequence_nll(h, w, y, m, bias=b, token_chunk=8, **opts)
@@ -152,7 +174,7 @@ def test_vocabulary_sharded_with_padding_matches_reference(implementation):
   got = jax.jit(jax.value_and_grad(sharded, (0, 1, 2)))(bad_hidden, wp, bp, bad_targets, span, ct)
 
   def plain(h, w, b):
-    ref = dict(OPTIONS, implementation="reference")
+    ref = dict(options, implementation="reference")
     out = linear_sequence_nll(h, w, targets, span, bias=b, **ref)
     loss, _ = linear_nll_loss(h, w, targets, span, bias=b, normalize="sum", **ref)
     return jnp.sum(out * ct) + loss
@@ -182,13 +204,16 @@ def every_entry(implementation, hidden, table, bias, targets, span, segments, **
   return jax.jit(jax.value_and_grad(total, (0, 1, 2), has_aux=True))(hidden, table, bias)
 
 
-@pytest.mark.parametrize("implementation", ["token_chunked", "pallas_tpu"])
-def test_vd_table_temperature_segments_and_entropy_match_reference(implementation):
+@pytest.mark.parametrize(
+  "implementation, options",
+  [("token_chunked", OPTIONS), ("pallas_tpu", OPTIONS), ("pallas_tpu", FUSED_OPTIONS)],
+)
+def test_vd_table_temperature_segments_and_entropy_match_reference(implementation, options):
   """A ``[V, D]`` table read in place, temperature after the soft-cap, packed segments and
   per-token entropies: values and gradients of every entry equal the reference's."""
   hidden, weight, bias, targets, span = make(6)
   segments = jnp.where(jnp.arange(T) < 4, 1, 2)[None].repeat(B, 0).at[:, -1].set(0)
-  kw = dict(OPTIONS, temperature=0.7)
+  kw = dict(options, temperature=0.7)
   want = every_entry("reference", hidden, weight.T, bias, targets, span, segments, **kw)
   bad = poisoned(hidden, weight.T, bias, targets, span)
   got = every_entry(implementation, *bad, segments, token_chunk=4, vocab_chunk=128, **kw)
@@ -297,20 +322,27 @@ def export_fwd_bwd(platform, entry, shape=LLAMA3_8B):
   return export.export(jax.jit(fwd_bwd), platforms=(platform,))(*args)
 
 
-@pytest.mark.parametrize("entry", ["loss", "sequence"])
-def test_auto_exports_the_mosaic_kernels_for_tpu(entry):
-  """Full Llama-3-8B head (8 × 2048 bf16 tokens): forward, hidden- and weight-gradient
-  kernels, as Mosaic custom calls."""
+@pytest.mark.parametrize(
+  "entry, kernels",
+  [
+    ("loss", ("jaxnll_fused_nll_fwd_dh", "jaxnll_fused_nll_bwd_weight")),
+    (
+      "sequence",
+      ("jaxnll_fused_nll_fwd", "jaxnll_fused_nll_bwd_hidden", "jaxnll_fused_nll_bwd_weight"),
+    ),
+  ],
+)
+def test_auto_exports_the_mosaic_kernels_for_tpu(entry, kernels):
+  """Full Llama-3-8B head (8 × 2048 bf16 tokens) as Mosaic custom calls: the scalar entry's
+  forward carries the hidden gradient (two kernels, 8·N·D·V), the per-sample entry's
+  backward has one kernel per gradient (three kernels)."""
   exported = export_fwd_bwd("tpu", entry)
   text = exported.mlir_module()
   assert exported.platforms == ("tpu",)
-  assert text.count("tpu_custom_call") == 3
-  for name in (
-    "jaxnll_fused_nll_fwd",
-    "jaxnll_fused_nll_bwd_hidden",
-    "jaxnll_fused_nll_bwd_weight",
-  ):
-    assert name in text
+  assert text.count("tpu_custom_call") == len(kernels)
+  every = ("fwd", "fwd_dh", "bwd_hidden", "bwd_weight")
+  for name in (f"jaxnll_fused_nll_{k}" for k in every):
+    assert (f'"{name}"' in text) == (name in kernels), name
 
 
 def test_auto_exports_full_vocabulary_blocks_for_cuda():
@@ -320,3 +352,202 @@ def test_auto_exports_full_vocabulary_blocks_for_cuda():
   assert exported.platforms == ("cuda",)
   assert "tpu_custom_call" not in text
   assert "tensor<1040x128256xf32>" in text
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def bad_input_batch():
+  """Both samples with targets (sample 0: positions 1-5, sample 1: 3-8)."""
+  hidden, weight, bias, targets, _ = make(8)
+  t = jnp.arange(T)
+  span = jnp.stack([(t >= 1) & (t <= 5), t >= 3])
+  return hidden, weight, bias, targets, span
+
+
+@pytest.mark.parametrize("bad", [V, -1], ids=["V", "-1"])
+def test_bad_target_makes_that_samples_value_and_gradients_nan(bad):
+  """A target id outside ``[0, V)`` inside sample 0's span: its loss and the gradients that
+  flow from it are NaN, in the per-sample entry (either cotangent) and the scalar one."""
+  hidden, weight, bias, targets, span = bad_input_batch()
+  targets = targets.at[0, 2].set(bad)
+  kw = dict(bias=bias, implementation="pallas_tpu", token_chunk=8, vocab_chunk=128)
+
+  def seq(h, w, ct):
+    out = linear_sequence_nll(h, w, targets, span, **kw)
+    return jnp.sum(out * ct), out
+
+  @jax.jit
+  def run(h, w):
+    grads = lambda ct: jax.grad(seq, (0, 1), has_aux=True)(h, w, ct)  # noqa: E731
+    loss = lambda h, w: linear_nll_loss(h, w, targets, span, **kw)[0]  # noqa: E731
+    return grads(jnp.array([1.0, 0.0])), grads(jnp.array([0.0, 1.0])), jax.grad(loss, (0, 1))(h, w)
+
+  (g0, out), (g1, _), g_loss = run(hidden, weight)
+  assert np.isnan(out[0]) and np.isfinite(out[1])
+  for g in (*g0, *g_loss):
+    assert np.isnan(np.asarray(g)).any()
+  clean = jax.grad(lambda h, w: seq(h, w, jnp.array([0.0, 1.0]))[0], (0, 1))
+  assert_close(g1, clean(hidden, weight))  # sample 1's gradient: untouched, finite
+  assert not np.isnan(np.asarray(g0[0][1])).any()  # sample 1's hidden gradient stays finite
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_hidden_in_a_zero_cotangent_sample_leaks_nothing(value):
+  """A non-finite hidden state inside sample 0's span: its loss is not finite, and with a
+  zero cotangent for sample 0 every gradient equals the clean one (no ``0·NaN``)."""
+  hidden, weight, bias, targets, span = bad_input_batch()
+  bad = hidden.at[0, 2, 3].set(value)
+  kw = dict(bias=bias, implementation="pallas_tpu", token_chunk=8, vocab_chunk=128)
+  ct = jnp.array([0.0, 1.0])
+
+  @jax.jit
+  def grads(h):
+    fn = lambda h, w, b: jnp.sum(linear_sequence_nll(h, w, targets, span, **kw) * ct)  # noqa: E731
+    return linear_sequence_nll(h, weight, targets, span, **kw), jax.grad(fn, (0, 1, 2))(
+      h, weight, bias
+    )
+
+  (out, got), (_, want) = grads(bad), grads(hidden)
+  assert not np.isfinite(out[0]) and np.isfinite(out[1])
+  assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _pallas_calls(jaxpr):
+  """Every ``pallas_call`` equation in ``jaxpr`` and its sub-jaxprs."""
+  from jax.extend import core
+
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      yield eqn
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, tuple | list) else (v,):
+        if isinstance(sub, core.ClosedJaxpr):
+          yield from _pallas_calls(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          yield from _pallas_calls(sub)
+
+
+def _dot_flops(jaxpr):
+  """FLOPs of every ``dot_general`` in a kernel body (both sides of its ``pl.when``s)."""
+  from jax.extend import core
+
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += (
+        2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[k] for k in contract]))
+      )
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, tuple | list) else (v,):
+        if isinstance(sub, core.ClosedJaxpr):
+          total += _dot_flops(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          total += _dot_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_every_pallas_call_declares_the_flops_of_its_grid(layout):
+  """Each ``pallas_call``'s ``pl.CostEstimate`` FLOPs equal its kernel body's matmuls times
+  its grid; forward + backward of the scalar entry is 8·N·D·V on whole tiles (fused forward
+  4, weight kernel 4), of the per-sample entry 10 (forward 2, hidden 4, weight 4)."""
+  n, d, v = 64, 256, 1024
+  s = jax.ShapeDtypeStruct
+  shape = (v, d) if layout == "vd" else (d, v)
+  args = (s((2, n // 2, d), jnp.bfloat16), s(shape, jnp.bfloat16), s((2, n // 2), jnp.int32))
+  args += (s((2, n // 2), bool),)
+  kw = dict(implementation="pallas_tpu", weight_layout=layout, token_chunk=32, vocab_chunk=256)
+
+  def fwd_bwd(entry):
+    def fn(h, w, y, m):
+      if entry == "loss":
+        return linear_nll_loss(h, w, y, m, **kw)[0]
+      return jnp.sum(linear_sequence_nll(h, w, y, m, **kw))
+
+    return jax.grad(fn, (0, 1))
+
+  for entry, multiple in (("loss", 8), ("sequence", 10)):
+    calls = [e for e in _pallas_calls(jax.make_jaxpr(fwd_bwd(entry))(*args).jaxpr)]
+    calls = [e for e in calls if e.params["interpret"] is False]  # the TPU branch
+    declared = 0
+    for eqn in calls:
+      grid = eqn.params["grid_mapping"].grid
+      counted = _dot_flops(eqn.params["jaxpr"]) * int(np.prod(grid))
+      assert eqn.params["cost_estimate"].flops == counted > 0
+      assert eqn.params["cost_estimate"].bytes_accessed > 0
+      declared += counted
+    assert declared == multiple * n * d * v, (entry, declared / (n * d * v))
+
+
+def test_tiles_per_generation_fit_vmem_and_clear_the_ridge_point():
+  """At the real heads (4 × 2048 bf16 tokens), every kernel's tiles on every known chip:
+  VMEM estimate within the planned share, arithmetic intensity at or above the ridge point;
+  an unknown generation gets tiles that fit the smallest VMEM."""
+  from jaxnll.fused import pallas_tpu as pt
+
+  heads = {"gemma2-2b": (2304, 256000), "llama3-8b": (4096, 128256), "qwen3-8b": (4096, 151936)}
+  for chip in (*pt.CHIPS.values(), pt.UNKNOWN_CHIP):
+    for d, v in heads.values():
+      for kind in pt.MATMULS:
+        tm, tv = pt.tiles(chip, kind, d, 2, 8192, v)
+        assert pt.vmem_estimate(kind, tm, tv, d, 2) <= pt.VMEM_SHARE * chip.vmem, (chip, kind)
+        assert tm % 8 == 0 and tv % 128 == 0
+        if chip is not pt.UNKNOWN_CHIP:
+          intensity = pt.MATMULS[kind] * (tv if kind == "weight" else tm)
+          assert intensity >= chip.ridge, (chip.name, kind, tm, tv)
+  # Overrides win, rounded up to 8 rows / 128 columns and capped by the problem.
+  assert pt.tiles(pt.CHIPS["TPU v4"], "fused", 4096, 2, 8192, 128256, 100, 300) == (104, 384)
+  assert pt.tiles(pt.CHIPS["TPU v6 lite"], "stats", 256, 2, 18, 200) == (32, 256)
+
+
+def test_tpu_interpret_semantics_match_reference():
+  """The kernels under ``pltpu.InterpretParams()`` (TPU semantics: DMAs and semaphores
+  simulated), where the installed JAX has it."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  from jaxnll.fused import pallas_tpu as pt
+
+  if not hasattr(pltpu, "InterpretParams"):
+    pytest.skip("this JAX has no pltpu.InterpretParams")
+  old = pt.INTERPRET
+  pt.INTERPRET = pltpu.InterpretParams()
+  try:
+    check("pallas_tpu", 9, token_chunk=8, vocab_chunk=128, **FUSED_OPTIONS)
+  finally:
+    pt.INTERPRET = old
+
+
+@pytest.mark.parametrize(
+  "kind, rows", [("TPU v6 lite", 512), ("TPU v4", 128), ("TPU v99", 256), (None, 256)]
+)
+def test_tiles_follow_the_generation_the_arguments_are_placed_on(kind, rows):
+  """The kernels read the TPU generation from the arguments' sharding (as in a deviceless
+  compile for a named TPU): v6e's fused forward takes 512-row blocks, v4's 128; an unknown
+  generation, or arguments placed nowhere, the conservative rule's 256."""
+  from jax._src.mesh import AbstractDevice
+  from jax.sharding import AbstractMesh, NamedSharding
+
+  sharding = None
+  if kind is not None:
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(kind, 1, "tpu"))
+    sharding = NamedSharding(mesh, P())
+  s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+  args = (s((2, 1024, 256), jnp.bfloat16), s((256, 4096), jnp.bfloat16))
+  args += (s((2, 1024), jnp.int32), s((2, 1024), jnp.bool_))
+
+  def fwd_bwd(h, w, y, m):
+    fn = lambda h, w: linear_nll_loss(h, w, y, m, implementation="pallas_tpu")[0]  # noqa: E731
+    return jax.grad(fn, (0, 1))(h, w)
+
+  calls = list(_pallas_calls(jax.jit(fwd_bwd).trace(*args).jaxpr.jaxpr))
+  fused = [e for e in calls if e.params["name"] == "jaxnll_fused_nll_fwd_dh"]
+  assert fused
+  for eqn in fused:
+    row_block = eqn.params["grid_mapping"].block_mappings[0].block_shape[0]
+    assert getattr(row_block, "block_size", row_block) == rows
