@@ -815,12 +815,7 @@ def test_token_entry_entropy_is_exact_at_logits_near_1e4():
 # id outside [0, V) inside the span makes its sample's loss NaN and the gradient that flows
 # from that loss NaN; a sample whose loss gets a zero cotangent leaks nothing.
 
-#: ``pallas_tpu`` (another engineer's kernel, issue 19) still sends back a finite gradient row
-#: for a bad id; strict xfail, so that the fix there turns it into a failure to remove.
-PALLAS_BAD_ID_XFAIL = pytest.mark.xfail(
-  strict=True, reason="pallas_tpu: finite gradient row for a bad target id (issue 23)"
-)
-GRAD_IMPLS = ["chunked", "token_chunked", "xla", "reference", "auto"]
+GRAD_IMPLS = ["chunked", "token_chunked", "xla", "reference", "auto", "pallas_tpu"]
 BAD_IDS = (-1, -100, V + 1, 2**31 - 1, -(2**31))
 
 
@@ -837,9 +832,7 @@ def _vjp_fn(implementation, mask, **kw):
   return jax.jit(run)
 
 
-@pytest.mark.parametrize(
-  "implementation", [*GRAD_IMPLS, pytest.param("pallas_tpu", marks=PALLAS_BAD_ID_XFAIL)]
-)
+@pytest.mark.parametrize("implementation", GRAD_IMPLS)
 def test_bad_target_inside_span_is_nan_in_value_and_gradient(implementation):
   hidden, weight, bias, targets, mask = make(seed=21)
   mask = mask.at[0, 2].set(True)
@@ -884,14 +877,7 @@ def test_reference_losses_bad_target_nan_in_gradient_too():
       assert np.isfinite(g0).all(), (name, bad)
 
 
-PALLAS_LEAK_XFAIL = pytest.mark.xfail(
-  strict=True, reason="pallas_tpu: NaN · 0 of a zero-cotangent row reaches dweight (issue 23)"
-)
-
-
-@pytest.mark.parametrize(
-  "implementation", [*GRAD_IMPLS, pytest.param("pallas_tpu", marks=PALLAS_LEAK_XFAIL)]
-)
+@pytest.mark.parametrize("implementation", GRAD_IMPLS)
 @pytest.mark.parametrize("entry", ["sequence", "token"])
 def test_nan_hidden_in_a_zero_cotangent_sample_leaks_nothing(implementation, entry):
   """A NaN hidden state inside sample 0's span: its loss is NaN, but with a zero cotangent
