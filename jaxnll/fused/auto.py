@@ -5,16 +5,12 @@ Each pass calls :func:`jax.lax.platform_dependent` over the passes of
 :mod:`~jaxnll.fused.chunked` (anything else), so one jitted or exported function carries the
 right kernel for every backend; only the branch of the platform being lowered is lowered.
 
-On a TPU generation with 16 MiB of VMEM per core (v2, v3, v4: :data:`SMALL_VMEM_KINDS`), the
-``pallas_tpu`` tiles do not fit (``Ran out of memory in memory space vmem``), and the TPU
-branch runs ``chunked`` instead: ``"auto"`` compiles on every generation.  The generation is
-the device kind of the arrays' sharding (what ``jit`` is lowering for, real devices or the
-compile-only ones of a deviceless compile), else of the context mesh, else of the default
-backend when it is a TPU; when none says (``jax.export`` of uncommitted arguments from a CPU),
-the TPU branch is ``pallas_tpu``.  The TPU branch is ``chunked`` too when the arrays are
-split over a mesh axis that XLA partitions automatically (a ``jit`` over sharded arguments:
-libtpu refuses with "Mosaic kernels cannot be automatically partitioned"); inside
-``shard_map``, where every axis is manual, it is ``pallas_tpu``.
+The TPU branch is ``pallas_tpu``, whose tiles follow the TPU generation the arrays are
+placed on (:mod:`~jaxnll.fused.pallas_tpu` reads it from their sharding, so a deviceless
+compile for a named TPU gets that chip's tiles, v4's 16 MiB of VMEM included).  It is
+``chunked`` when the arrays are split over a mesh axis that XLA partitions automatically (a
+``jit`` over sharded arguments: libtpu refuses with "Mosaic kernels cannot be automatically
+partitioned"); inside ``shard_map``, where every axis is manual, it is ``pallas_tpu``.
 
 The branches must agree on every shape: they share one compaction (one sort) with the
 ``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``
@@ -43,24 +39,6 @@ BRANCHES = ("pallas_tpu", "token_chunked", "chunked")
 _MODULES = {"pallas_tpu": pallas_tpu, "token_chunked": token_chunked, "chunked": chunked}
 #: ``platform_dependent`` keyword of each branch (``default`` for the rest).
 _PLATFORMS = {"pallas_tpu": ("tpu",), "token_chunked": ("cuda", "rocm"), "chunked": ("default",)}
-#: TPU device kinds (prefixes) with 16 MiB of VMEM per core, where the TPU branch is
-#: ``chunked``: the ``pallas_tpu`` kernels ask for more (17.9 MiB at the Gemma-2 2B head, 30.6
-#: at Llama-3 8B's, compiled for TPU v4).
-SMALL_VMEM_KINDS = ("TPU v2", "TPU v3", "TPU v4")
-
-
-def device_kind(*arrays) -> str | None:
-  """The device kind ``arrays`` are being traced for: their sharding's (the first that has
-  one), the context mesh's, or the default backend's first device on a TPU; None if unknown."""
-  meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays]
-  meshes.append(jax.sharding.get_abstract_mesh())
-  for mesh in meshes:
-    device = getattr(mesh, "abstract_device", None)
-    if device is not None:
-      return device.device_kind
-  if jax.default_backend() == "tpu":
-    return jax.devices()[0].device_kind
-  return None
 
 
 def auto_partitioned(*arrays) -> bool:
@@ -77,13 +55,9 @@ def auto_partitioned(*arrays) -> bool:
 
 
 def tpu_branch(*arrays) -> str:
-  """The kernel of the TPU branch for ``arrays``: ``"chunked"`` on a small-VMEM generation
-  (:data:`SMALL_VMEM_KINDS`) or under automatic partitioning (:func:`auto_partitioned`),
-  else ``"pallas_tpu"``."""
-  kind = device_kind(*arrays) or ""
-  if kind.startswith(SMALL_VMEM_KINDS) or auto_partitioned(*arrays):
-    return "chunked"
-  return "pallas_tpu"
+  """The kernel of the TPU branch for ``arrays``: ``"chunked"`` under automatic partitioning
+  (:func:`auto_partitioned`: libtpu cannot partition a Mosaic call), else ``"pallas_tpu"``."""
+  return "chunked" if auto_partitioned(*arrays) else "pallas_tpu"
 
 
 def plan(branches: tuple[Plan, ...], *, one_pass: bool) -> Plan:
