@@ -27,6 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
@@ -93,8 +95,9 @@ def _row_stats(x, targets, mask, opts: TokenOptions):
   return loss, (row_max, sum_exp)
 
 
-def _row_grad(x, stats, targets, mask, g, opts: TokenOptions):
-  """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``x``'s dtype."""
+def _row_grad(x, stats, targets, mask, g, opts: TokenOptions, *, dtype=None):
+  """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``dtype`` (default
+  ``x``'s)."""
   shard = x.shape[-1]
   offset, vocab, padded = _core.vocab_layout(shard, opts)
   z = _core.softcap(x, opts)
@@ -109,39 +112,176 @@ def _row_grad(x, stats, targets, mask, g, opts: TokenOptions):
     keep = real if keep is None else keep & real
   if keep is not None:
     dz = jnp.where(keep, dz, 0.0)
-  return dz.astype(x.dtype)
+  return dz.astype(x.dtype if dtype is None else dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _token_nll_rows(x, targets, mask, opts):
-  return _row_stats(x, targets, mask, opts)[0]
+# ----------------------------------------------------------------------------- linear tangents
+#
+# Forward mode needs a JVP rule; reverse mode then comes from transposing its tangent, which
+# must be linear.  A plain ``Σ_v J[..., v] · ẋ[..., v]`` would do in exact arithmetic, but its
+# transpose ``g · J`` keeps neither of the contract's rules on the cotangent: a zero cotangent
+# sends back nothing (not ``0 · NaN`` from a bad row) and a differentiated bad target sends back
+# NaN.  Nor the memory: linearising it saves ``J`` (the size of the logits) for the backward.
+# So the tangent is one primitive, linear in its last operand ``ẋ``, whose transpose rule is
+# the hand-written backward: its residuals are the logits themselves and the f32 row
+# statistics, and it gates on the cotangent exactly as the ``custom_vjp`` backward did.
+#
+# A rule is a pair of functions of the residuals (a tuple of arrays) and static options:
+# ``jac(res, static)`` gives ``J`` (float32 ``[..., V]``, used for forward-mode tangents) and
+# ``vjp(res, g, static)`` gives ``g·J`` gated on ``g``, in the dtype of the tangent.
+
+_ROW_RULES: dict = {}
+
+_row_tangent_p = Primitive("jaxnll_row_tangent")
 
 
-def _token_nll_rows_fwd(x, targets, mask, opts):
-  loss, stats = _row_stats(x, targets, mask, opts)
-  # Residuals: the f32 row max and sum of exponentials; the softmax is recomputed from them
-  # in the backward (exact where ``exp(z - lse)`` with a rounded lse is not).
-  return loss, (x, targets, mask, stats)
+def _row_tangent_impl(*operands, rule, static):
+  *res, xd = operands
+  jac = _ROW_RULES[rule][0](tuple(res), static)
+  return jnp.sum(jac * xd.astype(F32), axis=-1, dtype=F32)
 
 
-def _token_nll_rows_bwd(opts, res, g):
-  x, targets, mask, stats = res
+def _row_tangent_abstract(*avals, rule, static):
+  del rule, static
+  xd = avals[-1]
+  out, _ = jax.lax.reduce_sum_p.abstract_eval(xd, axes=(xd.ndim - 1,), out_sharding=None)
+  return out.update(dtype=jnp.dtype(F32), weak_type=False)
+
+
+def _row_tangent_transpose(ct, *operands, rule, static):
+  *res, xd = operands
+  if any(ad.is_undefined_primal(r) for r in res):
+    raise NotImplementedError("jaxnll: the row tangent is linear in its tangent operand only")
+  nones = [None] * len(res)
+  if type(ct) is ad.Zero:
+    return [*nones, ad.Zero(xd.aval)]
+  return [*nones, _ROW_RULES[rule][1](tuple(res), ct, static).astype(xd.aval.dtype)]
+
+
+def _row_tangent_jvp(primals, tangents, *, rule, static):
+  # Second order: linear in ``ẋ`` (the same primitive), and the derivative of ``J`` through
+  # the residuals by ordinary differentiation of the ``jac`` rule.
+  *res, xd = primals
+  *t_res, t_xd = tangents
+  out = _row_tangent_p.bind(*primals, rule=rule, static=static)
+  t_out = None
+  if type(t_xd) is not ad.Zero:
+    t_out = _row_tangent_p.bind(*res, t_xd, rule=rule, static=static)
+  moving = [
+    i
+    for i, t in enumerate(t_res)
+    if type(t) is not ad.Zero and jnp.issubdtype(jnp.result_type(res[i]), jnp.inexact)
+  ]
+  if moving:
+
+    def of_res(*m):
+      full = list(res)
+      for i, v in zip(moving, m, strict=True):
+        full[i] = v
+      return _row_tangent_impl(*full, xd, rule=rule, static=static)
+
+    _, t2 = jax.jvp(of_res, tuple(res[i] for i in moving), tuple(t_res[i] for i in moving))
+    t_out = t2 if t_out is None else t_out + t2
+  if t_out is None:
+    t_out = ad.Zero(jax.core.get_aval(out).to_tangent_aval())
+  return out, t_out
+
+
+def _row_tangent_batch(args, dims, *, rule, static):
+  size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+  args = [
+    jnp.broadcast_to(a, (size, *jnp.shape(a))) if d is None else jnp.moveaxis(a, d, 0)
+    for a, d in zip(args, dims, strict=True)
+  ]
+  return _row_tangent_p.bind(*args, rule=rule, static=static), 0
+
+
+_row_tangent_p.def_impl(_row_tangent_impl)
+_row_tangent_p.def_abstract_eval(_row_tangent_abstract)
+ad.primitive_jvps[_row_tangent_p] = _row_tangent_jvp
+ad.primitive_transposes[_row_tangent_p] = _row_tangent_transpose
+batching.primitive_batchers[_row_tangent_p] = _row_tangent_batch
+mlir.register_lowering(_row_tangent_p, mlir.lower_fun(_row_tangent_impl, multiple_results=False))
+
+
+def row_tangent(rule: str, res: tuple, xd, static):
+  """``Σ_v J[..., v] ẋ[..., v]`` for the registered ``rule``: linear in ``xd``, transposed by
+  the rule's gated backward."""
+  return _row_tangent_p.bind(*res, xd, rule=rule, static=static)
+
+
+# ----------------------------------------------------------------------------- token rows
+
+
+def _nll_res(res, static):
+  opts, has_mask = static
+  x, row_max, sum_exp, targets = res[:4]
+  return x, (row_max, sum_exp), targets, (res[4] if has_mask else None), opts
+
+
+def _nll_jac(res, static):
+  x, stats, targets, mask, opts = _nll_res(res, static)
+  ones = jnp.ones(targets.shape, F32)
+  return _row_grad(x, stats, targets, mask, ones, opts, dtype=F32)
+
+
+def _nll_vjp(res, g, static):
+  x, stats, targets, mask, opts = _nll_res(res, static)
   # The barrier keeps XLA from sharing one f32 conversion of the logits between the forward
   # reductions and this pass (which would materialise it): each converts on the fly.  The
   # row max goes through it too: the forward's ``exp(z - max)`` broadcasts the same value,
   # and one broadcast shared by both passes would be materialised as a [..., V] f32 buffer.
   x, stats = jax.lax.optimization_barrier((x, stats))
+  return _row_grad(x, stats, targets, mask, g, opts)
+
+
+_ROW_RULES["nll"] = (_nll_jac, _nll_vjp)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _token_nll_rows(x, targets, mask, opts):
+  return _row_stats(x, targets, mask, opts)[0]
+
+
+@_token_nll_rows.defjvp
+def _token_nll_rows_jvp(opts, primals, tangents):
+  x, targets, mask = primals
+  loss, stats = _row_stats(x, targets, mask, opts)
+  # Residuals of the backward: the logits (already live) and the f32 row max and sum of
+  # exponentials; the softmax is recomputed from them (exact where ``exp(z - lse)`` with a
+  # rounded lse is not).
+  res = (x, *stats, targets) + (() if mask is None else (mask,))
+  return loss, row_tangent("nll", res, tangents[0], (opts, mask is not None))
+
+
+# Inside ``shard_map`` over a vocabulary axis the tangent would need a sum over the shards,
+# whose transpose depends on the user's ``check_vma``; that path keeps its custom_vjp
+# (reverse mode only).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_nll_rows_sharded(x, targets, mask, opts):
+  return _row_stats(x, targets, mask, opts)[0]
+
+
+def _token_nll_rows_sharded_fwd(x, targets, mask, opts):
+  loss, stats = _row_stats(x, targets, mask, opts)
+  return loss, (x, targets, mask, stats)
+
+
+def _token_nll_rows_sharded_bwd(opts, res, g):
+  x, targets, mask, stats = res
+  x, stats = jax.lax.optimization_barrier((x, stats))
   return _row_grad(x, stats, targets, mask, g, opts), None, None
 
 
-_token_nll_rows.defvjp(_token_nll_rows_fwd, _token_nll_rows_bwd)
+_token_nll_rows_sharded.defvjp(_token_nll_rows_sharded_fwd, _token_nll_rows_sharded_bwd)
 
 
 def _token_nll(logits, targets, mask, opts: TokenOptions):
   """Masked per-token loss over any leading dims (float32, 0 where ``mask`` is False)."""
   # No flattening: a reshape of the logits would stop XLA fusing their f32 conversion into the
   # reductions on CPU.
-  return _token_nll_rows(logits, _core.int32_ids(targets), mask, opts)
+  rows = _token_nll_rows if opts.vocab_axis is None else _token_nll_rows_sharded
+  return rows(logits, _core.int32_ids(targets), mask, opts)
 
 
 def _check_logits_targets(logits, targets, *, batched: bool):

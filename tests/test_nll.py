@@ -622,3 +622,78 @@ def test_exact_softmax_backward_needs_no_logits_sized_buffer():
   step = jax.value_and_grad(lambda z, y, m: jnp.sum(jnp.where(m, nll.token_nll(z, y), 0.0)))
   temp = jax.jit(step).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
   assert temp < 4 * 64 * 4096 * 2 / 16, temp
+
+
+# ----------------------------------------------------------------------------- forward mode
+
+
+def _fwd_entries():
+  _, targets, mask = make(b=2, t=3, v=5)
+  w = mask * jnp.array([0.5, 2.0, 1.0])
+  seg = jnp.array([[1, 1, 2], [2, 0, 1]])
+  opts = dict(z_loss=0.1, label_smoothing=0.2, logit_softcap=3.0, temperature=0.7)
+  return [
+    ("token_nll", lambda x: jaxnll.token_nll(x, targets)),
+    ("token_nll_opts", lambda x: jaxnll.token_nll(x, targets, **opts)),
+    ("sequence_nll", lambda x: jaxnll.sequence_nll(x, targets, mask)),
+    ("sequence_nll_mean_w", lambda x: jaxnll.sequence_nll(x, targets, w, reduction="mean")),
+    # Its value is over valid_mask and its gradient the span's: one function when they agree.
+    ("selective", lambda x: jaxnll.selective_sequence_nll(x, targets, mask, mask)),
+    ("segment_nll", lambda x: jaxnll.segment_nll(x, targets, mask, seg, num_segments=2)),
+  ]
+
+
+@pytest.mark.parametrize("entry", _fwd_entries(), ids=lambda e: e[0])
+def test_forward_and_reverse_mode_to_second_order(entry):
+  logits, _, _ = make(b=2, t=3, v=5)
+  f = lambda x: entry[1](jnp.asarray(x))  # noqa: E731
+  # The library computes in float32: steps of 3e-3 keep the finite differences above its noise.
+  check_grads(f, (logits,), order=2, modes=("fwd", "rev"), eps=3e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_jvp_hessian_and_jacfwd_equal_the_plain_log_softmax():
+  logits, targets, mask = make(b=2, t=3, v=5)
+  tangent = jax.random.normal(jax.random.PRNGKey(7), logits.shape)
+
+  def plain(x):
+    tok = -jnp.take_along_axis(jax.nn.log_softmax(x), targets[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1)
+
+  ours = lambda x: jaxnll.sequence_nll(x, targets, mask)  # noqa: E731
+  out, t = jax.jvp(ours, (logits,), (tangent,))
+  out_p, t_p = jax.jvp(plain, (logits,), (tangent,))
+  np.testing.assert_allclose(out, out_p, rtol=1e-6)
+  np.testing.assert_allclose(t, t_p, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jacfwd(ours)(logits), jax.jacrev(plain)(logits), atol=1e-6)
+  h = jax.jit(jax.hessian(lambda x: ours(x).sum()))(logits)
+  np.testing.assert_allclose(h, jax.hessian(lambda x: plain(x).sum())(logits), atol=1e-6)
+  # Hessian-vector product, forward over reverse.
+  hvp = jax.jvp(jax.grad(lambda x: ours(x).sum()), (logits,), (tangent,))[1]
+  np.testing.assert_allclose(hvp, jnp.einsum("abcdef,def->abc", h, tangent), atol=1e-5)
+
+
+def test_forward_mode_keeps_the_bad_value_rules():
+  logits, targets, mask = make(b=2, t=3, v=5)
+  mask = mask.at[:, 0].set(True)
+  bad = jnp.where(mask[..., None], logits, jnp.nan).at[0, 0, 1].set(jnp.nan)
+  out, t = jax.jvp(lambda x: jaxnll.sequence_nll(x, targets, mask), (bad,), (jnp.ones_like(bad),))
+  assert np.isnan(out[0]) and np.isnan(t[0])  # a NaN inside sample 0's span is loud
+  assert np.isfinite(out[1]) and np.isfinite(t[1])  # NaN outside sample 1's span reaches nothing
+  bad_id = targets.at[1, 0].set(5)
+  out, t = jax.jvp(lambda x: jaxnll.sequence_nll(x, bad_id, mask), (logits,), (logits,))
+  assert np.isnan(t[1]) and np.isfinite(t[0])
+
+
+def test_fused_entries_name_the_logits_entries_for_forward_mode():
+  h, w = jnp.ones((1, 2, 3)), jnp.ones((3, 5))
+  y, m = jnp.zeros((1, 2), int), jnp.ones((1, 2), bool)
+  calls = [
+    lambda h: jaxnll.linear_sequence_nll(h, w, y, m, implementation="chunked"),
+    lambda h: jaxnll.linear_nll_loss(h, w, y, m)[0],
+    lambda h: jaxnll.linear_token_nll(h, w, y, m),
+  ]
+  for f in calls:
+    with pytest.raises(TypeError, match=r"reverse-mode only.*jaxnll\.sequence_nll\(hidden @"):
+      jax.jvp(f, (h,), (h,))
+  # The plain path is the logits entry: forward mode works there.
+  jax.jvp(lambda h: jaxnll.linear_sequence_nll(h, w, y, m, implementation="xla"), (h,), (h,))

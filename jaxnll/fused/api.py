@@ -279,6 +279,28 @@ def _tokens_bwd(plan, res, cts):
 _tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
 
 
+def _reverse_only(fn):
+  """``fn`` (a custom_vjp) with JAX's forward-mode error replaced by one naming the way."""
+
+  @functools.wraps(fn)
+  def call(*args):
+    try:
+      return fn(*args)
+    except TypeError as e:
+      if "forward-mode" not in str(e):
+        raise
+      raise TypeError(
+        "the fused entries (linear_*) are reverse-mode only (custom_vjp): for jax.jvp, "
+        "jacfwd or hessian use the losses from logits, e.g. jaxnll.sequence_nll(hidden @ "
+        'weight, ...) (token_nll, segment_nll, distill_cross_entropy), or implementation="xla"'
+      ) from None
+
+  return call
+
+
+_sequence, _loss, _tokens = _reverse_only(_sequence), _reverse_only(_loss), _reverse_only(_tokens)
+
+
 # ----------------------------------------------------------------------------- public API
 
 #: ``weight_layout=``: ``"dv"`` a ``[D, V]`` head kernel (Flax ``Linear``), ``"vd"`` a
