@@ -33,6 +33,24 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxnll import _core
 
 
+def host_ids(x):
+  """NumPy ids wider than JAX keeps them (64-bit with ``jax_enable_x64`` off) as int32, every
+  id that does not fit mapped to ``-1`` (out of range for any vocabulary) instead of wrapping
+  to a valid id (``2**32 + 3`` would become ``3``).  Anything else is returned unchanged."""
+  if (
+    isinstance(x, np.ndarray)
+    and np.issubdtype(x.dtype, np.integer)
+    and x.dtype.itemsize == 8
+    and not jax.config.jax_enable_x64
+  ):
+    info = np.iinfo(np.int32)
+    fits = (x >= 0) & (x <= info.max) if x.dtype.kind == "u" else (x >= info.min) & (x <= info.max)
+    out = np.full(x.shape, -1, np.int32)
+    out[fits] = x[fits].astype(np.int32)
+    return out
+  return x
+
+
 def _inside(mask, shape) -> jax.Array:
   """bool ``shape``: the positions a mask counts (every position when ``mask`` is None)."""
   if mask is None:
@@ -322,6 +340,21 @@ def _check_output(out) -> None:
       )
 
 
+def _staged(x) -> bool:
+  """Whether ``x`` is traced for staging (``jax.jit``), under any eager transformations
+  (``grad``'s and ``vmap``'s tracers wrap the value they transform)."""
+  for _ in range(64):
+    if not isinstance(x, jax.core.Tracer):
+      return False
+    if type(x).__name__ == "DynamicJaxprTracer":
+      return True
+    inner = next((getattr(x, a) for a in ("primal", "val") if hasattr(x, a)), None)
+    if inner is None:
+      return True  # a tracer of an unknown kind: not known to be concrete
+    x = inner
+  return True
+
+
 def checked(loss_fn: Callable) -> Callable:
   """Wraps any jaxnll loss with run-time checks that name the first offending position.
 
@@ -359,6 +392,7 @@ def checked(loss_fn: Callable) -> Callable:
   def wrapped(*args, **kwargs):
     # Arrays are traced; everything else (options, Python lists) is closed over as it is.
     leaves, tree = jax.tree.flatten((args, kwargs))
+    leaves = [host_ids(x) for x in leaves]
     is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
 
     def run(arrays):
@@ -371,7 +405,17 @@ def checked(loss_fn: Callable) -> Callable:
       _check_output(out)
       return out
 
-    err, out = checkify.checkify(run)([x for x, t in zip(leaves, is_array, strict=True) if t])
+    arrays = [x for x, t in zip(leaves, is_array, strict=True) if t]
+    if any(_staged(x) for x in arrays):
+      # An error of the call itself (a shape, an option) is raised as the loss raises it.
+      jax.eval_shape(functools.partial(loss_fn, **kwargs), *args)
+      name = getattr(loss_fn, "__name__", "loss_fn")
+      raise RuntimeError(
+        f"jaxnll.checked({name}) runs checkify and raises at once, so it cannot be called "
+        "inside jax.jit (or a jit of grad): call it outside jit (eagerly; grad and vmap work), "
+        "or call jaxnll.checks.check_*_inputs under your own checkify.checkify inside jit"
+      )
+    err, out = checkify.checkify(run)(arrays)
     err.throw()
     return out
 

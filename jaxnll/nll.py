@@ -34,6 +34,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
 from jaxnll.checks import check_logits_inputs as check_inputs  # noqa: F401 (public name)
+from jaxnll.checks import host_ids
 
 REDUCTIONS = ("sum", "mean")
 NORMALIZATIONS = ("tokens", "samples", "sum")
@@ -360,6 +361,7 @@ def token_nll(
     [0.223, 1.609]
   """
   logits, targets = _core.as_array("logits", logits), _core.as_array("targets", targets)
+  targets = host_ids(targets)
   _check_logits_targets(logits, targets, batched=False)
   opts = TokenOptions(
     z_loss, label_smoothing, logit_softcap, vocab_axis, vocab_size, temperature=temperature
@@ -385,6 +387,7 @@ def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=Non
   ``token_losses`` are computed where ``mask | extra_mask`` holds and are 0 elsewhere.
   """
   logits, targets = _core.as_array("logits", logits), _core.as_array("targets", targets)
+  targets = host_ids(targets)
   span_mask = _core.as_array(name, span_mask)
   _check_logits_targets(logits, targets, batched=True)
   _check_mask(name, span_mask, targets)
