@@ -72,6 +72,14 @@ def _check_at(bad: jax.Array, message: str, **values) -> None:
   checkify.check(~jnp.any(flat), message.replace("{where}", where), pos=pos, **names, **picked)
 
 
+def _check_segment_ids(seg, inside) -> None:
+  _check_at(
+    inside & (seg < 0),
+    "segment_ids hold {value} at {where} inside the span: a negative id is in no sample",
+    value=seg,
+  )
+
+
 def _check_targets(targets, inside, columns: int, vocab_size: int | None) -> None:
   targets = jnp.asarray(targets)
   vocab = columns if vocab_size is None else vocab_size
@@ -144,6 +152,7 @@ def check_logits_inputs(
     inside = inside | _inside(valid_mask, targets.shape)
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
+    _check_segment_ids(seg, inside)
     inside = inside & (seg > 0) & (True if num_segments is None else seg <= num_segments)
   columns = logits.shape[-1]
   vocab = columns if vocab_size is None else vocab_size
@@ -187,6 +196,7 @@ def check_fused_inputs(
   inside = _inside(span_mask, targets.shape)
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
+    _check_segment_ids(seg, inside)
     inside = inside & (seg > 0) & (True if num_segments is None else seg <= num_segments)
   w = weight.T if weight_layout == "vd" else weight  # [D, V]
   columns = w.shape[-1]
@@ -231,6 +241,7 @@ def check_distill_inputs(
   inside = _inside(span_mask, s.shape[:-1])
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
+    _check_segment_ids(seg, inside)
     inside = inside & (seg > 0) & (True if num_segments is None else seg <= num_segments)
   for name, x in (("student_logits", s), ("teacher_logits", t)):
     _check_at(

@@ -46,7 +46,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.checks import check_distill_inputs as check_inputs  # noqa: F401 (public name)
-from jaxnll.nll import _ROW_RULES, REDUCTIONS, _reduce, row_tangent
+from jaxnll.nll import _ROW_RULES, REDUCTIONS, _reduce, _reduce_segments, row_tangent
 
 KINDS = ("cross_entropy", "kl")
 
@@ -294,8 +294,8 @@ def segment_distill_cross_entropy(
   segment_ids = _core.as_array("segment_ids", segment_ids)
   _core.check_segments(segment_ids, num_segments, "span_mask", span_mask)
   span_mask, segment_ids = jnp.asarray(span_mask), jnp.asarray(segment_ids)
-  mask = _core.mask_to_bool(span_mask) & (segment_ids > 0)
+  mask = _core.mask_to_bool(span_mask) & (segment_ids != 0)
   weights = _core.mask_to_weights(span_mask)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
-  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return _reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)

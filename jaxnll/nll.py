@@ -211,6 +211,53 @@ def row_tangent(rule: str, res: tuple, xd, static):
   return _row_tangent_p.bind(*res, xd, rule=rule, static=static)
 
 
+def _scale_jac(res, static):
+  return res[0][..., None]
+
+
+def _scale_vjp(res, g, static):
+  return jnp.where(g != 0, g * res[0], 0.0)[..., None]
+
+
+_ROW_RULES["scale"] = (_scale_jac, _scale_vjp)
+
+
+def _loud_scale(x, c):
+  """``x · c`` (float32), where ``c`` may be NaN to mark a bad result: NaN in the value and in
+  the gradient that flows from it, and nothing at all from a zero cotangent."""
+  return row_tangent("scale", (jnp.asarray(c, F32),), jnp.asarray(x, F32)[..., None], None)
+
+
+def _loud_mean(total, count, nonempty):
+  """``total / count``: ``0`` for an empty span (no position counts), NaN (value and
+  gradient) for a span whose positions count but whose weights sum to ``0``."""
+  zero = count == 0
+  inv = jnp.where(zero, jnp.where(nonempty, jnp.nan, 0.0), 1.0 / jnp.where(zero, 1.0, count))
+  return _loud_scale(total, inv)
+
+
+def _reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reduction: str):
+  """Per-segment sums (or weighted means) ``[B, S]`` of token losses, loud where they are wrong.
+
+  A negative segment id at a position that counts puts that token in no sample: every result
+  of its row is NaN (value and gradient) rather than the token silently dropped.  ``"mean"``
+  follows :func:`_loud_mean` per segment.
+  """
+  seg = functools.partial(
+    _core.reduce_segments, segment_ids=segment_ids, num_segments=num_segments, reduction="sum"
+  )
+  sums = seg(tok, weights, mask)
+  stray = jnp.any(mask & (segment_ids < 0), axis=-1)[:, None]
+  c = jnp.where(stray, jnp.nan, jnp.ones(sums.shape, F32))
+  if reduction == "mean":
+    ones = jnp.ones(tok.shape, F32)
+    counts, positions = seg(ones, weights, mask), seg(ones, ones, mask)
+    zero = counts == 0
+    inv = jnp.where(zero, jnp.where(positions > 0, jnp.nan, 0.0), 1.0 / jnp.where(zero, 1, counts))
+    c = c * inv
+  return _loud_scale(sums, c)
+
+
 # ----------------------------------------------------------------------------- token rows
 
 
@@ -378,7 +425,7 @@ def _reduce(token_losses, weights, mask, reduction):
   if reduction == "sum":
     return total
   count = jnp.sum(jnp.where(mask, weights, 0.0), dtype=F32)
-  return _core.safe_divide(total, count)
+  return _loud_mean(total, count, jnp.any(mask))
 
 
 def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=None, **token_opts):
@@ -418,6 +465,11 @@ def sequence_nll(
      \\text{ for an empty span})
 
   where ``ℓ`` is :func:`token_nll` and ``w`` the span mask (bool, or float weights).
+
+  A span is empty by its positions: it is the positions whose weight is not ``0``.  An empty
+  span costs exactly ``0`` (sum and mean).  A non-empty span whose float weights sum to ``0``
+  (negative weights) has no mean: ``"mean"`` gives NaN there, in the value and in the gradient
+  that flows from it (a zero cotangent still sends back nothing).
 
   Args:
     logits: ``[B, T, V]``, any floating dtype; ``logits[b, t]`` predicts ``targets[b, t]``.
@@ -534,7 +586,10 @@ def segment_nll(
   Segment id ``0`` is padding; samples are ids ``1..num_segments``; ``out[b, s - 1]`` is the
   loss of segment ``s`` of row ``b`` (``0`` for a segment that is absent or has an empty span).
   Build targets with ``shift_targets(tokens, span, segment_ids)`` so nothing is predicted
-  across a boundary.  Ids above ``num_segments`` are ignored.
+  across a boundary.  Ids above ``num_segments`` are ignored.  A negative id at a position of
+  the span belongs to no sample: every result of that row is NaN, in value and gradient (loud,
+  rather than the token silently dropped).  ``"mean"`` is per segment as in
+  :func:`sequence_nll`.
 
   Returns:
     float32 ``[B, num_segments]``.
@@ -544,7 +599,7 @@ def segment_nll(
   segment_ids = _core.as_array("segment_ids", segment_ids)
   _core.check_segments(segment_ids, num_segments, "targets", mask)
   segment_ids = jnp.asarray(segment_ids)
-  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return _reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
 
 # ----------------------------------------------------------------------------- batch reduction
@@ -565,6 +620,10 @@ def loss_terms(
   * ``"sum"``: ``Σ sums``.
   """
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
+  sums, counts = _core.as_array("sums", sums), _core.as_array("counts", counts)
+  _core.check_floating("sums", sums)  # integer sums are not losses (a cast loses nothing loud)
+  if not jnp.issubdtype(jnp.result_type(counts), jnp.number):
+    raise TypeError(f"counts must be numeric (token counts), got dtype {jnp.result_type(counts)}")
   sums = jnp.asarray(sums, F32)
   counts = jnp.asarray(counts, F32)
   if sums.shape != counts.shape:

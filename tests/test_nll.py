@@ -697,3 +697,48 @@ def test_fused_entries_name_the_logits_entries_for_forward_mode():
       jax.jvp(f, (h,), (h,))
   # The plain path is the logits entry: forward mode works there.
   jax.jvp(lambda h: jaxnll.linear_sequence_nll(h, w, y, m, implementation="xla"), (h,), (h,))
+
+
+# ----------------------------------------------------------------------------- loud reductions
+
+
+def test_batch_loss_names_integer_sums():
+  with pytest.raises(TypeError, match="sums must be a floating array"):
+    jaxnll.batch_loss(jnp.array([2, 24]), jnp.array([2.0, 8.0]))
+  ints = jaxnll.batch_loss(jnp.array([2.0, 24.0]), jnp.array([2, 8]))  # integer counts are fine
+  assert ints == jaxnll.batch_loss(jnp.array([2.0, 24.0]), jnp.array([2.0, 8.0]))
+
+
+def test_mean_of_a_span_whose_weights_sum_to_zero_is_loud():
+  # A span is empty by its positions: [1, -1] is two positions with no mean; [0, 0] is empty.
+  logits, targets, _ = make(b=3, t=3, v=5)
+  w = jnp.array([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+  f = lambda x: jaxnll.sequence_nll(x, targets, w, reduction="mean")  # noqa: E731
+  out = f(logits)
+  assert np.isnan(out[0]) and out[1] == 0 and np.isfinite(out[2])
+  g = lambda ct: jax.grad(lambda x: jnp.vdot(f(x), ct))(logits)  # noqa: E731
+  assert np.isnan(g(jnp.array([1.0, 0.0, 0.0]))).any()  # loud in the gradient
+  clean = g(jnp.array([0.0, 0.0, 1.0]))
+  assert np.isfinite(clean).all() and np.all(clean[:2] == 0)  # nothing leaks from it
+  ones = jnp.ones((3, 3), int)
+  seg = jaxnll.segment_nll(logits, targets, w, ones, num_segments=1, reduction="mean")
+  np.testing.assert_array_equal(np.isnan(seg[:, 0]), [True, False, False])
+
+
+def test_negative_segment_id_inside_the_span_is_loud_not_dropped():
+  logits, targets, _ = make(b=2, t=3, v=5)
+  span = jnp.ones((2, 3), bool)
+  seg = jnp.array([[1, -1, 2], [1, 1, 2]])
+  out = jaxnll.segment_nll(logits, targets, span, seg, num_segments=2)
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+  g = jax.grad(lambda x: jaxnll.segment_nll(x, targets, span, seg, num_segments=2)[0].sum())
+  assert np.isnan(g(logits)).any()
+  g1 = jax.grad(lambda x: jaxnll.segment_nll(x, targets, span, seg, num_segments=2)[1].sum())
+  assert np.isfinite(g1(logits)).all()
+  # Outside the span a negative id is padding like any other: nothing happens.
+  quiet = jaxnll.segment_nll(logits, targets, span.at[0, 1].set(False), seg, num_segments=2)
+  assert np.isfinite(quiet).all()
+  with pytest.raises(checkify.JaxRuntimeError, match=r"segment_ids hold -1 at \[0, 1\]"):
+    jaxnll.checked(jaxnll.segment_nll)(logits, targets, span, seg, num_segments=2)
+  dist = jaxnll.distill.segment_distill_cross_entropy(logits, logits, span, seg, num_segments=2)
+  assert np.isnan(dist[0]).all() and np.isfinite(dist[1]).all()
