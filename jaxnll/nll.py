@@ -377,7 +377,9 @@ def token_nll(
 
   Never a full log-softmax: the forward keeps only the float32 log-sum-exp per position and
   the backward recomputes the softmax in one fused elementwise pass, so forward and backward
-  need no float32 buffer the size of the logits.
+  need no float32 buffer the size of the logits.  Forward mode (``jax.jvp``, ``jacfwd``,
+  ``hessian``) works too: a ``custom_jvp`` with a linear tangent whose transpose is that
+  backward (reverse mode only with ``vocab_axis``).
 
   Args:
     logits: ``[..., V]`` floating (bf16, f16 or f32).
