@@ -1,6 +1,7 @@
 """jaxnll: exact, memory-lean sub-sequence negative log-likelihood for JAX / Flax.
 
-The public API, one name per line (see ``DESIGN.md`` for the contract).
+The public API, one name per line; ``__all__`` lists exactly these (``from jaxnll import *``
+imports no submodule).  The contract: ``docs/contract.rst``.
 """
 
 from jaxnll.checks import checked as checked
@@ -31,3 +32,32 @@ from jaxnll.spans import spans_to_mask as spans_to_mask
 from jaxnll.spans import stop_gradient_outside as stop_gradient_outside
 
 __version__ = "0.1.0"
+
+__all__ = [
+  "checked",
+  "distill_cross_entropy",
+  "linear_nll_loss",
+  "linear_segment_nll",
+  "linear_sequence_nll",
+  "linear_token_nll",
+  "batch_loss",
+  "loss_terms",
+  "segment_nll",
+  "selective_sequence_nll",
+  "sequence_nll",
+  "token_nll",
+  "group_advantages",
+  "k3_kl",
+  "policy_loss_terms",
+  "ppo_clip_loss",
+  "dpo_loss",
+  "orpo_loss",
+  "preference_metrics",
+  "simpo_loss",
+  "concat_sample",
+  "from_ignore_index",
+  "pack_samples",
+  "shift_targets",
+  "spans_to_mask",
+  "stop_gradient_outside",
+]

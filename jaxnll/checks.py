@@ -33,6 +33,15 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxnll import _core
 
 
+def host_ids(x):
+  """NumPy ids wider than 32 bits as int32 NumPy ids, every id that does not fit mapped to
+  ``-1`` (:func:`jaxnll._core.int32_ids`: never wrapped to a valid id, ``2**32 + 3`` does not
+  become ``3``), kept concrete for ``checkify`` to report.  Anything else is unchanged."""
+  if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer) and x.dtype.itemsize == 8:
+    return np.asarray(_core.int32_ids(x))
+  return x
+
+
 def _inside(mask, shape) -> jax.Array:
   """bool ``shape``: the positions a mask counts (every position when ``mask`` is None)."""
   if mask is None:
@@ -52,6 +61,14 @@ def _check_at(bad: jax.Array, message: str, **values) -> None:
     where = "the scalar result"
   picked = {k: jnp.asarray(v).reshape(-1)[pos] for k, v in values.items()}
   checkify.check(~jnp.any(flat), message.replace("{where}", where), pos=pos, **names, **picked)
+
+
+def _check_segment_ids(seg, inside) -> None:
+  _check_at(
+    inside & (seg < 0),
+    "segment_ids hold {value} at {where} inside the span: a negative id is in no sample",
+    value=seg,
+  )
 
 
 def _check_targets(targets, inside, columns: int, vocab_size: int | None) -> None:
@@ -126,6 +143,7 @@ def check_logits_inputs(
     inside = inside | _inside(valid_mask, targets.shape)
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
+    _check_segment_ids(seg, inside)
     inside = inside & (seg > 0) & (True if num_segments is None else seg <= num_segments)
   columns = logits.shape[-1]
   vocab = columns if vocab_size is None else vocab_size
@@ -169,6 +187,7 @@ def check_fused_inputs(
   inside = _inside(span_mask, targets.shape)
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
+    _check_segment_ids(seg, inside)
     inside = inside & (seg > 0) & (True if num_segments is None else seg <= num_segments)
   w = weight.T if weight_layout == "vd" else weight  # [D, V]
   columns = w.shape[-1]
@@ -213,6 +232,7 @@ def check_distill_inputs(
   inside = _inside(span_mask, s.shape[:-1])
   if segment_ids is not None:
     seg = jnp.asarray(segment_ids)
+    _check_segment_ids(seg, inside)
     inside = inside & (seg > 0) & (True if num_segments is None else seg <= num_segments)
   for name, x in (("student_logits", s), ("teacher_logits", t)):
     _check_at(
@@ -322,6 +342,21 @@ def _check_output(out) -> None:
       )
 
 
+def _staged(x) -> bool:
+  """Whether ``x`` is traced for staging (``jax.jit``), under any eager transformations
+  (``grad``'s and ``vmap``'s tracers wrap the value they transform)."""
+  for _ in range(64):
+    if not isinstance(x, jax.core.Tracer):
+      return False
+    if type(x).__name__ == "DynamicJaxprTracer":
+      return True
+    inner = next((getattr(x, a) for a in ("primal", "val") if hasattr(x, a)), None)
+    if inner is None:
+      return True  # a tracer of an unknown kind: not known to be concrete
+    x = inner
+  return True
+
+
 def checked(loss_fn: Callable) -> Callable:
   """Wraps any jaxnll loss with run-time checks that name the first offending position.
 
@@ -359,6 +394,7 @@ def checked(loss_fn: Callable) -> Callable:
   def wrapped(*args, **kwargs):
     # Arrays are traced; everything else (options, Python lists) is closed over as it is.
     leaves, tree = jax.tree.flatten((args, kwargs))
+    leaves = [host_ids(x) for x in leaves]
     is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
 
     def run(arrays):
@@ -371,7 +407,17 @@ def checked(loss_fn: Callable) -> Callable:
       _check_output(out)
       return out
 
-    err, out = checkify.checkify(run)([x for x, t in zip(leaves, is_array, strict=True) if t])
+    arrays = [x for x, t in zip(leaves, is_array, strict=True) if t]
+    if any(_staged(x) for x in arrays):
+      # An error of the call itself (a shape, an option) is raised as the loss raises it.
+      jax.eval_shape(functools.partial(loss_fn, **kwargs), *args)
+      name = getattr(loss_fn, "__name__", "loss_fn")
+      raise RuntimeError(
+        f"jaxnll.checked({name}) runs checkify and raises at once, so it cannot be called "
+        "inside jax.jit (or a jit of grad): call it outside jit (eagerly; grad and vmap work), "
+        "or call jaxnll.checks.check_*_inputs under your own checkify.checkify inside jit"
+      )
+    err, out = checkify.checkify(run)(arrays)
     err.throw()
     return out
 

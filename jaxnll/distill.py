@@ -46,7 +46,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.checks import check_distill_inputs as check_inputs  # noqa: F401 (public name)
-from jaxnll.nll import REDUCTIONS, _reduce
+from jaxnll.nll import _ROW_RULES, REDUCTIONS, _reduce, _reduce_segments, row_tangent
 
 KINDS = ("cross_entropy", "kl")
 
@@ -73,6 +73,7 @@ def _row_max(x, temperature: float):
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
+@jax.custom_jvp
 def _row_sums(*terms):
   """Sums of several ``[..., V]`` terms over the vocabulary in one variadic reduction.
 
@@ -86,6 +87,13 @@ def _row_sums(*terms):
   return jax.lax.reduce(
     terms, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (axis,)
   )
+
+
+@_row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+  # Only second derivatives reach this (the first are the custom_jvp rule's below): plain
+  # sums, which JAX can transpose and which need no symbolic-zero support from lax.reduce.
+  return _row_sums(*primals), tuple(jnp.sum(t, axis=-1, dtype=F32) for t in tangents)
 
 
 def _row_stats(s, t, mask, temperature: float, kind: str):
@@ -115,35 +123,54 @@ def _row_stats(s, t, mask, temperature: float, kind: str):
   return jnp.where(mask, loss, 0.0), stats
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _distill_rows(s, t, mask, temperature, kind):
-  return _row_stats(s, t, mask, temperature, kind)[0]
+def _distill_res(res, static):
+  s, t, mask, ms, log_s, mt, log_t = res
+  temperature, kind = static
+  return s, t, mask, (ms, log_s, mt, log_t), temperature, kind
 
 
-def _distill_rows_fwd(s, t, mask, temperature, kind):
-  loss, stats = _row_stats(s, t, mask, temperature, kind)
-  # Residuals: the two f32 log-sum-exps per row (4 floats); both softmaxes are recomputed
-  # in the backward.
-  return loss, (s, t, mask, stats)
-
-
-def _distill_rows_bwd(temperature, kind, res, g):
-  s, t, mask, (ms, log_s, mt, log_t) = res
-  # As in token_nll: keep XLA from sharing one f32 conversion of the logits between the
-  # forward reductions and this pass (which would materialise it).  Not needed for the loss
-  # alone at the shapes measured (bench/distill_memory.py); a guard inside bigger graphs.
-  s, t = jax.lax.optimization_barrier((s, t))
+def _distill_grad(s, t, mask, stats, g, temperature):
+  """``g · ∂loss/∂s`` (float32) from the two log-sum-exps; exactly 0 where ``g`` is 0."""
+  ms, log_s, mt, log_t = stats
   zs, zt = _tempered(s, temperature), _tempered(t, temperature)
   q = jnp.exp((zs - ms[..., None]) - log_s[..., None])
   p = jnp.exp((zt - mt[..., None]) - log_t[..., None])
   ds = q - p
   # A zero cotangent sends back exactly nothing, not NaN · 0 from a bad row.
-  ds = jnp.where((mask & (g != 0))[..., None], ds * (g / temperature)[..., None], 0.0)
-  # The teacher is a constant: no cotangent at all (not even a buffer of zeros).
-  return ds.astype(s.dtype), None, None
+  return jnp.where((mask & (g != 0))[..., None], ds * (g / temperature)[..., None], 0.0)
 
 
-_distill_rows.defvjp(_distill_rows_fwd, _distill_rows_bwd)
+def _distill_jac(res, static):
+  s, t, mask, stats, temperature, _ = _distill_res(res, static)
+  return _distill_grad(s, t, mask, stats, jnp.ones(mask.shape, F32), temperature)
+
+
+def _distill_vjp(res, g, static):
+  s, t, mask, stats, temperature, _ = _distill_res(res, static)
+  # As in token_nll: keep XLA from sharing one f32 conversion of the logits between the
+  # forward reductions and this pass (which would materialise it).  Not needed for the loss
+  # alone at the shapes measured (bench/distill_memory.py); a guard inside bigger graphs.
+  s, t = jax.lax.optimization_barrier((s, t))
+  return _distill_grad(s, t, mask, stats, g, temperature).astype(s.dtype)
+
+
+_ROW_RULES["distill"] = (_distill_jac, _distill_vjp)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _distill_rows(s, t, mask, temperature, kind):
+  return _row_stats(s, t, mask, temperature, kind)[0]
+
+
+@_distill_rows.defjvp
+def _distill_rows_jvp(temperature, kind, primals, tangents):
+  s, t, mask = primals
+  loss, stats = _row_stats(s, t, mask, temperature, kind)
+  # Residuals of the backward: the two logits (already live) and two f32 log-sum-exps per
+  # row; both softmaxes are recomputed.  The teacher is a constant (under stop_gradient in
+  # every caller): only the student's tangent moves the loss.
+  res = (s, t, mask, *stats)
+  return loss, row_tangent("distill", res, tangents[0], (temperature, kind))
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -197,9 +224,10 @@ def distill_cross_entropy(
   value equals ``optax.softmax_cross_entropy(student / τ, softmax(teacher / τ))`` summed over
   the span.  The teacher is under ``stop_gradient``: its gradient is exactly zero.
 
-  Memory-lean: a ``custom_vjp`` keeps only four float32 row statistics per position and the
-  backward recomputes both softmaxes, so forward + backward need no float32 ``[B, T, V]``
-  buffer, whatever the logits' dtype.
+  Memory-lean: a ``custom_jvp`` whose tangent is linear keeps only four float32 row
+  statistics per position and the backward recomputes both softmaxes, so forward + backward
+  need no float32 ``[B, T, V]`` buffer, whatever the logits' dtype.  Forward mode
+  (``jax.jvp``, ``jacfwd``, ``hessian``) works too.
 
   Args:
     student_logits: ``[B, T, V]``, any floating dtype; ``student_logits[b, t]`` is the
@@ -266,8 +294,8 @@ def segment_distill_cross_entropy(
   segment_ids = _core.as_array("segment_ids", segment_ids)
   _core.check_segments(segment_ids, num_segments, "span_mask", span_mask)
   span_mask, segment_ids = jnp.asarray(span_mask), jnp.asarray(segment_ids)
-  mask = _core.mask_to_bool(span_mask) & (segment_ids > 0)
+  mask = _core.mask_to_bool(span_mask) & (segment_ids != 0)
   weights = _core.mask_to_weights(span_mask)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
-  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return _reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)

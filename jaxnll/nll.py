@@ -27,6 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
@@ -93,8 +95,9 @@ def _row_stats(x, targets, mask, opts: TokenOptions):
   return loss, (row_max, sum_exp)
 
 
-def _row_grad(x, stats, targets, mask, g, opts: TokenOptions):
-  """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``x``'s dtype."""
+def _row_grad(x, stats, targets, mask, g, opts: TokenOptions, *, dtype=None):
+  """``g[..., None] * ∂loss/∂x`` for rows of logits ``x[..., V]``, in ``dtype`` (default
+  ``x``'s)."""
   shard = x.shape[-1]
   offset, vocab, padded = _core.vocab_layout(shard, opts)
   z = _core.softcap(x, opts)
@@ -109,40 +112,224 @@ def _row_grad(x, stats, targets, mask, g, opts: TokenOptions):
     keep = real if keep is None else keep & real
   if keep is not None:
     dz = jnp.where(keep, dz, 0.0)
-  return dz.astype(x.dtype)
+  return dz.astype(x.dtype if dtype is None else dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _token_nll_rows(x, targets, mask, opts):
-  return _row_stats(x, targets, mask, opts)[0]
+# ----------------------------------------------------------------------------- linear tangents
+#
+# Forward mode needs a JVP rule; reverse mode then comes from transposing its tangent, which
+# must be linear.  A plain ``Σ_v J[..., v] · ẋ[..., v]`` would do in exact arithmetic, but its
+# transpose ``g · J`` keeps neither of the contract's rules on the cotangent: a zero cotangent
+# sends back nothing (not ``0 · NaN`` from a bad row) and a differentiated bad target sends back
+# NaN.  Nor the memory: linearising it saves ``J`` (the size of the logits) for the backward.
+# So the tangent is one primitive, linear in its last operand ``ẋ``, whose transpose rule is
+# the hand-written backward: its residuals are the logits themselves and the f32 row
+# statistics, and it gates on the cotangent exactly as the ``custom_vjp`` backward did.
+#
+# A rule is a pair of functions of the residuals (a tuple of arrays) and static options:
+# ``jac(res, static)`` gives ``J`` (float32 ``[..., V]``, used for forward-mode tangents) and
+# ``vjp(res, g, static)`` gives ``g·J`` gated on ``g``, in the dtype of the tangent.
+
+_ROW_RULES: dict = {}
+
+_row_tangent_p = Primitive("jaxnll_row_tangent")
 
 
-def _token_nll_rows_fwd(x, targets, mask, opts):
-  loss, stats = _row_stats(x, targets, mask, opts)
-  # Residuals: the f32 row max and sum of exponentials; the softmax is recomputed from them
-  # in the backward (exact where ``exp(z - lse)`` with a rounded lse is not).
-  return loss, (x, targets, mask, stats)
+def _row_tangent_impl(*operands, rule, static):
+  *res, xd = operands
+  jac = _ROW_RULES[rule][0](tuple(res), static)
+  return jnp.sum(jac * xd.astype(F32), axis=-1, dtype=F32)
 
 
-def _token_nll_rows_bwd(opts, res, g):
-  x, targets, mask, stats = res
+def _row_tangent_abstract(*avals, rule, static):
+  del rule, static
+  xd = avals[-1]
+  out, _ = jax.lax.reduce_sum_p.abstract_eval(xd, axes=(xd.ndim - 1,), out_sharding=None)
+  return out.update(dtype=jnp.dtype(F32), weak_type=False)
+
+
+def _row_tangent_transpose(ct, *operands, rule, static):
+  *res, xd = operands
+  if any(ad.is_undefined_primal(r) for r in res):
+    raise NotImplementedError("jaxnll: the row tangent is linear in its tangent operand only")
+  nones = [None] * len(res)
+  if type(ct) is ad.Zero:
+    return [*nones, ad.Zero(xd.aval)]
+  return [*nones, _ROW_RULES[rule][1](tuple(res), ct, static).astype(xd.aval.dtype)]
+
+
+def _row_tangent_jvp(primals, tangents, *, rule, static):
+  # Second order: linear in ``ẋ`` (the same primitive), and the derivative of ``J`` through
+  # the residuals by ordinary differentiation of the ``jac`` rule.
+  *res, xd = primals
+  *t_res, t_xd = tangents
+  out = _row_tangent_p.bind(*primals, rule=rule, static=static)
+  t_out = None
+  if type(t_xd) is not ad.Zero:
+    t_out = _row_tangent_p.bind(*res, t_xd, rule=rule, static=static)
+  moving = [
+    i
+    for i, t in enumerate(t_res)
+    if type(t) is not ad.Zero and jnp.issubdtype(jnp.result_type(res[i]), jnp.inexact)
+  ]
+  if moving:
+
+    def of_res(*m):
+      full = list(res)
+      for i, v in zip(moving, m, strict=True):
+        full[i] = v
+      return _row_tangent_impl(*full, xd, rule=rule, static=static)
+
+    _, t2 = jax.jvp(of_res, tuple(res[i] for i in moving), tuple(t_res[i] for i in moving))
+    t_out = t2 if t_out is None else t_out + t2
+  if t_out is None:
+    t_out = ad.Zero(jax.core.get_aval(out).to_tangent_aval())
+  return out, t_out
+
+
+def _row_tangent_batch(args, dims, *, rule, static):
+  size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+  args = [
+    jnp.broadcast_to(a, (size, *jnp.shape(a))) if d is None else jnp.moveaxis(a, d, 0)
+    for a, d in zip(args, dims, strict=True)
+  ]
+  return _row_tangent_p.bind(*args, rule=rule, static=static), 0
+
+
+_row_tangent_p.def_impl(_row_tangent_impl)
+_row_tangent_p.def_abstract_eval(_row_tangent_abstract)
+ad.primitive_jvps[_row_tangent_p] = _row_tangent_jvp
+ad.primitive_transposes[_row_tangent_p] = _row_tangent_transpose
+batching.primitive_batchers[_row_tangent_p] = _row_tangent_batch
+mlir.register_lowering(_row_tangent_p, mlir.lower_fun(_row_tangent_impl, multiple_results=False))
+
+
+def row_tangent(rule: str, res: tuple, xd, static):
+  """``Σ_v J[..., v] ẋ[..., v]`` for the registered ``rule``: linear in ``xd``, transposed by
+  the rule's gated backward."""
+  return _row_tangent_p.bind(*res, xd, rule=rule, static=static)
+
+
+def _scale_jac(res, static):
+  return res[0][..., None]
+
+
+def _scale_vjp(res, g, static):
+  return jnp.where(g != 0, g * res[0], 0.0)[..., None]
+
+
+_ROW_RULES["scale"] = (_scale_jac, _scale_vjp)
+
+
+def _loud_scale(x, c):
+  """``x · c`` (float32), where ``c`` may be NaN to mark a bad result: NaN in the value and in
+  the gradient that flows from it, and nothing at all from a zero cotangent."""
+  return row_tangent("scale", (jnp.asarray(c, F32),), jnp.asarray(x, F32)[..., None], None)
+
+
+def _loud_mean(total, count, nonempty):
+  """``total / count``: ``0`` for an empty span (no position counts), NaN (value and
+  gradient) for a span whose positions count but whose weights sum to ``0``."""
+  zero = count == 0
+  inv = jnp.where(zero, jnp.where(nonempty, jnp.nan, 0.0), 1.0 / jnp.where(zero, 1.0, count))
+  return _loud_scale(total, inv)
+
+
+def _reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reduction: str):
+  """Per-segment sums (or weighted means) ``[B, S]`` of token losses, loud where they are wrong.
+
+  A negative segment id at a position that counts puts that token in no sample: every result
+  of its row is NaN (value and gradient) rather than the token silently dropped.  ``"mean"``
+  follows :func:`_loud_mean` per segment.
+  """
+  seg = functools.partial(
+    _core.reduce_segments, segment_ids=segment_ids, num_segments=num_segments, reduction="sum"
+  )
+  sums = seg(tok, weights, mask)
+  stray = jnp.any(mask & (segment_ids < 0), axis=-1)[:, None]
+  c = jnp.where(stray, jnp.nan, jnp.ones(sums.shape, F32))
+  if reduction == "mean":
+    ones = jnp.ones(tok.shape, F32)
+    counts, positions = seg(ones, weights, mask), seg(ones, ones, mask)
+    zero = counts == 0
+    inv = jnp.where(zero, jnp.where(positions > 0, jnp.nan, 0.0), 1.0 / jnp.where(zero, 1, counts))
+    c = c * inv
+  return _loud_scale(sums, c)
+
+
+# ----------------------------------------------------------------------------- token rows
+
+
+def _nll_res(res, static):
+  opts, has_mask = static
+  x, row_max, sum_exp, targets = res[:4]
+  return x, (row_max, sum_exp), targets, (res[4] if has_mask else None), opts
+
+
+def _nll_jac(res, static):
+  x, stats, targets, mask, opts = _nll_res(res, static)
+  ones = jnp.ones(targets.shape, F32)
+  return _row_grad(x, stats, targets, mask, ones, opts, dtype=F32)
+
+
+def _nll_vjp(res, g, static):
+  x, stats, targets, mask, opts = _nll_res(res, static)
   # The barrier keeps XLA from sharing one f32 conversion of the logits between the forward
   # reductions and this pass (which would materialise it): each converts on the fly.  The
   # row max goes through it too: the forward's ``exp(z - max)`` broadcasts the same value,
   # and one broadcast shared by both passes would be materialised as a [..., V] f32 buffer.
   x, stats = jax.lax.optimization_barrier((x, stats))
+  return _row_grad(x, stats, targets, mask, g, opts)
+
+
+_ROW_RULES["nll"] = (_nll_jac, _nll_vjp)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _token_nll_rows(x, targets, mask, opts):
+  return _row_stats(x, targets, mask, opts)[0]
+
+
+@_token_nll_rows.defjvp
+def _token_nll_rows_jvp(opts, primals, tangents):
+  x, targets, mask = primals
+  loss, stats = _row_stats(x, targets, mask, opts)
+  # Residuals of the backward: the logits (already live) and the f32 row max and sum of
+  # exponentials; the softmax is recomputed from them (exact where ``exp(z - lse)`` with a
+  # rounded lse is not).
+  res = (x, *stats, targets) + (() if mask is None else (mask,))
+  return loss, row_tangent("nll", res, tangents[0], (opts, mask is not None))
+
+
+# Inside ``shard_map`` over a vocabulary axis the tangent would need a sum over the shards,
+# whose transpose depends on the user's ``check_vma``; that path keeps its custom_vjp
+# (reverse mode only).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_nll_rows_sharded(x, targets, mask, opts):
+  return _row_stats(x, targets, mask, opts)[0]
+
+
+def _token_nll_rows_sharded_fwd(x, targets, mask, opts):
+  loss, stats = _row_stats(x, targets, mask, opts)
+  return loss, (x, targets, mask, stats)
+
+
+def _token_nll_rows_sharded_bwd(opts, res, g):
+  x, targets, mask, stats = res
+  x, stats = jax.lax.optimization_barrier((x, stats))
   g = _core.whole_cotangent(g, opts)  # split over the vocabulary shards with check_vma off
   return _row_grad(x, stats, targets, mask, g, opts), None, None
 
 
-_token_nll_rows.defvjp(_token_nll_rows_fwd, _token_nll_rows_bwd)
+_token_nll_rows_sharded.defvjp(_token_nll_rows_sharded_fwd, _token_nll_rows_sharded_bwd)
 
 
 def _token_nll(logits, targets, mask, opts: TokenOptions):
   """Masked per-token loss over any leading dims (float32, 0 where ``mask`` is False)."""
   # No flattening: a reshape of the logits would stop XLA fusing their f32 conversion into the
   # reductions on CPU.
-  return _token_nll_rows(logits, _core.int32_ids(targets), mask, opts)
+  rows = _token_nll_rows if opts.vocab_axis is None else _token_nll_rows_sharded
+  return rows(logits, _core.int32_ids(targets), mask, opts)
 
 
 def _check_logits_targets(logits, targets, *, batched: bool):
@@ -190,7 +377,9 @@ def token_nll(
 
   Never a full log-softmax: the forward keeps only the float32 log-sum-exp per position and
   the backward recomputes the softmax in one fused elementwise pass, so forward and backward
-  need no float32 buffer the size of the logits.
+  need no float32 buffer the size of the logits.  Forward mode (``jax.jvp``, ``jacfwd``,
+  ``hessian``) works too: a ``custom_jvp`` with a linear tangent whose transpose is that
+  backward (reverse mode only with ``vocab_axis``).
 
   Args:
     logits: ``[..., V]`` floating (bf16, f16 or f32).
@@ -237,7 +426,7 @@ def _reduce(token_losses, weights, mask, reduction):
   if reduction == "sum":
     return total
   count = jnp.sum(jnp.where(mask, weights, 0.0), dtype=F32)
-  return _core.safe_divide(total, count)
+  return _loud_mean(total, count, jnp.any(mask))
 
 
 def _sequence_parts(logits, targets, span_mask, name="span_mask", extra_mask=None, **token_opts):
@@ -276,6 +465,11 @@ def sequence_nll(
      \\text{ for an empty span})
 
   where ``ℓ`` is :func:`token_nll` and ``w`` the span mask (bool, or float weights).
+
+  A span is empty by its positions: it is the positions whose weight is not ``0``.  An empty
+  span costs exactly ``0`` (sum and mean).  A non-empty span whose float weights sum to ``0``
+  (negative weights) has no mean: ``"mean"`` gives NaN there, in the value and in the gradient
+  that flows from it (a zero cotangent still sends back nothing).
 
   Args:
     logits: ``[B, T, V]``, any floating dtype; ``logits[b, t]`` predicts ``targets[b, t]``.
@@ -392,7 +586,10 @@ def segment_nll(
   Segment id ``0`` is padding; samples are ids ``1..num_segments``; ``out[b, s - 1]`` is the
   loss of segment ``s`` of row ``b`` (``0`` for a segment that is absent or has an empty span).
   Build targets with ``shift_targets(tokens, span, segment_ids)`` so nothing is predicted
-  across a boundary.  Ids above ``num_segments`` are ignored.
+  across a boundary.  Ids above ``num_segments`` are ignored.  A negative id at a position of
+  the span belongs to no sample: every result of that row is NaN, in value and gradient (loud,
+  rather than the token silently dropped).  ``"mean"`` is per segment as in
+  :func:`sequence_nll`.
 
   Returns:
     float32 ``[B, num_segments]``.
@@ -402,7 +599,7 @@ def segment_nll(
   segment_ids = _core.as_array("segment_ids", segment_ids)
   _core.check_segments(segment_ids, num_segments, "targets", mask)
   segment_ids = jnp.asarray(segment_ids)
-  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return _reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
 
 # ----------------------------------------------------------------------------- batch reduction
@@ -423,6 +620,10 @@ def loss_terms(
   * ``"sum"``: ``Σ sums``.
   """
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
+  sums, counts = _core.as_array("sums", sums), _core.as_array("counts", counts)
+  _core.check_floating("sums", sums)  # integer sums are not losses (a cast loses nothing loud)
+  if not jnp.issubdtype(jnp.result_type(counts), jnp.number):
+    raise TypeError(f"counts must be numeric (token counts), got dtype {jnp.result_type(counts)}")
   sums = jnp.asarray(sums, F32)
   counts = jnp.asarray(counts, F32)
   if sums.shape != counts.shape:

@@ -105,6 +105,26 @@ def shift_targets(
   return targets, loss_mask
 
 
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+  return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _check_span_bounds(starts, ends, length: int) -> None:
+  """On concrete spans: ``0 <= start <= end <= length`` (under ``jax.jit`` they cannot be
+  read; a span outside the row is then clipped to it)."""
+  if isinstance(starts, jax.core.Tracer) or isinstance(ends, jax.core.Tracer):
+    return
+  lo, hi = np.asarray(starts), np.asarray(ends)
+  for bad, what in (
+    (lo < 0, "starts must be >= 0"),
+    (hi > length, f"ends must be <= length {length}"),
+    (lo > hi, "starts must be <= ends"),
+  ):
+    if bad.any():
+      at = _first(bad)
+      raise ValueError(f"{what}, got starts {lo[at]} and ends {hi[at]} at index {list(at)}")
+
+
 def spans_to_mask(
   starts: Int[Array, " B"] | Int[Array, "B S"],
   ends: Int[Array, " B"] | Int[Array, "B S"],
@@ -128,6 +148,7 @@ def spans_to_mask(
   _core.check_rank("starts", starts, (1, 2), "[B] or [B, S]")
   if not isinstance(length, (int, np.integer)) or length < 0:
     raise ValueError(f"length must be a non-negative Python int, got {length!r}")
+  _check_span_bounds(starts, ends, length)
   if starts.ndim == 1:
     starts, ends = starts[:, None], ends[:, None]
   t = jnp.arange(length).reshape(1, 1, length)
@@ -148,6 +169,8 @@ def from_ignore_index(
     >>> targets.tolist(), mask.tolist()
     ([0, 0, 5, 7], [False, False, True, True])
   """
+  if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
+    raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
   labels = _core.as_array("labels", labels)
   _core.check_integer("labels", labels)
   labels = jnp.asarray(labels)
@@ -182,6 +205,31 @@ def stop_gradient_outside(
   return jnp.where(keep, x, jax.lax.stop_gradient(x))
 
 
+def _pack_sample(i: int, tok, span) -> tuple[np.ndarray, np.ndarray]:
+  """Sample ``i`` as (int32 token ids, bool span or float32 weights), refusing what would
+  change meaning on the way: a float or bool token, an id outside ``[0, 2**31)``, a span that
+  is not bool, 0/1 integers or finite float weights."""
+  tok, span = np.asarray(tok), np.asarray(span)
+  if tok.ndim != 1 or span.ndim != 1:
+    raise ValueError(
+      f"sample {i}: tokens and span_mask must be 1-D, got shapes {tok.shape} and {span.shape}"
+    )
+  if tok.size and (tok.dtype.kind not in "iu"):
+    raise ValueError(f"sample {i}: tokens must be integer ids, got dtype {tok.dtype}")
+  if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.int32).max):
+    bad = tok[(tok < 0) | (tok > np.iinfo(np.int32).max)][0]
+    raise ValueError(f"sample {i}: tokens must be ids in [0, 2**31), got {bad}")
+  if span.size and span.dtype.kind == "f":
+    if not np.all(np.isfinite(span)):
+      raise ValueError(f"sample {i}: span_mask weights must be finite")
+    return tok.astype(np.int32), span.astype(np.float32)
+  if span.size and (span.dtype.kind not in "biu" or not np.isin(span, (0, 1)).all()):
+    raise ValueError(
+      f"sample {i}: span_mask must be bools, 0/1 or float weights, got {span.tolist()[:8]}"
+    )
+  return tok.astype(np.int32), span.astype(np.bool_)
+
+
 class Packed(NamedTuple):
   """Rows of packed samples (NumPy arrays, all ``[R, L]``)."""
 
@@ -206,8 +254,13 @@ def pack_samples(
   every segment.  Use :func:`shift_targets` with the segment ids to build targets: nothing is
   predicted across a segment boundary.
 
+  ``span_mask`` is bool, or float32 weights (kept as given) when any sample's span holds float
+  weights.
+
   Raises:
-    ValueError: if a sample is longer than ``length`` (naming the sample).
+    ValueError: naming the sample, if it is longer than ``length``, its tokens are not integer
+      ids in ``[0, 2**31)`` or its span is not bools / 0-1 integers / finite float weights;
+      naming ``pad_id`` or ``length`` when they are not such an id / a positive int.
 
   Examples:
     >>> p = pack_samples([([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6], [1])], 4)
@@ -216,8 +269,16 @@ def pack_samples(
     >>> p.tokens.tolist()
     [[1, 2, 3, 6], [4, 5, 0, 0]]
   """
-  if not isinstance(length, (int, np.integer)) or length <= 0:
+  if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length <= 0:
     raise ValueError(f"length must be a positive int, got {length!r}")
+  if (
+    not isinstance(pad_id, (int, np.integer))
+    or isinstance(pad_id, bool)
+    or not 0 <= pad_id <= np.iinfo(np.int32).max
+  ):
+    raise ValueError(f"pad_id must be a token id, an int in [0, 2**31), got {pad_id!r}")
+  samples = [_pack_sample(i, tok, span) for i, (tok, span) in enumerate(samples)]
+  weighted = any(span.dtype.kind == "f" for _, span in samples)
   rows: list[list[int]] = []  # sample indices per row
   free: list[int] = []
   for i, (tok, span) in enumerate(samples):
@@ -238,7 +299,7 @@ def pack_samples(
       free.append(length - n)
   shape = (len(rows), length)
   tokens = np.full(shape, pad_id, np.int32)
-  span_mask = np.zeros(shape, np.bool_)
+  span_mask = np.zeros(shape, np.float32 if weighted else np.bool_)
   segment_ids = np.zeros(shape, np.int32)
   positions = np.zeros(shape, np.int32)
   for r, members in enumerate(rows):
@@ -247,7 +308,7 @@ def pack_samples(
       tok, span = samples[i]
       n = len(tok)
       tokens[r, at : at + n] = tok
-      span_mask[r, at : at + n] = np.asarray(span, bool)
+      span_mask[r, at : at + n] = span
       segment_ids[r, at : at + n] = seg
       positions[r, at : at + n] = np.arange(n)
       at += n

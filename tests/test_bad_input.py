@@ -463,3 +463,46 @@ def test_checked_names_an_int64_id_past_two_to_the_32():
     y = jnp.asarray(np.asarray(Y), jnp.int64).at[1, 0].set(2**32 + 1)
     with pytest.raises(checkify.JaxRuntimeError, match=r"targets hold 4294967297 at \[1, 0\]"):
       safe(seq)(L, y, M)
+
+
+# ----------------------------------------------------------------------------- checked in a trace
+
+
+@pytest.mark.parametrize("how", ["jit", "jit_grad", "jit_vmap"])
+def test_checked_inside_jit_fails_with_one_line_saying_to_call_it_outside(how):
+  f = safe(seq)
+  call = {
+    "jit": lambda: jax.jit(f)(L, Y, M),
+    "jit_grad": lambda: jax.jit(jax.grad(lambda x: f(x, Y, M).sum()))(L),
+    "jit_vmap": lambda: jax.jit(jax.vmap(lambda x: f(x[None], Y[:1], M[:1])))(L),
+  }[how]
+  with pytest.raises(RuntimeError, match=r"checked\(sequence_nll\).*call it outside jit") as e:
+    call()
+  assert "\n" not in str(e.value)
+
+
+def test_checked_under_jit_still_names_a_bad_argument():
+  with pytest.raises(ValueError, match="span_mask"):
+    jax.jit(safe(seq))(L, Y, M[:, :2])
+
+
+def test_checked_under_eager_grad_and_vmap_still_checks():
+  g = jax.grad(lambda x: safe(seq)(x, Y, M).sum())(L)
+  np.testing.assert_allclose(g, jax.grad(lambda x: seq(x, Y, M).sum())(L), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match="targets hold 7"):
+    jax.grad(lambda x: safe(seq)(x, Y.at[0, 1].set(7), M).sum())(L)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_numpy_ids_past_int32_do_not_wrap_to_a_valid_id_with_x64_off(dtype):
+  assert not jax.config.jax_enable_x64
+  y = np.asarray(Y, dtype)
+  y[0, 1] = 2**32 + 1  # would wrap to the valid id 1
+  out = seq(L, y, M)
+  assert np.isnan(out[0]) and out[1] == seq(L, Y, M)[1]
+  assert np.isnan(tok(L, y)[0, 1])
+  with pytest.raises(checkify.JaxRuntimeError, match=r"targets hold -1 at \[0, 1\]"):
+    safe(seq)(L, y, M)
+  y[0, 0] = 2**33  # outside the span: anything goes
+  y[0, 1] = Y[0, 1]
+  np.testing.assert_array_equal(safe(seq)(L, y, M), seq(L, Y, M))

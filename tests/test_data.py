@@ -191,3 +191,20 @@ def test_row_divisibility_check():
   data.check_rows(BatchSpec(rows=32), accum=4, devices=8)
   with pytest.raises(ValueError, match="divisible by accum"):
     data.check_rows(BatchSpec(rows=12), accum=2, devices=8)
+
+
+@pytest.mark.parametrize(
+  "record",
+  [
+    '{"prompt": "a\\ud800b", "response": "c"}',
+    '{"prompt": "a", "response": "\\udfff"}',
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\\ud83d"}]}',
+  ],
+)
+def test_a_lone_utf16_surrogate_is_a_data_error_naming_the_line(tmp_path, record):
+  path = _write(tmp_path, [json.dumps({"prompt": "ok", "response": "ok"}), record])
+  with pytest.raises(DataError, match=r"d\.jsonl:2: .*lone UTF-16 surrogate \(U\+D[8-F]"):
+    data.load_jsonl(path)
+  # A surrogate pair is one character (an emoji), which is fine.
+  path = _write(tmp_path, ['{"prompt": "\\ud83d\\ude00", "response": "ok"}'])
+  assert data.load_jsonl(path)[0].prompt == "\U0001f600"

@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.experimental import checkify
+from jax.test_util import check_grads
 
 import jaxnll
 from jaxnll import distill, reference
+from jaxnll.distill import segment_distill_cross_entropy
 
 # ----------------------------------------------------------------------------- float64 oracle
 
@@ -445,3 +447,27 @@ def test_property_matches_float64_and_masked_equals_sliced(problem, tau, reducti
     ones = jnp.ones((1, len(keep)), bool)
     sliced = _jit_distill(s[b, keep][None], t[b, keep][None], ones, **kw)
     np.testing.assert_allclose(out[b], sliced[0], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- forward mode
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "kl"])
+def test_forward_and_reverse_mode_to_second_order(kind):
+  s, t, m = make(b=2, t=3, v=5)
+  seg = jnp.array([[1, 1, 2], [2, 0, 1]])
+  for f in (
+    lambda x: jaxnll.distill_cross_entropy(jnp.asarray(x), t, m, kind=kind, temperature=2.0),
+    lambda x: jaxnll.distill_cross_entropy(jnp.asarray(x), t, m * 0.5, reduction="mean"),
+    lambda x: segment_distill_cross_entropy(jnp.asarray(x), t, m, seg, num_segments=2),
+  ):
+    check_grads(f, (s,), order=2, modes=("fwd", "rev"), eps=3e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_jvp_equals_the_float64_gradient_and_the_teacher_stays_constant():
+  s, t, m = make(b=2, t=3, v=5)
+  ds, dt = jax.random.normal(jax.random.PRNGKey(3), (2, *s.shape))
+  f = lambda s, t: jaxnll.distill_cross_entropy(s, t, m, temperature=1.5)  # noqa: E731
+  _, tangent = jax.jvp(f, (s, t), (ds, dt))
+  want = np.einsum("btv,btv->b", np_grad(s, t, m, 1.5), np.asarray(ds, np.float64))
+  np.testing.assert_allclose(tangent, want, rtol=1e-5, atol=1e-6)

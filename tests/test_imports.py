@@ -144,3 +144,20 @@ def test_library_shape_annotations_are_checked_under_the_import_hook():
     [sys.executable, "-c", _SHAPE_CHECK], capture_output=True, text=True, check=True
   )
   assert out.stdout.strip() == "checked", "sequence_nll took targets [2, 4] for logits [2, 3, 5]"
+
+
+def test_star_import_gives_the_public_api_and_no_submodule():
+  import types
+
+  import jaxnll
+
+  namespace: dict = {}
+  exec("from jaxnll import *", namespace)
+  got = {k for k in namespace if not k.startswith("__")}
+  assert got == set(jaxnll.__all__)
+  assert not [k for k, v in namespace.items() if isinstance(v, types.ModuleType)]
+  assert {"sequence_nll", "linear_nll_loss", "checked", "pack_samples"} <= got
+  # __all__ is the names imported one per line, no more and no fewer.
+  tree = ast.parse(pathlib.Path(jaxnll.__file__).read_text())
+  imported = [a.asname for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names]
+  assert sorted(jaxnll.__all__) == sorted(imported)

@@ -622,3 +622,127 @@ def test_exact_softmax_backward_needs_no_logits_sized_buffer():
   step = jax.value_and_grad(lambda z, y, m: jnp.sum(jnp.where(m, nll.token_nll(z, y), 0.0)))
   temp = jax.jit(step).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
   assert temp < 4 * 64 * 4096 * 2 / 16, temp
+
+
+# ----------------------------------------------------------------------------- forward mode
+
+
+def _fwd_entries():
+  _, targets, mask = make(b=2, t=3, v=5)
+  w = mask * jnp.array([0.5, 2.0, 1.0])
+  seg = jnp.array([[1, 1, 2], [2, 0, 1]])
+  opts = dict(z_loss=0.1, label_smoothing=0.2, logit_softcap=3.0, temperature=0.7)
+  return [
+    ("token_nll", lambda x: jaxnll.token_nll(x, targets)),
+    ("token_nll_opts", lambda x: jaxnll.token_nll(x, targets, **opts)),
+    ("sequence_nll", lambda x: jaxnll.sequence_nll(x, targets, mask)),
+    ("sequence_nll_mean_w", lambda x: jaxnll.sequence_nll(x, targets, w, reduction="mean")),
+    # Its value is over valid_mask and its gradient the span's: one function when they agree.
+    ("selective", lambda x: jaxnll.selective_sequence_nll(x, targets, mask, mask)),
+    ("segment_nll", lambda x: jaxnll.segment_nll(x, targets, mask, seg, num_segments=2)),
+  ]
+
+
+@pytest.mark.parametrize("entry", _fwd_entries(), ids=lambda e: e[0])
+def test_forward_and_reverse_mode_to_second_order(entry):
+  logits, _, _ = make(b=2, t=3, v=5)
+  f = lambda x: entry[1](jnp.asarray(x))  # noqa: E731
+  # The library computes in float32: steps of 3e-3 keep the finite differences above its noise.
+  check_grads(f, (logits,), order=2, modes=("fwd", "rev"), eps=3e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_jvp_hessian_and_jacfwd_equal_the_plain_log_softmax():
+  logits, targets, mask = make(b=2, t=3, v=5)
+  tangent = jax.random.normal(jax.random.PRNGKey(7), logits.shape)
+
+  def plain(x):
+    tok = -jnp.take_along_axis(jax.nn.log_softmax(x), targets[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1)
+
+  ours = lambda x: jaxnll.sequence_nll(x, targets, mask)  # noqa: E731
+  out, t = jax.jvp(ours, (logits,), (tangent,))
+  out_p, t_p = jax.jvp(plain, (logits,), (tangent,))
+  np.testing.assert_allclose(out, out_p, rtol=1e-6)
+  np.testing.assert_allclose(t, t_p, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jacfwd(ours)(logits), jax.jacrev(plain)(logits), atol=1e-6)
+  h = jax.jit(jax.hessian(lambda x: ours(x).sum()))(logits)
+  np.testing.assert_allclose(h, jax.hessian(lambda x: plain(x).sum())(logits), atol=1e-6)
+  # Hessian-vector product, forward over reverse.
+  hvp = jax.jvp(jax.grad(lambda x: ours(x).sum()), (logits,), (tangent,))[1]
+  np.testing.assert_allclose(hvp, jnp.einsum("abcdef,def->abc", h, tangent), atol=1e-5)
+
+
+def test_forward_mode_keeps_the_bad_value_rules():
+  logits, targets, mask = make(b=2, t=3, v=5)
+  mask = mask.at[:, 0].set(True)
+  bad = jnp.where(mask[..., None], logits, jnp.nan).at[0, 0, 1].set(jnp.nan)
+  out, t = jax.jvp(lambda x: jaxnll.sequence_nll(x, targets, mask), (bad,), (jnp.ones_like(bad),))
+  assert np.isnan(out[0]) and np.isnan(t[0])  # a NaN inside sample 0's span is loud
+  assert np.isfinite(out[1]) and np.isfinite(t[1])  # NaN outside sample 1's span reaches nothing
+  bad_id = targets.at[1, 0].set(5)
+  out, t = jax.jvp(lambda x: jaxnll.sequence_nll(x, bad_id, mask), (logits,), (logits,))
+  assert np.isnan(t[1]) and np.isfinite(t[0])
+
+
+def test_fused_entries_name_the_logits_entries_for_forward_mode():
+  h, w = jnp.ones((1, 2, 3)), jnp.ones((3, 5))
+  y, m = jnp.zeros((1, 2), int), jnp.ones((1, 2), bool)
+  calls = [
+    lambda h: jaxnll.linear_sequence_nll(h, w, y, m, implementation="chunked"),
+    lambda h: jaxnll.linear_nll_loss(h, w, y, m)[0],
+    lambda h: jaxnll.linear_token_nll(h, w, y, m),
+  ]
+  for f in calls:
+    with pytest.raises(TypeError, match=r"reverse-mode only.*jaxnll\.sequence_nll\(hidden @"):
+      jax.jvp(f, (h,), (h,))
+  # The plain path too: its matmul is gated on the per-row cotangent (a custom_vjp).
+  with pytest.raises(TypeError, match="reverse-mode only"):
+    jax.jvp(lambda h: jaxnll.linear_sequence_nll(h, w, y, m, implementation="xla"), (h,), (h,))
+  # The way the message names: the loss from logits, forward mode included.
+  _, tangent = jax.jvp(lambda h: jaxnll.sequence_nll(h @ w, y, m), (h,), (h,))
+  assert np.isfinite(tangent).all()
+
+
+# ----------------------------------------------------------------------------- loud reductions
+
+
+def test_batch_loss_names_integer_sums():
+  with pytest.raises(TypeError, match="sums must be a floating array"):
+    jaxnll.batch_loss(jnp.array([2, 24]), jnp.array([2.0, 8.0]))
+  ints = jaxnll.batch_loss(jnp.array([2.0, 24.0]), jnp.array([2, 8]))  # integer counts are fine
+  assert ints == jaxnll.batch_loss(jnp.array([2.0, 24.0]), jnp.array([2.0, 8.0]))
+
+
+def test_mean_of_a_span_whose_weights_sum_to_zero_is_loud():
+  # A span is empty by its positions: [1, -1] is two positions with no mean; [0, 0] is empty.
+  logits, targets, _ = make(b=3, t=3, v=5)
+  w = jnp.array([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+  f = lambda x: jaxnll.sequence_nll(x, targets, w, reduction="mean")  # noqa: E731
+  out = f(logits)
+  assert np.isnan(out[0]) and out[1] == 0 and np.isfinite(out[2])
+  g = lambda ct: jax.grad(lambda x: jnp.vdot(f(x), ct))(logits)  # noqa: E731
+  assert np.isnan(g(jnp.array([1.0, 0.0, 0.0]))).any()  # loud in the gradient
+  clean = g(jnp.array([0.0, 0.0, 1.0]))
+  assert np.isfinite(clean).all() and np.all(clean[:2] == 0)  # nothing leaks from it
+  ones = jnp.ones((3, 3), int)
+  seg = jaxnll.segment_nll(logits, targets, w, ones, num_segments=1, reduction="mean")
+  np.testing.assert_array_equal(np.isnan(seg[:, 0]), [True, False, False])
+
+
+def test_negative_segment_id_inside_the_span_is_loud_not_dropped():
+  logits, targets, _ = make(b=2, t=3, v=5)
+  span = jnp.ones((2, 3), bool)
+  seg = jnp.array([[1, -1, 2], [1, 1, 2]])
+  out = jaxnll.segment_nll(logits, targets, span, seg, num_segments=2)
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+  g = jax.grad(lambda x: jaxnll.segment_nll(x, targets, span, seg, num_segments=2)[0].sum())
+  assert np.isnan(g(logits)).any()
+  g1 = jax.grad(lambda x: jaxnll.segment_nll(x, targets, span, seg, num_segments=2)[1].sum())
+  assert np.isfinite(g1(logits)).all()
+  # Outside the span a negative id is padding like any other: nothing happens.
+  quiet = jaxnll.segment_nll(logits, targets, span.at[0, 1].set(False), seg, num_segments=2)
+  assert np.isfinite(quiet).all()
+  with pytest.raises(checkify.JaxRuntimeError, match=r"segment_ids hold -1 at \[0, 1\]"):
+    jaxnll.checked(jaxnll.segment_nll)(logits, targets, span, seg, num_segments=2)
+  dist = jaxnll.distill.segment_distill_cross_entropy(logits, logits, span, seg, num_segments=2)
+  assert np.isnan(dist[0]).all() and np.isfinite(dist[1]).all()

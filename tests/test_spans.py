@@ -111,3 +111,45 @@ def test_pack_samples_errors_name_the_sample():
     spans.pack_samples([([1], [1]), ([1, 2, 3, 4], [0, 0, 1, 1])], 3)
   with pytest.raises(ValueError, match="sample 0"):
     spans.pack_samples([([1, 2], [1])], 3)
+
+
+# ----------------------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize("pad_id", ["x", -1, 1.5, True, 2**31])
+def test_pack_samples_names_a_bad_pad_id(pad_id):
+  with pytest.raises(ValueError, match="pad_id"):
+    spans.pack_samples([([1, 2], [0, 1])], 4, pad_id=pad_id)
+
+
+@pytest.mark.parametrize(
+  "tokens, match",
+  [([1.0, 2.0], "sample 1: tokens must be integer ids"), ([1, -3], r"sample 1: .*got -3")],
+)
+def test_pack_samples_refuses_float_or_negative_token_ids(tokens, match):
+  with pytest.raises(ValueError, match=match):
+    spans.pack_samples([([1, 2], [0, 1]), (tokens, [0, 1])], 4)
+
+
+def test_pack_samples_keeps_float_span_weights():
+  p = spans.pack_samples([([1, 2, 3], [0.0, 0.5, 2.0]), ([4, 5], [0, 1])], 5)
+  assert p.span_mask.dtype == np.float32
+  np.testing.assert_array_equal(p.span_mask, [[0, 0.5, 2.0, 0, 1]])
+  assert spans.pack_samples([([1, 2], [0, 1])], 3).span_mask.dtype == np.bool_
+  with pytest.raises(ValueError, match="sample 0: span_mask"):
+    spans.pack_samples([([1, 2], [0, 2])], 3)  # an integer 2 is neither a bool nor a weight
+
+
+@pytest.mark.parametrize("ignore_index", ["x", 1.5, None])
+def test_from_ignore_index_names_a_bad_ignore_index(ignore_index):
+  with pytest.raises(TypeError, match="ignore_index"):
+    jaxnll.from_ignore_index(jnp.array([1, -100]), ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize(
+  "starts, ends, match",
+  [([-1], [2], "starts must be >= 0"), ([1], [9], "ends must be <= length 5"), ([3], [2], "<=")],
+)
+def test_spans_to_mask_refuses_spans_outside_the_row(starts, ends, match):
+  with pytest.raises(ValueError, match=match):
+    jaxnll.spans_to_mask(jnp.array(starts), jnp.array(ends), 5)

@@ -284,6 +284,28 @@ def _tokens_bwd(plan, res, cts):
 _tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
 
 
+def _reverse_only(fn):
+  """``fn`` (a custom_vjp) with JAX's forward-mode error replaced by one naming the way."""
+
+  @functools.wraps(fn)
+  def call(*args):
+    try:
+      return fn(*args)
+    except TypeError as e:
+      if "forward-mode" not in str(e):
+        raise
+      raise TypeError(
+        "the fused entries (linear_*) are reverse-mode only (custom_vjp): for jax.jvp, "
+        "jacfwd or hessian use the losses from logits, e.g. jaxnll.sequence_nll(hidden @ "
+        "weight, ...) (token_nll, segment_nll, distill_cross_entropy)"
+      ) from None
+
+  return call
+
+
+_sequence, _loss, _tokens = _reverse_only(_sequence), _reverse_only(_loss), _reverse_only(_tokens)
+
+
 # ----------------------------------------------------------------------------- public API
 
 #: The kernels' ``custom_vjp`` functions, jitted with the plan static: what a ``shard_map``
@@ -409,6 +431,7 @@ def _head_bwd(vd, res, g):
 
 
 _head.defvjp(_head_fwd, _head_bwd)
+_head = _reverse_only(_head)  # the plain path's gated matmul: reverse mode too
 
 
 def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_layout):

@@ -26,22 +26,7 @@ from jax import lax
 
 from jaxnll import _core
 from jaxnll._core import F32
-from jaxnll.fused.compact import Compacted
-
-
-def _over_vocab(body, carry, vocab: int, chunk: int):
-  """Runs ``body(start, width, carry)`` over vocabulary chunks: a loop of full chunks and the
-  remainder as one narrower chunk (static widths, no padded copy of the weight)."""
-  full, tail = divmod(vocab, chunk)
-  # The narrow chunk goes first so that the loop's result is the final value: a buffer
-  # updated after the loop (the weight gradient) would be copied once more.
-  if tail:
-    carry = body(full * chunk, tail, carry)
-  if full == 1:
-    carry = body(0, chunk, carry)
-  elif full > 1:
-    carry = lax.fori_loop(0, full, lambda j, c: body(j * chunk, chunk, c), carry)
-  return carry
+from jaxnll.fused.compact import Compacted, over_vocab
 
 
 def stats_pass(bt: Compacted):
@@ -77,7 +62,7 @@ def stats_pass(bt: Compacted):
 
     zero = bt.full((rows,), F32)
     init = (bt.full((rows,), F32, jnp.finfo(F32).min), zero, zero, zero)
-    m, s, zsum, zdot = _over_vocab(vocab_body, init, bt.cols, bt.plan.vocab_chunk)
+    m, s, zsum, zdot = over_vocab(vocab_body, init, bt.cols, bt.plan.vocab_chunk)
     stats, lse, zsum = bt.combine(m, s, zsum if opts.label_smoothing else None, zdot)
     zy = bt.target_logit(h, bt.part(bt.targets, i))
     loss = bt.token_loss(lse, zy, zsum, bt.part(bt.valid, i))
@@ -137,7 +122,7 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_
   dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
   dw = bt.full(weight.shape, weight.dtype) if need_w else None
   db = bt.full(bias.shape, bias.dtype) if need_b else None
-  return _over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.grad_chunk)
+  return over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.grad_chunk)
 
 
 def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
@@ -194,7 +179,7 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
       return dh, dw, db
 
     dh = bt.full((rows, bt.hidden.shape[1]), F32) if need_h else None
-    dh, dw, db = _over_vocab(vocab_body, (dh, dw, db), cols, bt.plan.vocab_chunk)
+    dh, dw, db = over_vocab(vocab_body, (dh, dw, db), cols, bt.plan.vocab_chunk)
     at = i * rows
     if need_h:
       dh_c = lax.dynamic_update_slice(dh_c, dh, (at, 0))

@@ -339,3 +339,19 @@ def finish_grads(bt: Compacted, dh_c, dw, db, hidden, weight, bias):
 
 
 # ----------------------------------------------------------------------------- per-sample entry
+
+
+def over_vocab(body, carry, vocab: int, chunk: int):
+  """Runs ``body(start, width, carry)`` over vocabulary chunks (every implementation's
+  vocabulary loop): a loop of full chunks and the
+  remainder as one narrower chunk (static widths, no padded copy of the weight)."""
+  full, tail = divmod(vocab, chunk)
+  # The narrow chunk goes first so that the loop's result is the final value: a buffer
+  # updated after the loop (the weight gradient) would be copied once more.
+  if tail:
+    carry = body(full * chunk, tail, carry)
+  if full == 1:
+    carry = body(0, chunk, carry)
+  elif full > 1:
+    carry = lax.fori_loop(0, full, lambda j, c: body(j * chunk, chunk, c), carry)
+  return carry

@@ -60,7 +60,7 @@ from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
 from jaxnll.fused import compact
 from jaxnll.fused import token_chunked as token_chunked_lib
-from jaxnll.fused.compact import Compacted, Plan
+from jaxnll.fused.compact import Compacted, Plan, over_vocab
 
 KINDS = ("ce", "kl", "reverse_kl", "jsd")
 IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "xla")
@@ -103,19 +103,6 @@ class DistillPlan:
 
 
 # ----------------------------------------------------------------------------- the kernel
-
-
-def _over_vocab(body, carry, vocab: int, chunk: int):
-  """``body(start, width, carry)`` over vocabulary tiles: full tiles in a loop, the remainder
-  first as one narrower tile (static widths, no padded copy of either head)."""
-  full, tail = divmod(vocab, chunk)
-  if tail:
-    carry = body(full * chunk, tail, carry)
-  if full == 1:
-    carry = body(0, chunk, carry)
-  elif full > 1:
-    carry = lax.fori_loop(0, full, lambda j, c: body(j * chunk, chunk, c), carry)
-  return carry
 
 
 def _pair(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, span_mask):
@@ -223,12 +210,12 @@ def _row_stats(plan: DistillPlan, s: Compacted, t: Compacted, i):
       kt, ks = _jsd_terms(plan, *_tile(s, t, h_s, h_t, start, width), lse_s, lse_t)
       return carry[0] + kt, carry[1] + ks
 
-    return _over_vocab(second, (zero, zero), s.cols, plan.vocab_chunk)
+    return over_vocab(second, (zero, zero), s.cols, plan.vocab_chunk)
 
   rows = s.chunk
   zero = s.full((rows,), F32)
   low = s.full((rows,), F32, jnp.finfo(F32).min)
-  carry = _over_vocab(online, (low, zero, low, zero, zero), s.cols, plan.vocab_chunk)
+  carry = over_vocab(online, (low, zero, low, zero, zero), s.cols, plan.vocab_chunk)
   stats, loss = _finish(plan, carry, jsd_pass)
   ok = s.part(s.valid, i)
   return tuple(jnp.where(ok, x, 0.0) for x in stats), jnp.where(ok, loss, 0.0)
@@ -321,7 +308,7 @@ def _backward(plan: DistillPlan, s: Compacted, t: Compacted, scale_c, stats_c, n
   dh_c = s.full((s.valid.shape[0], s.hidden.shape[1]), F32) if need_h else None
   dw = s.full(s.weight.shape, s.weight.dtype) if need_w else None
   db = s.full(s.bias.shape, s.bias.dtype) if need_b else None
-  return _over_vocab(vocab_body, (dh_c, dw, db), s.cols, plan.grad_vocab_chunk)
+  return over_vocab(vocab_body, (dh_c, dw, db), s.cols, plan.grad_vocab_chunk)
 
 
 # ----------------------------------------------------------------------------- custom_vjp

@@ -312,6 +312,18 @@ class DataError(ValueError):
   """A malformed data file; the message names the file and line."""
 
 
+def _text(where: str, what: str, text: str) -> str:
+  """``text`` if it encodes as UTF-8; a lone UTF-16 surrogate (``"\\ud800"`` in JSON) does not."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DataError(
+      f"{where}: {what} holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X} at character "
+      f"{e.start + 1}), not text"
+    ) from None
+  return text
+
+
 def _message(where: str, i: int, m) -> Message:
   if not isinstance(m, dict):
     raise DataError(f"{where}: messages[{i}] must be an object, got {type(m).__name__}")
@@ -327,7 +339,7 @@ def _message(where: str, i: int, m) -> Message:
     raise DataError(
       f"{where}: messages[{i}] content must be a string, got {type(content).__name__}"
     )
-  return Message(role, content)
+  return Message(role, _text(where, f"messages[{i}] content", content))
 
 
 def parse_record(record, where: str) -> Example:
@@ -350,7 +362,8 @@ def parse_record(record, where: str) -> Example:
         raise DataError(f"{where}: record has no {key!r}")
       if not isinstance(record[key], str):
         raise DataError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-    return Example.pair(record["prompt"], record["response"], family="jsonl", source=where)
+    prompt, response = (_text(where, repr(k), record[k]) for k in ("prompt", "response"))
+    return Example.pair(prompt, response, family="jsonl", source=where)
   raise DataError(
     f"{where}: expected {{'prompt', 'response'}} or {{'messages'}}, got keys {sorted(record)}"
   )

@@ -1,4 +1,4 @@
-"""``token_chunked``'s gradient in vocabulary slabs (``jaxnll.fused.token_slabs``)."""
+"""``token_chunked``'s gradient in vocabulary slabs (``token_chunked.slab_grad_pass``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxnll import linear_nll_loss, linear_sequence_nll
-from jaxnll.fused import token_slabs
+from jaxnll.fused import token_chunked
 
 # V = 300: slabs of 128 columns and a narrower last one; 2 x 21 positions in blocks of 8, so
 # the last token block is read shifted back.
@@ -30,15 +30,15 @@ def _inputs(dtype=jnp.float32):
 @pytest.fixture
 def tiny_budget(monkeypatch):
   # 4·D·128 bytes: slabs of 128 columns
-  monkeypatch.setattr(token_slabs, "WEIGHT_GRAD_BYTES", 4 * D * 128)
+  monkeypatch.setattr(token_chunked, "WEIGHT_GRAD_BYTES", 4 * D * 128)
 
 
 def test_slab_columns():
-  assert token_slabs.slab_columns(2304, 256000) == 85376  # 2.2 GiB in 3 slabs
-  assert token_slabs.slab_columns(4096, 128256) == 64128  # 2.0 GiB in 2
-  assert token_slabs.slab_columns(4096, 32768) == 32768  # 0.5 GiB: whole
-  assert token_slabs.slab_columns(16, 300, 4 * 16 * 128) == 128
-  assert token_slabs.slab_columns(16, 300, 1) == 128  # never under 128 columns
+  assert token_chunked.slab_columns(2304, 256000) == 85376  # 2.2 GiB in 3 slabs
+  assert token_chunked.slab_columns(4096, 128256) == 64128  # 2.0 GiB in 2
+  assert token_chunked.slab_columns(4096, 32768) == 32768  # 0.5 GiB: whole
+  assert token_chunked.slab_columns(16, 300, 4 * 16 * 128) == 128
+  assert token_chunked.slab_columns(16, 300, 1) == 128  # never under 128 columns
 
 
 @pytest.mark.parametrize("layout", ["dv", "vd"])
@@ -73,7 +73,7 @@ def test_per_sample_grads_match_xla(tiny_budget):
 
 
 def _f32_buffers(budget, monkeypatch):
-  monkeypatch.setattr(token_slabs, "WEIGHT_GRAD_BYTES", budget)
+  monkeypatch.setattr(token_chunked, "WEIGHT_GRAD_BYTES", budget)
   h, w, _, y, span = _inputs(jnp.bfloat16)
   f = lambda h, w: linear_nll_loss(h, w, y, span, implementation="token_chunked")[0]
   jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(h, w))
