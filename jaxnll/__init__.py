@@ -6,6 +6,7 @@ imports no submodule).  The contract: ``docs/contract.rst``.
 
 from jaxnll.checks import checked as checked
 from jaxnll.distill import distill_cross_entropy as distill_cross_entropy
+from jaxnll.fused import linear_distill_loss as linear_distill_loss
 from jaxnll.fused import linear_nll_loss as linear_nll_loss
 from jaxnll.fused import linear_segment_nll as linear_segment_nll
 from jaxnll.fused import linear_sequence_nll as linear_sequence_nll
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
   "checked",
   "distill_cross_entropy",
+  "linear_distill_loss",
   "linear_nll_loss",
   "linear_segment_nll",
   "linear_sequence_nll",

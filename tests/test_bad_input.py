@@ -278,6 +278,7 @@ COVERED_ELSEWHERE = {
   "group_advantages": "test_policy",
   "k3_kl": "test_policy",
   "policy_loss_terms": "test_policy",
+  "linear_distill_loss": "test_fused_distill",
 }
 
 
