@@ -86,3 +86,22 @@ def test_the_budget_decides_the_buffer(monkeypatch):
   assert f"f32[{D},{V}]" in _f32_buffers(4 * D * V, monkeypatch)
   slabbed = _f32_buffers(4 * D * V - 1, monkeypatch)
   assert f"f32[{D},{V}]" not in slabbed and f"f32[{D},256]" in slabbed, slabbed
+
+
+def test_slabs_keep_a_zero_cotangent_samples_nan_out_of_the_gradients(tiny_budget):
+  """The slab pass gates like every kernel: a NaN hidden state in sample 0's span, whose
+  cotangent is 0, reaches neither sample 1's hidden gradient nor the weight gradient."""
+  h, w, _, y, span = _inputs()
+  span = span.at[0, 3].set(True)
+  dirty = h.at[0, 3, 5].set(jnp.nan)
+  ct = jnp.array([0.0, 1.0])
+
+  def grads(h):
+    f = lambda h, w: jnp.vdot(
+      ct, linear_sequence_nll(h, w, y, span, implementation="token_chunked", token_chunk=8)
+    )
+    return jax.grad(f, argnums=(0, 1))(h, w)
+
+  (dh, dw), (dh_clean, dw_clean) = grads(dirty), grads(h)
+  np.testing.assert_array_equal(dw, dw_clean)
+  np.testing.assert_array_equal(dh[1], dh_clean[1])

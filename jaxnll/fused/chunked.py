@@ -75,11 +75,24 @@ def stats_pass(bt: Compacted):
   return lax.fori_loop(0, bt.num_chunks, token_body, (stats_c, zeros))
 
 
-def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
+def grad_pass(
+  bt: Compacted,
+  scale_c,
+  stats_c,
+  need=(True, True, True),
+  entropy_scale_c=None,
+  *,
+  width: int | None = None,
+  keep=None,
+):
   """Gradients of ``Σ scale·ℓ`` (``+ Σ entropy_scale·H``) by recomputation: vocabulary chunks
   outside, target chunks inside, so each weight-gradient chunk is summed over all tokens in
   an f32 ``[D, K]`` buffer and cast once.  ``need`` (hidden, weight, bias): a gradient nobody
   asked for costs no matmul (a frozen head saves a third of the work).
+
+  ``width``: the vocabulary chunk ``K`` (default the plan's ``grad_chunk``; ``token_chunked``
+  passes its slab width).  ``keep(i)``: bool ``[C]``, the rows of token chunk ``i`` that
+  belong to it (``token_chunked`` reads a last block shifted back; default every row).
 
   Returns ``(dh_c [padded, D] f32, dweight in weight dtype, dbias in bias dtype)``, ``None``
   for what is not needed.
@@ -99,9 +112,13 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_
       es = None if entropy_scale_c is None else bt.part(entropy_scale_c, i)
       scale = bt.part(scale_c, i)
       g = bt.grad_block(z, i, start, bt.part_stats(stats_c, i), scale, es)
+      live = bt.live(scale, es)
+      if keep is not None:  # rows of another block add nothing
+        g = jnp.where(keep(i)[:, None], g, 0.0)
+        live = live & keep(i)
       gq = g.astype(bt.cdt)
       if need_w:
-        dw_k = dw_k + bt.weight_grad(h, gq, bt.live(scale, es))
+        dw_k = dw_k + bt.weight_grad(h, gq, live)
       if need_b:
         db_k = db_k + jnp.sum(g, axis=0)
       if need_h:
@@ -122,7 +139,7 @@ def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_
   dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
   dw = bt.full(weight.shape, weight.dtype) if need_w else None
   db = bt.full(bias.shape, bias.dtype) if need_b else None
-  return over_vocab(vocab_body, (dh_c, dw, db), bt.cols, bt.plan.grad_chunk)
+  return over_vocab(vocab_body, (dh_c, dw, db), bt.cols, width or bt.plan.grad_chunk)
 
 
 def one_pass(bt: Compacted, scale_c, need=(True, True, True)):

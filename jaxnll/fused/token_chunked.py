@@ -44,7 +44,8 @@ from jax import lax
 
 from jaxnll import _core
 from jaxnll._core import F32
-from jaxnll.fused.compact import Compacted, Plan, over_vocab
+from jaxnll.fused import chunked
+from jaxnll.fused.compact import Compacted, Plan
 
 #: Bytes of the f32 ``[C, V]`` logits block that set ``C`` (512 MiB: 1040 tokens at
 #: Llama-3's 128k vocabulary, 520 at Gemma-2's 256k, 880 at Qwen3's 152k, 4096 at Mistral's
@@ -274,51 +275,16 @@ def use_slabs(bt: Compacted, need) -> bool:
 
 
 def slab_grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
-  """``token_chunked.grad_pass`` over vocabulary slabs (slabs outside, token blocks inside):
-  ``(dh_c [rows, D] f32, dweight in the weight's dtype, dbias in the bias's dtype)``."""
-  need_h, need_w, need_b = _need(bt, need)
-
-  def slab(start, width, carry):
-    dh_c, dw, db = carry
-    w = bt.columns(start, width)
-
-    def body(i, inner):
-      dw_k, db_k, dh_c = inner
-      h = bt.rows(i)
-      z = bt.logits(h, w, start, width)
-      es = None if entropy_scale_c is None else bt.part(entropy_scale_c, i)
-      g = bt.grad_block(z, i, start, bt.part_stats(stats_c, i), bt.part(scale_c, i), es)
-      # Rows of a shifted last block that belong to the block before add nothing.
-      g = jnp.where(fresh(bt, i)[:, None], g, 0.0)
-      gq = g.astype(bt.cdt)
-      if need_w:
-        dw_k = dw_k + bt.weight_grad(h, gq)
-      if need_b:
-        db_k = db_k + jnp.sum(g, axis=0)
-      if need_h:  # read and written back at the same (clamped) start
-        dh = bt.part(dh_c, i) + bt.hidden_grad(gq, w)
-        dh_c = lax.dynamic_update_slice_in_dim(dh_c, dh, i * bt.chunk, 0)
-      return dw_k, db_k, dh_c
-
-    dw_k = bt.full(bt.weight_shape(width), F32) if need_w else None
-    db_k = bt.full((width,), F32) if need_b else None
-    dw_k, db_k, dh_c = lax.fori_loop(0, bt.num_chunks, body, (dw_k, db_k, dh_c))
-    if need_w:
-      at = (start, 0) if bt.vd else (0, start)
-      dw = lax.dynamic_update_slice(dw, dw_k.astype(dw.dtype), at)
-    if need_b:
-      db = lax.dynamic_update_slice(db, db_k.astype(db.dtype), (start,))
-    return dh_c, dw, db
-
-  dh_c = bt.full((bt.valid.shape[0], bt.hidden.shape[1]), F32) if need_h else None
-  dw = bt.full(bt.weight.shape, bt.weight.dtype) if need_w else None
-  db = bt.full(bt.bias.shape, bt.bias.dtype) if need_b else None
+  """:func:`grad_pass` over vocabulary slabs (slabs outside, token blocks inside: the
+  recomputing gradient pass of :mod:`~jaxnll.fused.chunked` at the slab width, this plan's
+  blocks): ``(dh_c [rows, D] f32, dweight in the weight's dtype, dbias in the bias's dtype)``."""
   width = slab_columns(bt.hidden.shape[1], bt.cols)
-  return over_vocab(slab, (dh_c, dw, db), bt.cols, width)
+  keep = lambda i: fresh(bt, i)  # noqa: E731
+  return chunked.grad_pass(bt, scale_c, stats_c, need, entropy_scale_c, width=width, keep=keep)
 
 
 def slab_one_pass(bt: Compacted, scale_c, need=(True, True, True)):
-  """The scalar entry in slabs: ``token_chunked``'s forward, then :func:`grad_pass`
+  """The scalar entry in slabs: the full-vocabulary forward, then :func:`slab_grad_pass`
   (``8·N·D·V`` FLOPs): ``(stats_c, loss_c, dh_c, dweight, dbias)``."""
   stats_c, loss_c = stats_pass(bt)
   return (stats_c, loss_c, *grad_pass(bt, scale_c, stats_c, need))
