@@ -1,7 +1,7 @@
 """jaxnll: exact, memory-lean sub-sequence negative log-likelihood for JAX / Flax.
 
-The public API, one name per line; ``__all__`` lists exactly these (``from jaxnll import *``
-imports no submodule).  The contract: ``docs/contract.rst``.
+The public API, one name per line; ``__all__`` lists exactly these, so a star import brings
+these names and no submodule.  The contract: ``docs/contract.rst``.
 """
 
 from jaxnll.checks import checked as checked

@@ -323,7 +323,7 @@ def simpo_loss(
   return jnp.where(valid, loss, 0.0)
 
 
-#: ``nll_mean=`` of :func:`orpo_loss`.
+#: ``nll_mean=`` of :func:`jaxnll.orpo_loss`.
 ORPO_NLL_MEANS = ("pair", "tokens")
 
 

@@ -295,9 +295,10 @@ def distill_divergence(
   beta: float = 0.5,
   reduction: str = "sum",
 ) -> Float[Array, " B"]:
-  """Per-sample sum (or mean) over the span of the divergence between ``p_t =
-  softmax(teacher/τ)`` (under ``stop_gradient``) and ``p_s = softmax(student/τ)``:
-  ``"ce"`` ``-Σ p_t log p_s``, ``"kl"`` ``KL(p_t‖p_s)``, ``"reverse_kl"`` ``KL(p_s‖p_t)``,
+  """Per-sample sum (or mean) over the span of a teacher-student divergence, plain jnp.
+
+  Between ``p_t = softmax(teacher/τ)`` (under ``stop_gradient``) and
+  ``p_s = softmax(student/τ)``: ``"ce"`` ``-Σ p_t log p_s``, ``"kl"`` ``KL(p_t‖p_s)``, ``"reverse_kl"`` ``KL(p_s‖p_t)``,
   ``"jsd"`` ``β·KL(p_t‖m) + (1-β)·KL(p_s‖m)`` with ``m = β·p_t + (1-β)·p_s``."""
   dtype = jnp.result_type(F32, student_logits.dtype, teacher_logits.dtype)
   inside = (span_mask != 0)[..., None]
@@ -342,8 +343,10 @@ def linear_distill_loss(
   logit_softcap: float | None = None,
   **options,
 ) -> Float[Array, " B"]:
-  """:func:`distill_divergence` of both heads' materialised logits (``"vd"``: a ``[V, D]``
-  table), soft-capped ``c·tanh(x/c)`` when ``logit_softcap`` is set."""
+  """:func:`distill_divergence` of both heads' materialised logits, plain jnp.
+
+  ``"vd"`` layouts are ``[V, D]`` tables; the logits are soft-capped ``c·tanh(x/c)`` when
+  ``logit_softcap`` is set."""
 
   def logits(h, w, b, layout):
     dtype = jnp.result_type(F32, h.dtype, w.dtype)

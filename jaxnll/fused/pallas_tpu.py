@@ -140,7 +140,7 @@ VMEM_SHARE = 0.7
 #: hidden-gradient accumulator; ``hidden`` / ``weight``: logits again and one gradient).
 MATMULS = {"stats": 1, "fused": 2, "hidden": 2, "weight": 2}
 _TILES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-#: ``vmem_limit_bytes`` per kernel kind, overriding the rule of :func:`_compiler_params`
+#: ``vmem_limit_bytes`` per kernel kind, overriding the rule of ``_compiler_params``
 #: (``bench/roofline.py`` sets one low to read the compiler's real VMEM use from its refusal).
 VMEM_LIMIT: dict[str, int] = {}
 
