@@ -46,7 +46,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.checks import check_distill_inputs as check_inputs  # noqa: F401 (public name)
-from jaxnll.nll import _ROW_RULES, REDUCTIONS, _reduce, _reduce_segments, row_tangent
+from jaxnll.nll import REDUCTIONS, ROW_RULES, reduce_segments, reduce_span, row_tangent
 
 KINDS = ("cross_entropy", "kl")
 
@@ -154,7 +154,7 @@ def _distill_vjp(res, g, static):
   return _distill_grad(s, t, mask, stats, g, temperature).astype(s.dtype)
 
 
-_ROW_RULES["distill"] = (_distill_jac, _distill_vjp)
+ROW_RULES["distill"] = (_distill_jac, _distill_vjp)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -264,7 +264,7 @@ def distill_cross_entropy(
   weights = _core.mask_to_weights(span_mask)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
-  return jax.vmap(lambda *a: _reduce(*a, reduction))(tok, weights, mask)
+  return jax.vmap(lambda *a: reduce_span(*a, reduction))(tok, weights, mask)
 
 
 def segment_distill_cross_entropy(
@@ -298,4 +298,4 @@ def segment_distill_cross_entropy(
   weights = _core.mask_to_weights(span_mask)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   tok = _distill_rows(jnp.asarray(student_logits), teacher, mask, temperature, kind)
-  return _reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)

@@ -130,14 +130,14 @@ def _row_grad(x, stats, targets, mask, g, opts: TokenOptions, *, dtype=None):
 # ``jac(res, static)`` gives ``J`` (float32 ``[..., V]``, used for forward-mode tangents) and
 # ``vjp(res, g, static)`` gives ``g·J`` gated on ``g``, in the dtype of the tangent.
 
-_ROW_RULES: dict = {}
+ROW_RULES: dict = {}
 
 _row_tangent_p = Primitive("jaxnll_row_tangent")
 
 
 def _row_tangent_impl(*operands, rule, static):
   *res, xd = operands
-  jac = _ROW_RULES[rule][0](tuple(res), static)
+  jac = ROW_RULES[rule][0](tuple(res), static)
   return jnp.sum(jac * xd.astype(F32), axis=-1, dtype=F32)
 
 
@@ -155,7 +155,7 @@ def _row_tangent_transpose(ct, *operands, rule, static):
   nones = [None] * len(res)
   if type(ct) is ad.Zero:
     return [*nones, ad.Zero(xd.aval)]
-  return [*nones, _ROW_RULES[rule][1](tuple(res), ct, static).astype(xd.aval.dtype)]
+  return [*nones, ROW_RULES[rule][1](tuple(res), ct, static).astype(xd.aval.dtype)]
 
 
 def _row_tangent_jvp(primals, tangents, *, rule, static):
@@ -218,7 +218,7 @@ def _scale_vjp(res, g, static):
   return jnp.where(g != 0, g * res[0], 0.0)[..., None]
 
 
-_ROW_RULES["scale"] = (_scale_jac, _scale_vjp)
+ROW_RULES["scale"] = (_scale_jac, _scale_vjp)
 
 
 def _loud_scale(x, c):
@@ -235,12 +235,12 @@ def _loud_mean(total, count, nonempty):
   return _loud_scale(total, inv)
 
 
-def _reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reduction: str):
+def reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reduction: str):
   """Per-segment sums (or weighted means) ``[B, S]`` of token losses, loud where they are wrong.
 
   A negative segment id at a position that counts puts that token in no sample: every result
   of its row is NaN (value and gradient) rather than the token silently dropped.  ``"mean"``
-  follows :func:`_loud_mean` per segment.
+  follows the loud mean of :func:`sequence_nll` per segment.
   """
   seg = functools.partial(
     _core.reduce_segments, segment_ids=segment_ids, num_segments=num_segments, reduction="sum"
@@ -282,7 +282,7 @@ def _nll_vjp(res, g, static):
   return _row_grad(x, stats, targets, mask, g, opts)
 
 
-_ROW_RULES["nll"] = (_nll_jac, _nll_vjp)
+ROW_RULES["nll"] = (_nll_jac, _nll_vjp)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -420,7 +420,7 @@ def token_nll(
 # ----------------------------------------------------------------------------- sequence level
 
 
-def _reduce(token_losses, weights, mask, reduction):
+def reduce_span(token_losses, weights, mask, reduction):
   """Sum (or weighted mean) of one sequence's token losses over its span, float32."""
   total = jnp.sum(jnp.where(mask, token_losses * weights, 0.0), dtype=F32)
   if reduction == "sum":
@@ -495,7 +495,7 @@ def sequence_nll(
   """
   _core.check_choice("reduction", reduction, REDUCTIONS)
   tok, weights, mask = _sequence_parts(logits, targets, span_mask, **token_opts)
-  return jax.vmap(lambda *a: _reduce(*a, reduction))(tok, weights, mask)
+  return jax.vmap(lambda *a: reduce_span(*a, reduction))(tok, weights, mask)
 
 
 def sequence_nll_and_count(
@@ -565,7 +565,7 @@ def selective_sequence_nll(
   valid = _core.mask_to_bool(valid_mask)
   tok, weights, mask = _sequence_parts(logits, targets, span_mask, extra_mask=valid, **token_opts)
   valid_weights = _core.mask_to_weights(valid_mask)
-  reduce = jax.vmap(lambda *a: _reduce(*a, reduction))
+  reduce = jax.vmap(lambda *a: reduce_span(*a, reduction))
   span_value = reduce(tok, weights, mask)
   valid_value = reduce(jax.lax.stop_gradient(tok), valid_weights, valid)
   return span_value + jax.lax.stop_gradient(valid_value - span_value)
@@ -599,7 +599,7 @@ def segment_nll(
   segment_ids = _core.as_array("segment_ids", segment_ids)
   _core.check_segments(segment_ids, num_segments, "targets", mask)
   segment_ids = jnp.asarray(segment_ids)
-  return _reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
 
 # ----------------------------------------------------------------------------- batch reduction

@@ -298,8 +298,9 @@ def distill_divergence(
   """Per-sample sum (or mean) over the span of a teacher-student divergence, plain jnp.
 
   Between ``p_t = softmax(teacher/τ)`` (under ``stop_gradient``) and
-  ``p_s = softmax(student/τ)``: ``"ce"`` ``-Σ p_t log p_s``, ``"kl"`` ``KL(p_t‖p_s)``, ``"reverse_kl"`` ``KL(p_s‖p_t)``,
-  ``"jsd"`` ``β·KL(p_t‖m) + (1-β)·KL(p_s‖m)`` with ``m = β·p_t + (1-β)·p_s``."""
+  ``p_s = softmax(student/τ)``: ``"ce"`` ``-Σ p_t log p_s``, ``"kl"`` ``KL(p_t‖p_s)``,
+  ``"reverse_kl"`` ``KL(p_s‖p_t)``, ``"jsd"`` ``β·KL(p_t‖m) + (1-β)·KL(p_s‖m)`` with
+  ``m = β·p_t + (1-β)·p_s``."""
   dtype = jnp.result_type(F32, student_logits.dtype, teacher_logits.dtype)
   inside = (span_mask != 0)[..., None]
   s = jnp.where(inside, student_logits.astype(dtype), 0.0) / temperature

@@ -963,3 +963,19 @@ def test_xla_scores_16bit_heads_in_f32_like_the_fused_kernels(dtype):
     err[impl] = abs(float(loss) - want) / want, np.abs(np.asarray(dh, np.float64) - want_dh).max()
   assert err["xla"][0] <= 1e-6 and err["chunked"][0] <= 1e-6, err
   assert err["xla"][1] <= 1.25 * err["chunked"][1], err
+
+
+def test_segment_entry_makes_a_row_with_a_negative_segment_id_loud():
+  """Like ``segment_nll``: a negative segment id inside the span puts a token in no sample, so
+  that row's results are NaN (value and gradient), never the token silently dropped."""
+  hidden, weight, bias, targets, mask = make(seed=31)
+  mask = mask.at[0].set(True)  # row 0: the stray token and tokens of its segments
+  seg = jnp.ones((B, T), jnp.int32).at[0, 2].set(-1)
+
+  def run(h):
+    return linear_segment_nll(h, weight, targets, mask, seg, num_segments=2)
+
+  out, vjp = jax.vjp(run, hidden)
+  assert np.isnan(out[0]).all() and np.isfinite(out[1:]).all()
+  (g,) = vjp(jnp.ones_like(out))
+  assert np.isnan(g[0]).any() and np.isfinite(g[1:]).all()

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxnll import _core
+from jaxnll import _core, nll, reference
 from jaxnll._core import F32, TokenOptions
 from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (public name)
 from jaxnll.fused import auto, chunked, compact, pallas_tpu, token_chunked
@@ -160,15 +160,11 @@ _sequence.defvjp(_sequence_fwd, _sequence_bwd, symbolic_zeros=True)
 
 def _batch_weights(sums, counts, normalize):
   """``∂ loss / ∂ sums[b]``: the batch loss is linear in the per-sample sums."""
-  from jaxnll.nll import batch_loss
-
-  return jax.grad(lambda s: batch_loss(s, counts, normalize=normalize))(sums)
+  return jax.grad(lambda s: nll.batch_loss(s, counts, normalize=normalize))(sums)
 
 
 def _batch_value(sums, counts, normalize):
-  from jaxnll.nll import batch_loss
-
-  return batch_loss(sums, counts, normalize=normalize)
+  return nll.batch_loss(sums, counts, normalize=normalize)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -449,8 +445,6 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
   hidden = jnp.where(inside, hidden, jnp.zeros((), hidden.dtype))
   logits = _head(hidden, weight, bias, weight_layout == "vd")
   if implementation == "reference":
-    from jaxnll import reference
-
     if opts.vocab_axis is not None or opts.vocab_size is not None:
       raise ValueError(
         'implementation="reference" takes no vocab_axis / vocab_size; use implementation="xla"'
@@ -459,8 +453,6 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
       logits = opts.logit_softcap * jnp.tanh(logits / opts.logit_softcap)
     logits = logits / opts.temperature
     return logits, reference, dict(z_loss=opts.z_loss, label_smoothing=opts.label_smoothing)
-  from jaxnll import nll
-
   return logits, nll, dataclasses.asdict(opts)
 
 
@@ -711,9 +703,7 @@ def linear_nll_loss(
     >>> bool(jnp.isclose(loss, sums.sum() / 10)), g.shape
     (True, (8, 11))
   """
-  from jaxnll.nll import NORMALIZATIONS, batch_loss
-
-  _core.check_choice("normalize", normalize, NORMALIZATIONS)
+  _core.check_choice("normalize", normalize, nll.NORMALIZATIONS)
   _core.check_choice("schedule", schedule, SCHEDULES)
   (hidden, weight, targets, span_mask, bias), opts = _setup(
     hidden, weight, targets, span_mask, bias, implementation, weight_layout,
@@ -727,7 +717,7 @@ def linear_nll_loss(
       implementation, hidden, weight, bias, span_mask, opts, weight_layout
     )
     sums = lib.sequence_nll(logits, targets, span_mask, reduction="sum", **kw)
-    return batch_loss(sums, compact.counts(span_mask), normalize=normalize), sums
+    return nll.batch_loss(sums, compact.counts(span_mask), normalize=normalize), sums
   plan = _plan(
     implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
     normalize=normalize, schedule=schedule,
@@ -834,7 +824,8 @@ def linear_segment_nll(
     *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
   )
   mask, weights = _core.mask_to_bool(span_mask), _core.mask_to_weights(span_mask)
-  return _core.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  # Loud like segment_nll: a negative segment id inside the span makes its row NaN.
+  return nll.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
 
 
 def linear_token_nll(
