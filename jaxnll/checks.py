@@ -250,6 +250,37 @@ def check_distill_inputs(
   )
 
 
+def check_fused_distill_inputs(
+  student_hidden: Float[Array, "B T Ds"],
+  student_weight: Float[Array, "Ds V"] | Float[Array, "V Ds"],
+  teacher_hidden: Float[Array, "B T Dt"],
+  teacher_weight: Float[Array, "Dt V"] | Float[Array, "V Dt"],
+  span_mask: Bool[Array, "B T"] | Float[Array, "B T"],
+  *,
+  student_bias: Float[Array, " V"] | None = None,
+  teacher_bias: Float[Array, " V"] | None = None,
+) -> None:
+  """Run-time checks of the fused distillation (both heads), under ``checkify.checkify``.
+
+  Flags a non-finite hidden state of either model at a position inside the span, and a
+  non-finite entry of either head or bias (it reaches every position).
+  """
+  sh, th = jnp.asarray(student_hidden), jnp.asarray(teacher_hidden)
+  inside = _inside(span_mask, sh.shape[:-1])
+  for name, h in (("student_hidden", sh), ("teacher_hidden", th)):
+    bad = inside & ~jnp.all(jnp.isfinite(h), axis=-1)
+    _check_at(bad, name + " is not finite at {where} inside the span")
+  named = (
+    ("student_weight", student_weight),
+    ("teacher_weight", teacher_weight),
+    ("student_bias", student_bias),
+    ("teacher_bias", teacher_bias),
+  )
+  for name, x in named:
+    if x is not None:
+      _check_at(~jnp.isfinite(jnp.asarray(x)), name + " is not finite at {where}")
+
+
 # ----------------------------------------------------------------------------- one wrapper
 
 #: The array arguments of each family of losses, in positional order.
@@ -257,6 +288,13 @@ _ROLES = {
   "logits": ("logits", "targets", "span_mask"),
   "fused": ("hidden", "weight", "targets", "span_mask"),
   "distill": ("student_logits", "teacher_logits", "span_mask"),
+  "fused_distill": (
+    "student_hidden",
+    "student_weight",
+    "teacher_hidden",
+    "teacher_weight",
+    "span_mask",
+  ),
 }
 _OPTIONS = ("vocab_size", "logit_softcap", "label_smoothing", "num_segments", "weight_layout")
 
@@ -325,6 +363,9 @@ def check_call(args: tuple, kwargs: dict, loss_fn: Callable | None = None) -> No
   elif family == "fused":
     extras.pop("valid_mask", None)
     check_fused_inputs(*(arrays.get(r) for r in roles), **extras, **options)
+  elif family == "fused_distill":
+    biases = {k: named[k] for k in ("student_bias", "teacher_bias") if named.get(k) is not None}
+    check_fused_distill_inputs(*(arrays.get(r) for r in roles), **biases)
   else:
     seg = {k: v for k, v in {**extras, **options}.items() if k in ("segment_ids", "num_segments")}
     check_distill_inputs(*(arrays.get(r) for r in roles), **seg)

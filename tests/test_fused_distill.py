@@ -332,3 +332,26 @@ def test_bad_arguments_name_themselves():
     linear_distill_loss(hs, ws, ht, wt, mask, teacher_weight_layout="vd")
   with pytest.raises(ValueError, match="same \\[B, T\\]"):
     linear_distill_loss(hs, ws, ht[:1], wt, mask)
+
+
+def test_checked_names_a_non_finite_hidden_state_inside_the_span():
+  import jaxnll
+
+  hs, ws, ht, wt = make(seed=5)
+  safe = jaxnll.checked(linear_distill_loss)
+  out = safe(hs, ws, ht, wt, MASK, implementation="chunked")
+  assert np.isfinite(out).all()
+  outside = ht.at[1, 2, 0].set(jnp.nan)  # MASK[1, 2] is 0: never read
+  assert np.isfinite(safe(hs, ws, outside, wt, MASK, implementation="chunked")).all()
+  with pytest.raises(Exception, match=r"teacher_hidden is not finite at \[0, 3\]"):
+    safe(hs, ws, ht.at[0, 3, 1].set(jnp.nan), wt, MASK, implementation="chunked")
+  with pytest.raises(Exception, match="student_weight is not finite"):
+    safe(hs, ws.at[2, 7].set(jnp.inf), ht, wt, MASK, implementation="chunked")
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "xla"])
+def test_forward_mode_names_the_logits_entries(implementation):
+  hs, ws, ht, wt = make(seed=6)
+  f = lambda h: linear_distill_loss(h, ws, ht, wt, MASK, kind="jsd", implementation=implementation)
+  with pytest.raises(TypeError, match="reverse-mode only"):
+    jax.jvp(f, (hs,), (hs,))

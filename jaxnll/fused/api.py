@@ -56,7 +56,7 @@ from jaxnll import _core, nll, reference
 from jaxnll._core import F32, TokenOptions
 from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (public name)
 from jaxnll.fused import auto, chunked, compact, pallas_tpu, token_chunked
-from jaxnll.fused.compact import Compacted, Plan, safe_inverse
+from jaxnll.fused.compact import Compacted, Plan, reverse_only, safe_inverse
 
 #: ``"xla"``: the float32 logits materialised (as the fused kernels compute them, so the same
 #: numbers at bf16 / f16), then :func:`jaxnll.sequence_nll` (what XLA makes of the plain
@@ -280,26 +280,7 @@ def _tokens_bwd(plan, res, cts):
 _tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
 
 
-def _reverse_only(fn):
-  """``fn`` (a custom_vjp) with JAX's forward-mode error replaced by one naming the way."""
-
-  @functools.wraps(fn)
-  def call(*args):
-    try:
-      return fn(*args)
-    except TypeError as e:
-      if "forward-mode" not in str(e):
-        raise
-      raise TypeError(
-        "the fused entries (linear_*) are reverse-mode only (custom_vjp): for jax.jvp, "
-        "jacfwd or hessian use the losses from logits, e.g. jaxnll.sequence_nll(hidden @ "
-        "weight, ...) (token_nll, segment_nll, distill_cross_entropy)"
-      ) from None
-
-  return call
-
-
-_sequence, _loss, _tokens = _reverse_only(_sequence), _reverse_only(_loss), _reverse_only(_tokens)
+_sequence, _loss, _tokens = reverse_only(_sequence), reverse_only(_loss), reverse_only(_tokens)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -427,7 +408,7 @@ def _head_bwd(vd, res, g):
 
 
 _head.defvjp(_head_fwd, _head_bwd)
-_head = _reverse_only(_head)  # the plain path's gated matmul: reverse mode too
+_head = reverse_only(_head)  # the plain path's gated matmul: reverse mode too
 
 
 def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_layout):

@@ -14,6 +14,7 @@ Dimension letters: ``B`` batch, ``T`` sequence length, ``D`` hidden size, ``V`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -355,3 +356,23 @@ def over_vocab(body, carry, vocab: int, chunk: int):
   elif full > 1:
     carry = lax.fori_loop(0, full, lambda j, c: body(j * chunk, chunk, c), carry)
   return carry
+
+
+def reverse_only(fn):
+  """``fn`` (a fused entry's ``custom_vjp``) with JAX's forward-mode error replaced by one
+  naming the way: the losses from logits, which support ``jax.jvp``."""
+
+  @functools.wraps(fn)
+  def call(*args):
+    try:
+      return fn(*args)
+    except TypeError as e:
+      if "forward-mode" not in str(e):
+        raise
+      raise TypeError(
+        "the fused entries (linear_*) are reverse-mode only (custom_vjp): for jax.jvp, "
+        "jacfwd or hessian use the losses from logits, e.g. jaxnll.sequence_nll(hidden @ "
+        "weight, ...) (token_nll, segment_nll, distill_cross_entropy)"
+      ) from None
+
+  return call

@@ -60,7 +60,7 @@ from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
 from jaxnll.fused import compact
 from jaxnll.fused import token_chunked as token_chunked_lib
-from jaxnll.fused.compact import Compacted, Plan, over_vocab
+from jaxnll.fused.compact import Compacted, Plan, over_vocab, reverse_only
 
 KINDS = ("ce", "kl", "reverse_kl", "jsd")
 IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "xla")
@@ -385,6 +385,7 @@ def _distill_bwd(plan, res, ct):
 
 
 _distill.defvjp(_distill_fwd, _distill_bwd, symbolic_zeros=True)
+_distill = reverse_only(_distill)
 
 
 # ----------------------------------------------------------------------------- plans and checks
@@ -612,6 +613,7 @@ def _rows_bwd(plan: DistillPlan, res, ct):
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)
+_rows = reverse_only(_rows)
 
 
 def _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opts, ls, lt):
