@@ -429,8 +429,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt as e:  # a third Ctrl-C (a second one before the run loop started)
     detail = f": {e}" if str(e) else ""  # the run loop says which checkpoint the run ends at
     print(f"jaxnll {args.command}: interrupted{detail}", file=sys.stderr)
+    global _ABANDONED
+    _ABANDONED = True
     return 130
 
 
+#: Set when a run quit at once (a save may be left running in a background thread).
+_ABANDONED = False
+
+
+def entry() -> None:
+  """The ``jaxnll`` command: :func:`main`, then the exit.  A run that quit at once leaves no
+  traceback behind: a checkpoint save still running in a background thread is abandoned
+  with the process (``os._exit``; the save writes to a temporary directory that resuming
+  removes, so nothing half-written is read back) instead of failing noisily while the
+  interpreter shuts down."""
+  code = main()
+  if _ABANDONED:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

@@ -119,7 +119,7 @@ def third_party_imports(module: str, seen: set[str]) -> set[str]:
 
   # A name imported inside a guarded ``try`` is an optional peer in the whole module (later
   # imports of it run only once the guarded one succeeded).
-  optional = set()
+  optional, optional_jaxnll = set(), set()
   for node in ast.walk(tree):
     if guarded(node):
       for inner in ast.walk(ast.Module(body=node.body, type_ignores=[])):
@@ -127,6 +127,10 @@ def third_party_imports(module: str, seen: set[str]) -> set[str]:
           optional.update(a.name.partition(".")[0] for a in inner.names)
         elif isinstance(inner, ast.ImportFrom) and inner.module and not inner.level:
           optional.add(inner.module.partition(".")[0])
+          # A guarded import of a jaxnll module (an application part another extra brings)
+          # is not followed: its own imports are that extra's.
+          optional_jaxnll.add(inner.module)
+          optional_jaxnll.update(f"{inner.module}.{a.name}" for a in inner.names)
 
   def visit(node):
     for child in ast.iter_child_nodes(node):
@@ -137,7 +141,8 @@ def third_party_imports(module: str, seen: set[str]) -> set[str]:
         names = [child.module] + [f"{child.module}.{a.name}" for a in child.names]
       for n in names:
         if n.partition(".")[0] == "jaxnll":
-          found.update(third_party_imports(n, seen))
+          if n not in optional_jaxnll:
+            found.update(third_party_imports(n, seen))
         elif n.partition(".")[0] not in sys.stdlib_module_names | optional:
           found.add(n.partition(".")[0])
       visit(child)

@@ -480,12 +480,18 @@ def train_step(
   sharding of :mod:`jaxnll.train.step`); ``(d, m)``: a ``("data", "model")`` mesh with the
   state laid out by :func:`jaxnll.train.runtime.annotate_partitioning` (FSDP over ``data``,
   the head's vocabulary over ``model``: the loss runs vocabulary-parallel, its collectives
-  inside).  Nothing is allocated: the state comes from ``nnx.eval_shape``."""
-  from flax import nnx
+  inside).  Nothing is allocated: the state comes from ``nnx.eval_shape``.  Needs the
+  ``[train]`` extra (the model and the step), which ``.venv-aot`` has."""
+  try:
+    from flax import nnx
 
-  from jaxnll.train import model as model_lib
-  from jaxnll.train import runtime
-  from jaxnll.train import step as step_lib
+    from jaxnll.train import model as model_lib
+    from jaxnll.train import runtime
+    from jaxnll.train import step as step_lib
+  except ImportError as e:
+    raise ImportError(
+      f"compiling the train step needs the training application: pip install 'jaxnll[train]' ({e})"
+    ) from None
 
   config = model_lib.default_config(**(model or {}))
   train_config = step_lib.TrainConfig(fused=fused, accum=accum)

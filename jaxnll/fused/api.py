@@ -372,15 +372,22 @@ def _is_empty(hidden) -> bool:
   return hidden.shape[0] * hidden.shape[1] == 0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _head(hidden, weight, bias, vd):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head(hidden, weight, bias, vd, vmas):
   """float32 logits ``hidden @ weight (+ bias)`` of the materialised paths, as the fused
   kernels compute them: operands in ``result_type(hidden, weight)``, float32 accumulation
-  and result (a bf16 head scored in bf16 loses two digits of every logit)."""
-  return _head_fwd(hidden, weight, bias, vd)[0]
+  and result (a bf16 head scored in bf16 loses two digits of every logit).  ``vmas``: the
+  mesh axes each operand varies along (:func:`_vma`), which its gradient must match."""
+  return _head_fwd(hidden, weight, bias, vd, vmas)[0]
 
 
-def _head_fwd(hidden, weight, bias, vd):
+def _vma(x) -> frozenset:
+  """The mesh axes ``x`` varies along inside ``shard_map`` with ``check_vma`` (else none)."""
+  return frozenset() if x is None else frozenset(compact.varying_axes(x))
+
+
+def _head_fwd(hidden, weight, bias, vd, vmas):
+  del vmas
   cdt = jnp.result_type(hidden.dtype, weight.dtype)
   spec = "btd,vd->btv" if vd else "btd,dv->btv"
   z = jnp.einsum(spec, hidden.astype(cdt), weight.astype(cdt), preferred_element_type=F32)
@@ -389,7 +396,7 @@ def _head_fwd(hidden, weight, bias, vd):
   return z, (hidden, weight, bias)
 
 
-def _head_bwd(vd, res, g):
+def _head_bwd(vd, vmas, res, g):
   """The matmul's gradients with the fused kernels' dtypes (``∂z`` cast to the matmul dtype,
   float32 accumulation); a row of ``∂z`` that is all zero (a sample whose loss has a zero
   cotangent, a context position) keeps its hidden state out of the weight gradient, so NaN
@@ -404,7 +411,21 @@ def _head_bwd(vd, res, g):
   dw = jnp.einsum("btv,btd->vd" if vd else "btd,btv->dv", *((gq, h) if vd else (h, gq)),
                   preferred_element_type=F32)  # fmt: skip
   db = None if bias is None else jnp.sum(g, axis=(0, 1)).astype(bias.dtype)
-  return dh.astype(hidden.dtype), dw.astype(weight.dtype), db
+  grads = (dh, dw, db)
+  return tuple(_invariant_like(d, x, v) for d, x, v in zip(grads, res, vmas, strict=True))
+
+
+def _invariant_like(grad, primal, vma):
+  """``grad`` in ``primal``'s dtype, summed over every mesh axis it varies along and the
+  primal (whose axes are ``vma``) does not: inside a ``shard_map`` with ``check_vma``, hidden
+  states replicated over a vocabulary axis the head is split along get the sum of each
+  shard's part."""
+  if grad is None:
+    return None
+  extra = tuple(sorted(_vma(grad) - vma))
+  if extra:
+    grad = jax.lax.psum(grad, extra)
+  return grad.astype(primal.dtype)
 
 
 _head.defvjp(_head_fwd, _head_bwd)
@@ -424,7 +445,8 @@ def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_
   """
   inside = _core.mask_to_bool(span_mask)[..., None]
   hidden = jnp.where(inside, hidden, jnp.zeros((), hidden.dtype))
-  logits = _head(hidden, weight, bias, weight_layout == "vd")
+  vmas = (_vma(hidden), _vma(weight), _vma(bias))
+  logits = _head(hidden, weight, bias, weight_layout == "vd", vmas)
   if implementation == "reference":
     if opts.vocab_axis is not None or opts.vocab_size is not None:
       raise ValueError(
