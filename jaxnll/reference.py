@@ -77,8 +77,8 @@ def token_nll(
   return _loud_nll(z, targets, float(label_smoothing), float(z_loss))
 
 
-def _reduce(tok, span_mask, reduction):
-  w = span_mask.astype(F32)
+def _reduce(tok, span_mask, reduction, dtype=F32):
+  w = span_mask.astype(dtype)
   inside = span_mask != 0
   total = jnp.sum(jnp.where(inside, tok * w, 0.0), axis=-1)
   if reduction == "sum":
@@ -322,12 +322,7 @@ def distill_divergence(
     tok = beta * kl(pt, log_pt, log_m) + (1.0 - beta) * kl(ps, log_ps, log_m)
   else:
     raise ValueError(f"kind must be one of {DISTILL_KINDS}, got {kind!r}")
-  w = span_mask.astype(dtype)
-  total = jnp.sum(jnp.where(span_mask != 0, tok * w, 0.0), axis=-1)
-  if reduction == "sum":
-    return total
-  count = jnp.sum(w, axis=-1)
-  return jnp.where(count != 0, total / jnp.where(count != 0, count, 1.0), 0.0)
+  return _reduce(tok, span_mask, reduction, dtype)
 
 
 def linear_distill_loss(
