@@ -32,10 +32,12 @@ times ``dz/dx`` (``1/τ``, and the soft-cap's own factor).  Nothing flows to the
 Implementations share one tiled kernel: ``"chunked"`` tiles ``C × K`` (``K`` =
 ``vocab_chunk``) and sums each weight-gradient tile over every token in an f32 ``[D, K]``
 buffer (vocabulary outside, tokens inside); ``"token_chunked"`` uses full-vocabulary tiles
-(one matmul per head and block, the GPU plan of :mod:`jaxnll.fused.token_chunked`); ``"auto"``
-picks per platform with :func:`jax.lax.platform_dependent` (GPU ``token_chunked``, anything
-else — TPU included, until a Pallas pair exists — ``chunked``); ``"xla"`` materialises both
-logits (``"ce"`` / ``"kl"`` through :func:`jaxnll.distill_cross_entropy`).  Span compaction is
+(one matmul per head and block, the GPU plan of :mod:`jaxnll.fused.token_chunked`);
+``"pallas_tpu"`` is the Mosaic kernel pair of :mod:`jaxnll.fused.pallas_tpu_distill`; ``"auto"``
+picks per platform with :func:`jax.lax.platform_dependent` (TPU ``pallas_tpu``, or
+``chunked`` under automatic partitioning; GPU ``token_chunked``; else ``chunked``); ``"xla"``
+materialises both logits (``"ce"`` / ``"kl"`` through :func:`jaxnll.distill_cross_entropy`).
+Span compaction is
 :class:`jaxnll.fused.compact.Compacted` (one per head, same order): the token loops run
 ``ceil(n_targets / C)`` chunks, so the cost follows the target tokens.
 
@@ -58,12 +60,13 @@ from jaxtyping import Array, Bool, Float
 
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
-from jaxnll.fused import compact
+from jaxnll.fused import auto as auto_lib
+from jaxnll.fused import compact, pallas_tpu_distill
 from jaxnll.fused import token_chunked as token_chunked_lib
 from jaxnll.fused.compact import Compacted, Plan, over_vocab, reverse_only
 
 KINDS = ("ce", "kl", "reverse_kl", "jsd")
-IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "xla")
+IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla")
 LAYOUTS = ("dv", "vd")
 
 #: Target tokens per chunk of ``"chunked"`` (two ``[C, K]`` f32 tiles live, 4 MiB each at the
@@ -76,8 +79,12 @@ WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
 #: ``"token_chunked"`` with 16-bit heads: the gradient pass sums the weight gradient in f32
 #: tiles of about this many bytes (not one f32 ``[Ds, V]`` buffer, 2.4 GiB at Gemma-2 2B).
 TOKEN_CHUNKED_GRAD_BYTES = 128 * 2**20
-#: ``"auto"``: which platforms take which kernel (``default``: the rest, TPU included).
-AUTO_BRANCHES = (("token_chunked", ("cuda", "rocm")), ("chunked", ("default",)))
+#: ``"auto"``: which platforms take which kernel (``default``: the rest).
+AUTO_BRANCHES = (
+  ("pallas_tpu", ("tpu",)),
+  ("token_chunked", ("cuda", "rocm")),
+  ("chunked", ("default",)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +326,8 @@ def _backward(plan: DistillPlan, s: Compacted, t: Compacted, scale_c, stats_c, n
 
 def _kernel_forward(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, span_mask):
   s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, span_mask)
-  stats_c, loss_c = _forward(plan, s, t)
+  pallas = plan.implementation == "pallas_tpu"
+  stats_c, loss_c = (pallas_tpu_distill.forward if pallas else _forward)(plan, s, t)
   sums = compact.per_sample(s, loss_c, span_mask)
   return sums, tuple(s.uncompact(x) for x in stats_c)
 
@@ -328,7 +336,10 @@ def _kernel_backward(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, span_mask, stat
   s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, span_mask)
   stats_c = tuple(s.compact(x) for x in stats)
   scale_c = compact.compact_scale(s, ct, span_mask)
-  dh_c, dw, db = _backward(plan, s, t, scale_c, stats_c, need)
+  pallas = plan.implementation == "pallas_tpu"
+  dh_c, dw, db = (pallas_tpu_distill.backward if pallas else _backward)(
+    plan, s, t, scale_c, stats_c, need
+  )
   return compact.finish_grads(s, dh_c, dw, db, hs, ws, bs)
 
 
@@ -337,7 +348,11 @@ def _dispatch(plan: DistillPlan, fn, *args):
   if plan.implementation != "auto":
     return fn(plan, *args)
   per_platform = {}
+  # Under automatic partitioning libtpu cannot partition a Mosaic call: TPU takes "chunked".
+  tpu = "chunked" if auto_lib.tpu_branch(*args[:2], *args[3:5]) == "chunked" else None
   for sub, platforms in plan.branches:
+    if tpu and sub.implementation == "pallas_tpu":
+      sub = next(p for p, _ in plan.branches if p.implementation == tpu)
     for name in platforms:
       per_platform[name] = functools.partial(fn, sub, *args)
   return lax.platform_dependent(**per_platform)
@@ -424,6 +439,8 @@ def _kernel_plan(implementation, base: DistillPlan, num_tokens, vocab, d, weight
   logits and their exponentials live: a quarter of the budget per block); its gradient pass
   runs vocabulary tiles of ``vocab_chunk`` columns if given, else the whole vocabulary, or with
   16-bit heads tiles of :data:`TOKEN_CHUNKED_GRAD_BYTES` of f32 accumulator."""
+  if implementation == "pallas_tpu":
+    return pallas_tpu_distill.kernel_plan(base, tc, vc)
   if implementation == "token_chunked":
     c = token_chunked_lib.block_rows(4 * vocab, num_tokens, tc)
     gk = vocab if vc is None else min(vc, vocab)  # ``vocab_chunk``: the gradient's tiles
@@ -494,8 +511,9 @@ def linear_distill_loss(
       over (each device holds the same columns of both); the result is replicated over it and
       the student's hidden gradient summed over it.
     student_weight_layout, teacher_weight_layout: ``"dv"`` or ``"vd"``.
-    implementation: ``"auto"`` (GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen when
-      lowering), ``"chunked"``, ``"token_chunked"`` or ``"xla"`` (both logits materialised).
+    implementation: ``"auto"`` (TPU ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise
+      ``"chunked"``, chosen when lowering), ``"chunked"``, ``"token_chunked"``, ``"pallas_tpu"``
+      (Pallas interpret mode off TPU) or ``"xla"`` (both logits materialised).
     token_chunk, vocab_chunk: block sizes (need not divide ``B·T`` or ``V``); for
       ``"token_chunked"`` (full-vocabulary forward blocks) ``vocab_chunk`` sets the gradient
       pass's vocabulary tiles.
