@@ -22,7 +22,8 @@ table read in place):
   each tile's ``g = scale · ∂D/∂z_s · dz/dx`` — ``p_s - p_t`` for ``"ce"`` / ``"kl"``,
   ``p_s (log p_s - log p_t - KL(p_s ‖ p_t))`` for ``"reverse_kl"``,
   ``(1 - β) p_s (log p_s - log m - KL(p_s ‖ m))`` for ``"jsd"``, times ``1/τ`` and the
-  soft-cap's derivative — times the student's tile summed into the f32 ``[tm, Ds]`` output;
+  soft-cap's derivative — times the student's tile summed into an f32 ``[tm, Ds]`` VMEM block,
+  written once in the hidden states' dtype;
 * **backward, weight** (``weight``): per vocabulary tile, the row blocks; ``h_sᵀ g`` summed
   into an f32 ``[Ds, tv]`` (``[tv, Ds]``) accumulator, the bias gradient into ``[1, tv]``,
   cast once.
@@ -214,6 +215,7 @@ class _Config:
   temperature: float
   vmem: int
   need_w: bool = True
+  dh_itemsize: int = 4  # the hidden-gradient kernel's output
 
   @property
   def ragged(self) -> bool:
@@ -247,7 +249,7 @@ def kernel_cost(cfg: _Config) -> tuple[int, int, int]:
     nbytes = steps * (tm * cfg.row_bytes + lanes) + cfg.nv * (tv * cfg.col_bytes + out)
   else:
     row_in = tm * cfg.row_bytes + (lanes if cfg.kernel != "fwd" else 0)
-    out = tm * cfg.ds * 4 if cfg.kernel == "hidden" else lanes
+    out = tm * cfg.ds * cfg.dh_itemsize if cfg.kernel == "hidden" else lanes
     nbytes = steps * tv * cfg.col_bytes + cfg.ni * (row_in + out)
   return flops, trans, nbytes
 
@@ -434,18 +436,25 @@ def _logit_grad(cfg: _Config, zs, zt, real, r):
 
 def _hidden_kernel(cfg: _Config, s_ref, *refs):
   heads, refs = _split(cfg, refs)
-  r_ref, dh_ref = refs
+  r_ref, dh_ref, *acc = refs
+  acc_ref = acc[0] if acc else dh_ref  # an f32 output accumulates in place
   i, j = pl.program_id(0), pl.program_id(1)
 
   @pl.when(j == 0)
   def _():
-    dh_ref[...] = jnp.zeros(dh_ref.shape, F32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
   @pl.when(i < s_ref[0])
   def _():
     _, w, zs, zt, real = _both(cfg, heads, j)
     g = _logit_grad(cfg, zs, zt, real, r_ref[...])
-    dh_ref[...] += _dot(g.astype(w.dtype), w, ((1,), (0,)) if cfg.vd_s else ((1,), (1,)))
+    acc_ref[...] += _dot(g.astype(w.dtype), w, ((1,), (0,)) if cfg.vd_s else ((1,), (1,)))
+
+  if acc:
+
+    @pl.when(j == cfg.nv - 1)
+    def _():
+      dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
 def _weight_kernel(cfg: _Config, s_ref, *refs):
@@ -523,6 +532,7 @@ class _Operands:
       return h, w, b
 
     self.hs, self.ws, self.bs = gather(s, dsp)
+    self.dh_dtype = jnp.dtype(s.hidden.dtype if plan.opts.vocab_axis is None else F32)
     self.ht, self.wt, self.bt = gather(t, dtp)
     self.cfgs = {
       k: _Config(
@@ -548,6 +558,7 @@ class _Operands:
         temperature=float(plan.opts.temperature),
         vmem=self.chip.vmem,
         need_w=need_w,
+        dh_itemsize=self.dh_dtype.itemsize,
       )
       for k, (tm, tv) in self.tiles.items()
     }
@@ -703,7 +714,8 @@ def forward(plan, s: Compacted, t: Compacted):
 
 
 def backward(plan, s: Compacted, t: Compacted, scale_c, stats_c, need):
-  """Gradients of ``Σ scale·D`` for the student's (hidden f32 compacted ``[rows, Ds]``, head
+  """Gradients of ``Σ scale·D`` for the student's (hidden compacted ``[rows, Ds]`` in the hidden
+  states' dtype — f32 under a vocabulary axis, whose shards' parts are summed after —, head
   in its layout and dtype, bias f32): the hidden-gradient kernel and the weight-gradient
   kernel, each skipped when its gradient is not needed (``None``)."""
   need_h, need_w, need_b = need[0], need[1], need[2] and s.bias is not None
@@ -721,8 +733,19 @@ def backward(plan, s: Compacted, t: Compacted, scale_c, stats_c, need):
   ds = s.hidden.shape[1]
   if need_h:
     cfg = ops.cfgs["hidden"]
-    dh_c = ops.row_call(cfg, _hidden_kernel, (lanes,), cfg.ds, F32, 0,
-                        "jaxnll_fused_distill_bwd_hidden")[: ops.rows, :ds]  # fmt: skip
+    # Summed in f32 in VMEM, written once in the hidden states' dtype (half the HBM of an f32
+    # [R, Ds] for 16-bit states) — in f32 when the vocabulary shards' parts are summed after.
+    dtype = ops.dh_dtype
+    (dh_c,) = ops.call(
+      cfg,
+      _hidden_kernel,
+      (lanes,),
+      [pl.BlockSpec((cfg.tm, cfg.ds), lambda i, j, q: (i, 0))],
+      [ops.out((ops.prows, cfg.ds), dtype)],
+      [] if dtype == F32 else [pltpu.VMEM((cfg.tm, cfg.ds), F32)],
+      "jaxnll_fused_distill_bwd_hidden",
+    )
+    dh_c = dh_c[: ops.rows, :ds]
   if need_w or need_b:
     cfg = ops.cfgs["weight"]
     out_shape, out_specs, scratch = [], [], []
