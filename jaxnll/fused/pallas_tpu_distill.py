@@ -37,12 +37,22 @@ residual kept from forward to backward; more to the point, ``∂D/∂z_s`` is no
 kind: ``"ce"`` / ``"kl"`` would need two ``[tm, Ds]`` accumulators (``Σ e_s W`` and
 ``Σ e_t W``, rescaled by different maxima), ``"reverse_kl"`` a third term weighted by
 ``z_s - z_t``, and ``"jsd"``'s ``log m`` needs both final log-sum-exps, so it cannot be
-accumulated before the last tile at all.  The fold would save ``2(Ds + Dt)`` of
-``6(Ds + Dt) + 4 Ds`` for two kinds only, while its forward's VMEM grows by ``2·tm·Ds·4``
-(on v4's 16 MiB that halves the row block and drops the forward below the ridge point);
-``bench/roofline.py`` models the plan as it is.  Nor is the backward one kernel: keeping
-``∂W_s`` in VMEM (vocabulary outside) means a read-modify-write of the f32 ``∂h_s`` block
-every grid step, whose VMEM at the tiles that clear the ridge point exceeds v4's.
+accumulated before the last tile at all.  For ``"ce"`` / ``"kl"`` the fold would drop the
+hidden kernel (``2(Ds + Dt) + 2 Ds``) for two accumulator matmuls in the forward (``4 Ds``):
+``2 Dt`` saved of ``6(Ds + Dt) + 4 Ds``, while the forward's VMEM grows by two f32
+``[tm, Ds]`` blocks (on v4's 16 MiB that halves the row block and drops the forward below the
+ridge point) and the ``custom_vjp`` carries an f32 ``[N, Ds]`` residual; not worth it here.
+
+**Each tile is recomputed twice in the backward** (once per backward kernel), not once: one
+backward kernel would keep ``∂W_s`` in VMEM (vocabulary outside, rows inside) and
+read-modify-write the f32 ``∂h_s`` row block in HBM every grid step — an output block
+revisited non-consecutively through an aliased input, which the automatic pipeline does not
+order against its own prefetch when two or fewer row blocks are non-empty, and whose VMEM at
+the tiles that clear the ridge point (``tv`` 512: intensity ``0.7·tv``) exceeds v4's 16 MiB.
+Modelled at the Gemma-2 9B → 2B pair on v5e it would cut ``7.57`` to ``5.57·N·V·(Ds + Dt)``
+and raise the modelled fraction from 0.47 to 0.64 (every kernel there is compute-bound): the
+next step, with a manually double-buffered ``∂h_s`` copy (``memory_space=pl.ANY`` and
+semaphores) where the chip's VMEM allows, and this pair elsewhere.
 
 **Tiles per TPU generation** from the chip table of :mod:`jaxnll.fused.pallas_tpu`
 (:data:`~jaxnll.fused.pallas_tpu.CHIPS`, :func:`~jaxnll.fused.pallas_tpu.chip_of`: read from
