@@ -12,10 +12,18 @@ and HBM bandwidth of :data:`jaxnll.fused.pallas_tpu.CHIPS`), and the *fraction o
 materialise-once roofline* is ``6·N·D·V / peak`` over the kernels' sum (XLA's glue — gathers,
 casts — left out).  It is a model of the compiled plan, not a timing: no TPU ran anything.
 
+With ``--distill KIND ...`` the same for the fused distillation kernel pair
+(:mod:`jaxnll.fused.pallas_tpu_distill`) at the Gemma-2 9B → 2B head pair: FLOPs in multiples
+of ``N·V·(Ds + Dt)``, the fraction against the materialise-once roofline of distillation
+(``2·N·V·(Ds + Dt)`` for both heads' logits, ``4·N·V·Ds`` for the student's two gradients),
+and beside the kernels' HBM temp the ``"chunked"`` implementation's, compiled for the same
+target (``--baseline``); written to ``roofline.distill.{md,jsonl}``.
+
 Needs an environment with ``libtpu`` (``/work/venv-aot``)::
 
   JAX_PLATFORMS=cpu PYTHONPATH=$PWD /work/venv-aot/bin/python bench/roofline.py \\
       [--targets v4 v5e ...] [--heads gemma2-2b ...] [--batch 4] [--out bench/results]
+  ... bench/roofline.py --distill kl jsd --targets v4 v5e [--baseline] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from jax.extend import core  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxnll.fused import linear_nll_loss, linear_sequence_nll  # noqa: E402
+from jaxnll.fused import linear_distill_loss, linear_nll_loss, linear_sequence_nll  # noqa: E402
 from jaxnll.fused import pallas_tpu as pt  # noqa: E402
 
 #: Compile-only topologies, one per generation.
@@ -312,6 +320,149 @@ def table(rows) -> str:
   return "\n".join(out)
 
 
+#: Distillation head pairs: ``(Ds, Dt, V, soft-cap)`` of student and teacher.
+PAIRS = {"gemma2-9b-2b": (2304, 3584, 256000, 30.0)}
+
+
+def distill_fwd_bwd(kind: str, implementation: str, softcap):
+  """Forward + backward (the student's hidden states and head) of the fused distillation."""
+
+  def f(hs, ws, ht, wt, m):
+    def fn(hs, ws):
+      out = linear_distill_loss(hs, ws, ht, wt, m, kind=kind, logit_softcap=softcap,
+                                implementation=implementation)  # fmt: skip
+      return jnp.sum(out)
+
+    return jax.value_and_grad(fn, (0, 1))(hs, ws)
+
+  return f
+
+
+def compile_distill_for(target: str, kind: str, implementation: str, b: int, t: int, pair: str):
+  ds, dt, v, softcap = PAIRS[pair]
+  mesh = Mesh(np.array(devices(target)[:1]), ("x",))
+  rep = NamedSharding(mesh, P())
+  s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+  bf = jnp.bfloat16
+  args = (s((b, t, ds), bf), s((ds, v), bf), s((b, t, dt), bf), s((dt, v), bf))
+  args += (s((b, t), jnp.bool_),)
+  traced = jax.jit(distill_fwd_bwd(kind, implementation, softcap)).trace(*args)
+  return traced, traced.lower().compile()
+
+
+def measure_distill(target: str, pair: str, kind: str, b: int, t: int, baseline: bool) -> dict:
+  ds, dt, v, _ = PAIRS[pair]
+  chip = pt.CHIPS[devices(target)[0].device_kind]
+  start = time.perf_counter()
+  row = {"target": target, "head": pair, "entry": f"distill {kind}", "tokens": f"{b}x{t}"}
+  try:
+    traced, compiled = compile_distill_for(target, kind, "pallas_tpu", b, t, pair)
+  except Exception as e:
+    return row | {"error": str(e).splitlines()[0][:300]}
+  kernels = [kernel_rows(e, chip) for e in pallas_calls(traced.jaxpr.jaxpr)]
+  n = b * t
+  nv = n * v * (ds + dt)
+  flops = sum(k["flops"] for k in kernels)
+  model = sum(k["model_s"] for k in kernels)
+  steps = sum(k["steps"] for k in kernels)
+  ideal = (2 * n * v * (ds + dt) + 4 * n * v * ds) / chip.peak
+  nbytes = sum(k["bytes"] for k in kernels)
+  row |= {
+    "kernels": kernels,
+    "flops_nv": flops / nv,
+    "bytes": nbytes,
+    "intensity": flops / nbytes,
+    "ridge": chip.ridge,
+    "fraction": ideal / model,
+    "fraction_with_step_cost": ideal / (model + steps * STEP_S),
+    "grid_steps": steps,
+    "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+  }
+  if baseline:
+    try:
+      _, base = compile_distill_for(target, kind, "chunked", b, t, pair)
+      row["chunked_temp_mib"] = base.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception as e:
+      row["chunked_temp_mib"] = "does not compile: " + str(e).splitlines()[0][:120]
+  return row | {"compile_s": time.perf_counter() - start}
+
+
+DISTILL_HEADER = """# pallas_tpu distillation kernel pair per TPU generation
+
+A model of the compiled plan, not a timing.
+
+No TPU ran anything here.  Each row is forward + backward (the student's hidden states and
+head) of `linear_distill_loss(..., implementation="pallas_tpu")` at the Gemma-2 9B → 2B head
+pair (teacher D 3584, student D 2304, V 256,000, soft-cap 30), bf16, full span, traced with
+its arguments placed on a compile-only device of the generation and compiled by libtpu
+(deviceless).  Per Mosaic kernel, as in `roofline.md`: FLOPs = the body's matmuls × its grid
+(equal to its `pl.CostEstimate`), HBM bytes from the same estimate, model time
+`max(FLOPs / peak, bytes / bandwidth)`.  **FLOPs / NV(Ds+Dt)**: in multiples of
+`N·V·(Ds + Dt)`.  **fraction** = `(2·N·V·(Ds + Dt) + 4·N·V·Ds) / peak` (both heads' logits
+once, the student's two gradients: the materialise-once roofline of distillation) over the
+kernels' model time; **+ step cost** adds an assumed 0.35 µs per grid step.  HBM temp:
+`memory_analysis()` of the compiled executable, beside the `"chunked"` implementation's
+compiled for the same target (same function, same arguments).
+
+Command: `ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu PYTHONPATH=$PWD
+/work/venv-aot/bin/python {command}` (jax 0.10.2 + libtpu, `/work/venv-aot`).
+
+"""
+
+
+def distill_table(rows) -> str:
+  out = [
+    "| target | pair | entry | tokens | FLOPs / NV(Ds+Dt) | HBM GiB | FLOP/B (ridge) | fraction "
+    "| + step cost | HBM temp MiB (chunked) | kernels: grid, FLOP/B, VMEM limit MiB |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    head = f"| {r['target']} | {r['head']} | {r['entry']} | {r['tokens']} "
+    if "error" in r:
+      out.append(head + f"| does not compile: {r['error']} | | | | | | |")
+      continue
+    base = r.get("chunked_temp_mib")
+    base = "" if base is None else f" ({base:.0f})" if isinstance(base, float) else f" ({base})"
+    ks = "; ".join(
+      f"{k['kernel'].removeprefix('jaxnll_fused_distill_')} {k['grid']} "
+      f"{k['intensity']:.0f} {k['vmem_limit_mib']:.0f}"
+      for k in r["kernels"]
+    )
+    out.append(
+      head + f"| {r['flops_nv']:.2f} | {r['bytes'] / 2**30:.2f} | "
+      f"{r['intensity']:.0f} ({r['ridge']:.0f}) | {r['fraction']:.3f} | "
+      f"{r['fraction_with_step_cost']:.3f} | {r['temp_mib']:.0f}{base} | {ks} |"
+    )
+  return "\n".join(out)
+
+
+def distill_main(args, argv) -> int:
+  rows = []
+  if args.render:  # the table again from saved roofline.distill.jsonl rows
+    with open(args.render) as f:
+      rows = [json.loads(line) for line in f if line.startswith("{")]
+    order = {k: n for n, k in enumerate(TARGETS)}
+    rows.sort(key=lambda r: (order[r["target"]], r["entry"]))
+  for target in [] if args.render else args.targets:
+    for kind in args.distill:
+      row = measure_distill(target, "gemma2-9b-2b", kind, args.batch[0], args.tokens,
+                            args.baseline)  # fmt: skip
+      rows.append(row)
+      print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+  text = distill_table(rows)
+  print(text)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "roofline.distill.jsonl"), "w") as f:
+      for r in rows:
+        f.write(json.dumps(r, default=str) + "\n")
+    with open(os.path.join(args.out, "roofline.distill.md"), "w") as f:
+      command = " ".join(["bench/roofline.py", *(argv or sys.argv[1:])])
+      f.write(DISTILL_HEADER.format(command=command))
+      f.write(text + "\n")
+  return 0
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--targets", nargs="+", default=list(TARGETS))
@@ -323,7 +474,12 @@ def main(argv=None) -> int:
   ap.add_argument("--vmem", action="store_true", help="only each kernel's real VMEM use")
   ap.add_argument("--tokamax", action="store_true", help="add tokamax's modelled plan")
   ap.add_argument("--out", default=None, help="folder for roofline.md / roofline.jsonl")
+  ap.add_argument("--distill", nargs="+", default=None, choices=("ce", "kl", "reverse_kl", "jsd"),
+                  help="the distillation kernel pair instead, for these kinds")  # fmt: skip
+  ap.add_argument("--baseline", action="store_true", help="with --distill: chunked's temp too")
   args = ap.parse_args(argv)
+  if args.distill:
+    return distill_main(args, argv)
   if args.vmem:
     for target in args.targets:
       for head in args.heads:
