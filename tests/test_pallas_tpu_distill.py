@@ -180,6 +180,35 @@ def test_vd_heads_biases_softcap_float_weights_mean(kind):
   assert_close((got[1][:2], got[2]), (want[1][:2], want[2]))
 
 
+def test_each_student_gradient_alone():
+  """Differentiated for one of the student's hidden states, head or bias only, the backward
+  runs only the kernel that gradient needs (the weight kernel without its matmul for the
+  bias alone) and each equals the reference's."""
+  hs, ws, ht, wt = make(8)
+  mask = jnp.asarray(MASK)
+  bs = jax.random.normal(jax.random.key(9), (V,))
+  c = jnp.array([1.0, -0.5])
+
+  def loss(impl, hs, ws, bs):
+    if impl == "reference":
+      out = reference.linear_distill_loss(hs, ws, ht, wt, mask, kind="kl", student_bias=bs)
+    else:
+      out = linear_distill_loss(hs, ws, ht, wt, mask, kind="kl", student_bias=bs,
+                                implementation=impl, **ODD)  # fmt: skip
+    return jnp.sum(out * c)
+
+  @jax.jit
+  def grads(hs, ws, bs):
+    out = []
+    for impl in ("pallas_tpu", "reference"):
+      f = functools.partial(loss, impl)
+      out.append(tuple(jax.grad(f, k)(hs, ws, bs) for k in range(3)))
+    return out
+
+  got, want = grads(hs, ws, bs)
+  assert_close(got, want)
+
+
 def test_empty_span_is_zero_with_zero_gradients_and_nan_outside_reaches_nothing():
   """An empty span costs exactly 0 with zero gradients; NaN hidden states outside the span
   (and in the sample without targets) reach no value or gradient."""
