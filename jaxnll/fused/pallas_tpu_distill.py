@@ -49,10 +49,13 @@ read-modify-write the f32 ``∂h_s`` row block in HBM every grid step — an out
 revisited non-consecutively through an aliased input, which the automatic pipeline does not
 order against its own prefetch when two or fewer row blocks are non-empty, and whose VMEM at
 the tiles that clear the ridge point (``tv`` 512: intensity ``0.7·tv``) exceeds v4's 16 MiB.
-Modelled at the Gemma-2 9B → 2B pair on v5e it would cut ``7.57`` to ``5.57·N·V·(Ds + Dt)``
-and raise the modelled fraction from 0.47 to 0.64 (every kernel there is compute-bound): the
-next step, with a manually double-buffered ``∂h_s`` copy (``memory_space=pl.ANY`` and
-semaphores) where the chip's VMEM allows, and this pair elsewhere.
+Nor could either grid axis of that kernel be ``parallel``: both accumulate across the other
+(``∂h_s`` over vocabulary tiles, ``∂W_s`` over row blocks), so a megacore chip (v4, v5p,
+TPU7x) would run it on one of its two TensorCores, where the pair splits each kernel over
+both.  On a single-core chip (v5e, v6e) at the Gemma-2 9B → 2B pair it would cut ``7.57`` to
+``5.57·N·V·(Ds + Dt)`` and raise the modelled fraction on v5e from 0.47 to 0.64 (every kernel
+there is compute-bound): the next step for those chips, with a manually double-buffered
+``∂h_s`` copy (``memory_space=pl.ANY`` and semaphores).
 
 **Tiles per TPU generation** from the chip table of :mod:`jaxnll.fused.pallas_tpu`
 (:data:`~jaxnll.fused.pallas_tpu.CHIPS`, :func:`~jaxnll.fused.pallas_tpu.chip_of`: read from
