@@ -105,7 +105,7 @@ KERNELS = ("fwd", "jsd", "hidden", "weight")
 #: exponentials, the gradient tile, masks), for the VMEM estimate.
 TILE_TEMPS = 10
 _TILES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-#: ``vmem_limit_bytes`` per kernel, overriding the rule of :func:`_compiler_params`.
+#: ``vmem_limit_bytes`` per kernel, overriding the rule (1.5× the VMEM estimate, at least 16 MiB).
 VMEM_LIMIT: dict[str, int] = {}
 #: Lanes of the backward's per-row operand: both maxima and log-sums, the cotangent, the
 #: kind's own statistic (``KL(p_s ‖ p_t)`` / ``KL(p_s ‖ m)``), whether the row takes part.
