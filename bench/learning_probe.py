@@ -26,15 +26,15 @@ import optax
 from flax import nnx
 
 from jaxnll.train import data as data_lib
-from jaxnll.train import policy as pol
-from jaxnll.train import preference as pref
 from jaxnll.train import run as run_lib
+from jaxnll.train.modes import policy as pol
+from jaxnll.train.modes import preference as pref
 
 GROUP, PROMPTS, TEMPERATURE, MAX_NEW = 8, 16, 0.7, 40
 
 
 def families(run_dir: str) -> None:
-  model, config, step = pref.load_run_model(run_dir)
+  model, config, step = run_lib.load_run(run_dir)
   spec = dataclasses.replace(config.batch, pack=False)
   pairs = [p for p in pref.embedded_pairs("heldout") if pref.fits(p, spec.length)]
   rows = [s for pair in pref.pair_samples(pairs, spec.length) for s in pair]
@@ -63,7 +63,7 @@ def grpo(run_dir: str, family: str, steps: int, lr: float) -> None:
   )
   objective = pol.Policy(settings)
   for fresh in (False, True):
-    model, config, _ = pref.load_run_model(run_dir)
+    model, config, _ = run_lib.load_run(run_dir)
     length = config.batch.length
     optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 

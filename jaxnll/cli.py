@@ -2,19 +2,22 @@
 
 Each subcommand registers itself in :data:`SUBCOMMANDS` with a function that adds its
 arguments to a sub-parser and a function that runs it; a new subcommand (``bench``) is one
-more entry.
+more entry.  ``jaxnll train`` looks its training mode up in :mod:`jaxnll.train.modes`, which
+knows every mode's flags, defaults and run; the value types of the flags are
+:mod:`jaxnll.bench.argtypes` (the one application package without flax, which every
+subcommand's parser loads anyway).  Nothing here imports flax at module level: ``jaxnll
+bench`` runs without the training extra.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from jaxnll.argtypes import (
+from jaxnll.bench.argtypes import (
   nonnegative_int,
   output_dir,
   output_file,
@@ -51,13 +54,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
+  from jaxnll.train import modes
   from jaxnll.train.model import KINDS
-  from jaxnll.train.objectives import LOSS_MODES
-  from jaxnll.train.policy import add_arguments as add_policy_arguments
-  from jaxnll.train.preference import CLI_KINDS
-  from jaxnll.train.preference import add_arguments as add_preference_arguments
   from jaxnll.train.run import RunConfig
-  from jaxnll.train.teacher import add_arguments as add_distill_arguments
 
   d = RunConfig()
   p.add_argument("--data", help="JSONL file of prompt/response or chat records (default: embedded)")
@@ -71,15 +70,15 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--steps",
     type=positive_int,
-    help=f"total steps (default: {d.steps}; preference losses: 60). The learning-rate "
-    "schedule (warm-up, cosine decay) spans the --steps of the run's start, saved as "
-    "schedule_steps in config.json; "
+    help=f"total steps (default: {d.steps}; {modes.defaults_text('steps')}). The "
+    "learning-rate schedule (warm-up, cosine decay) spans the --steps of the run's start, "
+    "saved as schedule_steps in config.json; "
     "--resume --steps M past it keeps that schedule, so the extra steps run at the final "
     "learning rate",
   )
   p.add_argument(
     "--loss",
-    choices=(*LOSS_MODES, *CLI_KINDS, "grpo"),
+    choices=modes.LOSSES,
     default=d.train.loss,
     help="loss mode; dpo|ipo|simpo|orpo: preference optimisation of an --init run; "
     "grpo: RL from verifiable rewards of an --init run",
@@ -111,8 +110,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--lr",
     type=positive_float,
-    help=f"peak learning rate (default: {d.train.learning_rate}; preference losses: 5e-5; "
-    "grpo: 1e-4)",
+    help=f"peak learning rate (default: {d.train.learning_rate}; "
+    f"{modes.defaults_text('learning_rate')})",
   )
   p.add_argument(
     "--context-gradient",
@@ -130,15 +129,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     help="held-out samples decoded at the end",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  _add_devices(p)
-  add_distill_arguments(p)
   p.add_argument(
     "--init",
     metavar="RUN_DIR",
     help="trained run to start from (and the frozen reference of) preference or RL training",
   )
-  add_preference_arguments(p)
-  add_policy_arguments(p)
+  _add_devices(p)
+  modes.add_arguments(p)  # each mode's own flags
 
 
 def _add_devices(p: argparse.ArgumentParser) -> None:
@@ -172,52 +169,6 @@ def _init_devices(args: argparse.Namespace) -> None:
   runtime.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
 
 
-def _path(value) -> str | None:
-  return None if value is None else os.path.realpath(value)
-
-
-def _saved(section: str, key: str, *, path: bool = False):
-  def get(c):
-    value = (getattr(c, section) or {}).get(key)
-    return _path(value) if path else value
-
-  return get
-
-
-#: How ``jaxnll train --resume`` reads each flag that sets a saved field: ``dest: (the saved
-#: value, the flag's value as saved)``. A given flag whose value differs is refused.
-RESUME_FIXED: dict[str, tuple[Callable, Callable]] = {
-  "data": (lambda c: _path(c.preference["data"] if c.preference else c.data), _path),
-  "loss": (
-    lambda c: "grpo" if c.policy else c.preference["kind"] if c.preference else c.train.loss,
-    None,
-  ),
-  "pack": (lambda c: c.batch.pack, None),
-  "accum": (lambda c: c.train.accum, None),
-  "fused": (lambda c: c.train.fused, None),
-  "seed": (lambda c: c.seed, None),
-  "model": (lambda c: c.model.kind, None),
-  "d_model": (lambda c: c.model.d_model, None),
-  "layers": (lambda c: c.model.num_layers, None),
-  "batch_size": (lambda c: c.batch.rows, None),
-  "lr": (lambda c: c.train.learning_rate, None),
-  "context_gradient": (lambda c: c.model.context_gradient, None),
-  "teacher": (_saved("distill", "teacher", path=True), _path),
-  "init": (lambda c: _path((c.preference or c.policy or {}).get("init")), _path),
-  **{k: (_saved("distill", k), None) for k in ("kd_weight", "temperature", "kd")},
-  **{k: (_saved("preference", k), None) for k in ("beta", "gamma", "label_smoothing")},
-  **{
-    k: (_saved("policy", k), None)
-    for k in ("group_size", "prompts_per_step", "clip_low", "clip_high", "kl_coef", "normalize")
-  },
-}
-#: Flags ``--resume`` applies (logged): the run's length and its reporting.
-RESUME_CHANGEABLE = {"steps": "steps", "eval_every": "eval_every", "table_rows": "table_rows"}
-#: Flags that are not part of the saved run: where and how it runs.
-NOT_SAVED = {"out", "resume", "overwrite", "no_progress", "mesh"}
-NOT_SAVED |= {"coordinator", "num_processes", "process_id", "distributed"}
-
-
 def _given(argv: Sequence[str] | None, command: str) -> set[str]:
   """The destinations of the options written on the command line of ``command`` (whatever
   their value: ``--batch-size 32`` is given even where 32 is the default)."""
@@ -231,92 +182,15 @@ def _given(argv: Sequence[str] | None, command: str) -> set[str]:
   return set(vars(args)) - {"command", "handler", "missing_extra"}
 
 
-def _resume_config(args: argparse.Namespace):
-  """``--resume``: the saved configuration, with ``--steps`` / ``--eval-every`` /
-  ``--table-rows`` where given; any other given flag must equal the saved value (one-line
-  ``RunDirError`` naming it otherwise), before anything is built."""
-  from jaxnll.train import run as run_lib
-
-  saved = run_lib.check_run_dir(args.out, resume=True, overwrite=args.overwrite)
-  where = os.path.join(args.out, "config.json")
-  for dest in sorted(getattr(args, "given", set())):
-    if dest in NOT_SAVED or dest in RESUME_CHANGEABLE:
-      continue
-    flag = "--" + dest.replace("_", "-")
-    if dest not in RESUME_FIXED:
-      raise run_lib.RunDirError(
-        f"--resume: {flag} cannot be set on a resumed run (it keeps the configuration in "
-        f"{where}); leave {flag} out, or start a new run"
-      )
-    saved_value, as_saved = RESUME_FIXED[dest]
-    value = getattr(args, dest)
-    value = as_saved(value) if as_saved else value
-    if value != saved_value(saved):
-      was = "unset" if saved_value(saved) is None else saved_value(saved)
-      raise run_lib.RunDirError(
-        f"--resume: {flag} {getattr(args, dest)} differs from the run's {was} ({where}); a "
-        f"resumed run keeps its configuration: leave {flag} out, or start a new run "
-        "(another --out, or --overwrite)"
-      )
-  given = {
-    field: getattr(args, dest)
-    for dest, field in RESUME_CHANGEABLE.items()
-    if getattr(args, dest) is not None and dest in getattr(args, "given", set())
-  }
-  return dataclasses.replace(saved, **given)
-
-
 def _run_train(args: argparse.Namespace) -> int:
   _init_devices(args)  # before anything touches a device
-  from jaxnll.train import policy, preference
-  from jaxnll.train.loop import fit
-  from jaxnll.train.model import default_config
-  from jaxnll.train.run import RunConfig
-  from jaxnll.train.teacher import config_from_args as distill_config
+  from jaxnll.train import modes
 
   if args.resume:
-    config = _resume_config(args)
-    run = functools.partial(preference.fit, train_loop=fit) if config.preference else fit
-    return _train(run, config, args)
-  d = RunConfig()
-  preference_config = preference.config_from_args(args)  # None unless --loss dpo|ipo|...
-  if preference_config is not None:
-    d = dataclasses.replace(
-      d,
-      steps=preference.DEFAULT_STEPS,
-      train=dataclasses.replace(d.train, learning_rate=preference.DEFAULT_LR),
-    )
-  sizes = {"d_model": args.d_model, "num_layers": args.layers}
-  sizes = {k: v for k, v in sizes.items() if v is not None}
-  if "d_model" in sizes and args.model == "transformer":
-    sizes["d_ff"] = 3 * sizes["d_model"]
-  model = default_config(args.model, context_gradient=args.context_gradient, **sizes)
-  config = dataclasses.replace(
-    d,
-    model=model,
-    train=dataclasses.replace(
-      d.train,
-      loss=d.train.loss if preference_config else policy.loss_mode(args.loss),
-      accum=args.accum,
-      fused=args.fused,
-      learning_rate=d.train.learning_rate if args.lr is None else args.lr,
-    ),
-    batch=dataclasses.replace(d.batch, rows=args.batch_size, pack=args.pack),
-    steps=d.steps if args.steps is None else args.steps,
-    seed=args.seed,
-    data=args.data,
-    eval_every=args.eval_every,
-    table_rows=args.table_rows,
-    distill=distill_config(args),
-    preference=preference_config,
-  )
-  config = policy.apply_config(config, policy.config_from_args(args), lr=args.lr, steps=args.steps)
-  run = functools.partial(preference.fit, train_loop=fit) if preference_config else fit
-  return _train(run, config, args)
-
-
-def _train(run, config, args: argparse.Namespace) -> int:
-  summary = run(
+    config = modes.resumed(args, getattr(args, "given", set()))
+  else:
+    config = modes.from_args(args)  # the mode's defaults where no flag is given
+  summary = modes.fit(
     config,
     args.out,
     resume=args.resume,

@@ -22,7 +22,7 @@ the tempered distributions, ``optax.softmax_cross_entropy(student / τ, softmax(
 summed over the span, and its gradient shrinks like ``1 / τ``.  Hinton et al. multiply the
 soft loss by ``τ²`` so that its gradient keeps the magnitude of a hard-label loss when ``τ``
 changes; do that yourself (``tau**2 * distill_cross_entropy(...)``) if you mix the two.  The
-training mode of :mod:`jaxnll.train.teacher` does.
+training mode of :mod:`jaxnll.train.modes.distill` does.
 
 Conventions as for every jaxnll loss: the softmaxes and all sums are float32 whatever the
 logits' dtype; the gradient comes back in the student's dtype; positions outside the span are

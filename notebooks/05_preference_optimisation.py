@@ -55,7 +55,8 @@ from IPython.display import Markdown, display
 
 from jaxnll import cli, train
 from jaxnll.train import data
-from jaxnll.train import preference as pref_train
+from jaxnll.train.modes import preference as pref_train
+from jaxnll.train.run import load_run
 
 start = time.time()
 print("jax", jax.__version__, "on", jax.devices()[0].platform)
@@ -178,7 +179,7 @@ families = sorted({ex.family for ex in heldout_examples})
 
 
 def exact_match(run_dir):
-  model, run, _ = pref_train.load_run_model(run_dir)
+  model, run, _ = load_run(run_dir)
   outs = train.greedy_responses(model, heldout_examples, length=run.batch.length, max_new=24)
   hits = collections.defaultdict(list)
   for out, ex in zip(outs, heldout_examples, strict=True):

@@ -48,10 +48,11 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from jaxnll.train import data, policy
+from jaxnll.train import data, modes
 from jaxnll.train.loop import fit, greedy_responses
 from jaxnll.train.model import ModelConfig
-from jaxnll.train.run import RunConfig, TrainConfig
+from jaxnll.train.modes import policy
+from jaxnll.train.run import RunConfig, TrainConfig, load_run
 
 start = time.time()
 print("jax", jax.__version__, "on", jax.devices()[0].platform)
@@ -115,11 +116,11 @@ def rl_run(normalize):
   p = policy.PolicyConfig(
     init=sft_dir, group_size=8, prompts_per_step=8, normalize=normalize, max_new=2 * MAX_N + 2
   )
-  # `jaxnll train --loss grpo --steps 40 --lr 3e-4` (its default warm-up).
+  # `jaxnll train --loss grpo --steps 40 --lr 3e-4` (the mode's default warm-up).
   base = dataclasses.replace(sft_config, train=TrainConfig())
-  config = policy.apply_config(base, p.to_dict(), lr=RL_LR, steps=RL_STEPS)
   out = os.path.join(root, normalize)
-  summary = fit(config, out, progress=False, log=lambda _: None)
+  config = modes.configure(policy.MODE, base, p.to_dict(), out, learning_rate=RL_LR, steps=RL_STEPS)
+  summary = modes.fit(config, out, progress=False, log=lambda _: None)
   with open(os.path.join(out, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   return out, summary, records
@@ -174,7 +175,7 @@ long_ = [ex for ex in heldout if len(ex.response) > 8]
 
 
 def greedy_reward(run_dir, subset):
-  model, _, _ = policy.load_init(run_dir)
+  model, _, _ = load_run(run_dir)
   got = greedy_responses(model, subset, length=LENGTH, max_new=2 * MAX_N + 2)
   return float(np.mean([policy.reward(g, ex.response) for g, ex in zip(got, subset, strict=True)]))
 

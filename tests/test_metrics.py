@@ -95,7 +95,7 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
   """A notebook's inline backend must survive a training run that writes its plots."""
   import matplotlib
 
-  from jaxnll.train import policy, preference
+  from jaxnll.train.modes import policy, preference
 
   base = metrics.step_record(
     step=1, epoch=0, out=_out(), sample_ids=np.array([[0, 1], [-1, -1]]), seconds=1.0, lr=0.0

@@ -1,5 +1,5 @@
 """Tests for jaxnll/preference.py (DPO / IPO / hinge / SimPO / ORPO per pair) and
-jaxnll/train/preference.py (pairs, the objective, `jaxnll train --loss dpo ...`)."""
+jaxnll/train/modes/preference.py (pairs, the objective, `jaxnll train --loss dpo ...`)."""
 
 import dataclasses
 import functools
@@ -15,14 +15,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxnll
 from jaxnll import cli, reference, train
 from jaxnll.preference import dpo_loss, orpo_loss, preference_metrics, simpo_loss
 from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
-from jaxnll.train import preference as pref_train
 from jaxnll.train.model import ModelConfig, make_model
+from jaxnll.train.modes import preference as pref_train
 
 # ----------------------------------------------------------------------------- float64 papers
 
@@ -444,6 +446,13 @@ def test_objective_is_the_per_pair_loss_over_nonempty_pairs():
   assert np.all(np.asarray(aux["sample_pair_loss"][14:]) == 0)
 
 
+def _on_devices(state, batch, devices):
+  """``state`` replicated and the micro-batched ``batch``'s rows split over ``devices``."""
+  mesh = Mesh(np.asarray(devices), ("data",))
+  batch = jax.device_put(batch, NamedSharding(mesh, P(None, "data")))
+  return jax.device_put(state, NamedSharding(mesh, P())), batch
+
+
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])
 def test_accumulation_and_eight_devices_equal_the_full_batch(kind):
   assert len(jax.devices()) == 8, "tests/conftest.py fakes 8 CPU devices"
@@ -456,14 +465,13 @@ def test_accumulation_and_eight_devices_equal_the_full_batch(kind):
   for accum in (2, 4):
     new_state, out = _step(graphdef, state, train.micro_batches(batch, accum), obj)
     np.testing.assert_allclose(out["loss"], full["loss"], rtol=1e-6)
-    np.testing.assert_allclose(out["accuracy_loss"], full["accuracy_loss"])
+    np.testing.assert_allclose(out["accuracy"], full["accuracy"])
     _close(new_state["model"], full_state["model"])
-  mesh = train.data_mesh(jax.devices())
-  sharded = train.shard_batch(train.micro_batches(batch, 1), mesh)
+  placed, sharded = _on_devices(state, train.micro_batches(batch, 1), jax.devices())
   assert len(sharded["tokens"].sharding.device_set) == 8
-  new_state, out = _step(graphdef, train.replicate(state, mesh), sharded, obj)
+  new_state, out = _step(graphdef, placed, sharded, obj)
   np.testing.assert_allclose(out["loss"], full["loss"], rtol=1e-6)
-  np.testing.assert_allclose(out["margin_loss"], full["margin_loss"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(out["margin"], full["margin"], rtol=1e-5, atol=1e-7)
   _close(new_state["model"], full_state["model"])
 
 
@@ -557,6 +565,20 @@ def test_train_dpo_from_an_sft_run_and_resume(runs):
     == 0
   )
   assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+
+
+def test_a_resume_that_restarts_from_step_0_starts_from_the_init_run(runs):
+  """``metrics.jsonl`` lost before the newest checkpoint: the run starts again from step 0,
+  and step 0 of a preference run is the ``--init`` run's model (not a fresh random one)."""
+  root, args = runs
+  out = root / "dpo-lost"
+  dpo = ["--loss", "dpo", "--out", str(out), "--steps", "2", "--table-rows", "0"]
+  assert cli.main(args + dpo) == 0
+  (out / "metrics.jsonl").write_text("")  # the records lost, the checkpoint of step 2 kept
+  assert cli.main(args + dpo + ["--resume"]) == 0
+  first = _records(out)[0]
+  assert first["step"] == 1 and first["margin"] == 0.0
+  assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
 
 
 def test_train_orpo_fused(runs):

@@ -1,4 +1,4 @@
-"""Tests for jaxnll/train/teacher.py: the objective, teacher answers, `jaxnll train --teacher`."""
+"""Tests for jaxnll/train/modes/distill.py: the objective, teacher answers, `--teacher`."""
 
 import dataclasses
 import json
@@ -14,9 +14,9 @@ import jaxnll
 from jaxnll import cli, train
 from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
-from jaxnll.train import teacher as distill_train
 from jaxnll.train.model import ModelConfig, make_model
-from jaxnll.train.teacher import DistillConfig
+from jaxnll.train.modes import distill as distill_train
+from jaxnll.train.modes.distill import DistillConfig
 
 TINY = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32)
 SPEC = data_lib.BatchSpec(rows=6, length=64, pack=True, segments=4)

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxnll import train
 from jaxnll.spans import shift_targets
@@ -132,16 +134,22 @@ def _micro(batch, accum):
   return [{k: v[i] for k, v in mb.items()} for i in range(accum)]
 
 
+def _on_devices(state, batch, devices):
+  """``state`` replicated and the micro-batched ``batch``'s rows split over ``devices``."""
+  mesh = Mesh(np.asarray(devices), ("data",))
+  batch = jax.device_put(batch, NamedSharding(mesh, P(None, "data")))
+  return jax.device_put(state, NamedSharding(mesh, P())), batch
+
+
 def test_eight_devices_give_the_single_device_result():
   assert len(jax.devices()) == 8, "tests/conftest.py fakes 8 CPU devices"
   graphdef, state = _split()
   batch = train.micro_batches(_batch(), 1)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = train.data_mesh(devices)
-    sharded = train.shard_batch(batch, mesh)
+    placed, sharded = _on_devices(state, batch, devices)
     assert len(sharded["tokens"].sharding.device_set) == len(devices)
-    results.append(_step(graphdef, train.replicate(state, mesh), sharded))
+    results.append(_step(graphdef, placed, sharded))
   (s1, o1), (s8, o8) = results
   np.testing.assert_allclose(o8["loss"], o1["loss"], rtol=1e-6)
   np.testing.assert_allclose(o8["sample_sums"], o1["sample_sums"], rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Tests for jaxnll/train/policy.py: the Policy objective (exact under accumulation for each
+"""Tests for jaxnll/train/modes/policy.py: the Policy objective (exact under accumulation for each
 normalisation), rewards, and `jaxnll train --loss grpo --init RUN_DIR` (records, summary,
 exact resume with the sampling keys)."""
 
@@ -13,9 +13,10 @@ import pytest
 
 from jaxnll import cli
 from jaxnll.train import data as data_lib
-from jaxnll.train import policy as policy_train
-from jaxnll.train.loop import fit
+from jaxnll.train import modes
 from jaxnll.train.model import ModelConfig, make_model
+from jaxnll.train.modes import policy as policy_train
+from jaxnll.train.modes.base import start_model
 from jaxnll.train.run import RunConfig
 from jaxnll.train.step import accumulate_gradients, micro_batches
 
@@ -146,8 +147,8 @@ def test_train_grpo_logs_rewards_and_resumes_exactly(runs):
   # Stopped after 1 step and resumed: the same answers (sampling keys) and losses.
   saved = RunConfig.from_dict(config)
   part = root / "part"
-  fit(saved, str(part), stop_after=1, progress=False, log=lambda _: None)
-  fit(saved, str(part), resume=True, progress=False, log=lambda _: None)
+  modes.fit(saved, str(part), stop_after=1, progress=False, log=lambda _: None)
+  modes.fit(saved, str(part), resume=True, progress=False, log=lambda _: None)
   again = [json.loads(line) for line in open(part / "metrics.jsonl")]
   for a, b in zip(again, records, strict=True):
     for key in ("loss", "reward", "kl", "entropy", "response_length", "sample_nll"):
@@ -171,19 +172,22 @@ def test_bad_policy_arguments_are_clear_errors(runs, capsys, extra, match):
 
 
 def test_user_flags_win_over_the_rl_defaults(runs):
-  """``--lr`` / ``--steps`` equal to the SFT defaults are still the user's choice."""
-  root, _ = runs
-  sft = RunConfig()
-  policy = {"init": str(root / "sft")}
-  given = policy_train.apply_config(sft, policy, lr=sft.train.learning_rate, steps=sft.steps)
-  assert given.train.learning_rate == sft.train.learning_rate and given.steps == sft.steps
-  default = policy_train.apply_config(sft, policy)
+  """``--lr`` / ``--steps`` given on the command line are the user's choice, even where equal
+  to the SFT defaults; left out, a mode's own defaults apply."""
+  root, args = runs
+  rl = ["--loss", "grpo", "--init", str(root / "sft"), "--out", str(root / "unused")]
+  parse = lambda extra: modes.from_args(cli.build_parser().parse_args(args + rl + extra))
+  given = parse(["--lr", "3e-3", "--steps", "400"])
+  assert given.train.learning_rate == 3e-3 and given.steps == 400
+  default = parse([])
   assert default.train.learning_rate == policy_train.RL_LR
   assert default.steps == policy_train.RL_STEPS
+  assert default.train.warmup_steps == policy_train.RL_WARMUP
+  assert default.model == RunConfig.from_dict(json.load(open(root / "sft" / "config.json"))).model
 
 
-def test_init_model_refuses_another_architecture(runs):
+def test_start_model_refuses_another_architecture(runs):
   root, _ = runs
-  other = make_model(dataclasses.replace(TINY, d_model=32, d_ff=64))
+  other = RunConfig(model=dataclasses.replace(TINY, d_model=32, d_ff=64))
   with pytest.raises(ValueError, match="differs"):
-    policy_train.init_model(other, {"init": str(root / "sft")})
+    start_model(str(root / "sft"), other)

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxnll.argtypes import (
+from jaxnll.bench import harness, records
+from jaxnll.bench.argtypes import (
   batch_tokens,
   fraction_list,
   nonnegative_int,
@@ -18,7 +19,6 @@ from jaxnll.argtypes import (
   positive_float,
   positive_int,
 )
-from jaxnll.bench import harness, records
 from jaxnll.bench.impls import SUITE, implementations
 from jaxnll.bench.report import report, summary
 from jaxnll.bench.specs import (

@@ -1,7 +1,9 @@
 """The run loop behind ``jaxnll train`` and ``jaxnll eval``.
 
 :func:`fit` trains a :class:`~jaxnll.train.run.RunConfig` into a run directory: the step of
-:mod:`jaxnll.train.step` on the objective the configuration selects, checkpoints,
+:mod:`jaxnll.train.step` on the objective of the task it is given (by a training mode of
+:mod:`jaxnll.train.modes`, which this module does not import; plain fine-tuning by default),
+checkpoints,
 ``metrics.jsonl``, plots, held-out evaluation and greedy samples; on any ``data`` × ``model``
 mesh and over several processes (:mod:`jaxnll.train.runtime`).
 """
@@ -16,7 +18,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,28 +29,25 @@ from jax.sharding import PartitionSpec as P
 
 from jaxnll import parallel
 from jaxnll.train import data as data_lib
-from jaxnll.train import generate, policy, runtime, teacher
+from jaxnll.train import generate, runtime
 from jaxnll.train import metrics as metrics_lib
-from jaxnll.train import preference as preference_lib
 from jaxnll.train import run as run_lib
 from jaxnll.train.model import count_params
-from jaxnll.train.objectives import Task
+from jaxnll.train.objectives import Task, TaskBuilder
 from jaxnll.train.run import RunConfig, build_trainer, checkpointer, load_examples, restore_state
 from jaxnll.train.step import eval_step, make_schedule, micro_batches, train_step_fn
 
-#: Task builders, tried in order: ``builder(run_config, train_examples, out_dir, log=...)``
-#: returns the :class:`~jaxnll.train.objectives.Task` of a run it handles, else None; a run no
-#: builder claims is supervised fine-tuning (``config.train``'s objective).
-TASK_BUILDERS = [teacher.make_task, preference_lib.make_task, policy.make_task]
 
+class Supervised:
+  """The task builder of plain fine-tuning (``config.train``'s objective on ``config.data``):
+  :func:`fit`'s default; the training modes of :mod:`jaxnll.train.modes` are the others."""
 
-def make_task(config: RunConfig, train_examples, out_dir: str, *, log=print) -> Task:
-  """The :class:`~jaxnll.train.objectives.Task` that ``config`` trains."""
-  for build in TASK_BUILDERS:
-    task = build(config, train_examples, out_dir, log=log)
-    if task is not None:
-      return task
-  return Task(config.train.objective())
+  def examples(self, config: RunConfig):
+    return load_examples(config.data)
+
+  def task(self, config: RunConfig, train_examples, out_dir: str, *, log=print) -> Task:
+    del train_examples, out_dir, log
+    return Task(config.train.objective())
 
 
 def _on_mesh(mesh: Mesh | None):
@@ -159,9 +158,16 @@ def fit(
   progress: bool = True,
   log: Callable[[str], None] = print,
   mesh: str | Mesh | None = None,
+  task: TaskBuilder | None = None,
+  run_files: Sequence[str] = run_lib.RUN_FILES,
   _fault: Fault | None = None,
 ) -> dict[str, Any]:
   """Trains ``config`` into ``out_dir`` (the loop behind ``jaxnll train``).
+
+  ``task`` builds what is trained (:class:`~jaxnll.train.objectives.TaskBuilder`: the run's
+  examples and its :class:`~jaxnll.train.objectives.Task`; default :class:`Supervised`, plain
+  fine-tuning); a configuration of another training mode needs its mode
+  (:func:`jaxnll.train.modes.fit` passes it).  ``run_files``: what ``overwrite`` removes.
 
   Writes ``config.json``, ``metrics.jsonl`` (one record per step), ``loss.png``,
   ``checkpoints/`` (every ``checkpoint_every`` steps and always on exit) and ``summary.json``.
@@ -197,7 +203,17 @@ def fit(
   t_start = time.perf_counter()
   fault = _fault or (lambda phase, step: None)
   with runtime.StopRequest() as stop:
-    run = _set_up(config, out_dir, resume=resume, overwrite=overwrite, mesh=mesh, log=log)
+    if task is None:
+      if config.distill or config.preference or config.policy:
+        raise ValueError(
+          "fit: this configuration is a training mode's (distill / preference / policy); "
+          "train it with jaxnll.train.modes.fit, which passes the mode's task"
+        )
+      task = Supervised()
+    run = _set_up(
+      config, out_dir, task, resume=resume, overwrite=overwrite, mesh=mesh, log=log,
+      run_files=run_files,
+    )  # fmt: skip
     start, state, records = _initial_state(run, resume=resume)
     h_sums, h_counts = run.heldout(state)
     before = {"heldout_nll": _heldout_line(h_sums, h_counts)}
@@ -220,7 +236,7 @@ def fit(
       raise KeyboardInterrupt(_ends_at(run, "stopped at once")) from None
 
 
-def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
+def _set_up(config, out_dir, builder, *, resume, overwrite, mesh, log, run_files) -> _Run:
   """Checks the run directory, the mesh and the data (before any model is built), writes
   ``config.json``, then builds the task; every input mistake is a one-line ``ValueError``."""
   primary = runtime.is_primary()
@@ -246,7 +262,7 @@ def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
   mesh = mesh if isinstance(mesh, Mesh) else parallel.make_mesh(mesh)
   spec = config.batch
   data_lib.check_rows(spec, accum=config.train.accum, devices=parallel.axis_size(mesh, "data"))
-  train_examples, heldout_examples = load_examples(config.data)
+  train_examples, heldout_examples = builder.examples(config)
   train_examples = data_lib.drop_long(train_examples, spec.length)
   heldout_examples = data_lib.drop_long(heldout_examples, spec.length)
   where = config.data or "the embedded data set"
@@ -256,12 +272,12 @@ def _set_up(config, out_dir, *, resume, overwrite, mesh, log) -> _Run:
   runtime.barrier("jaxnll-fit-directory-checked")
   if primary:
     if overwrite:
-      run_lib.clear_run_files(out_dir)
+      run_lib.clear_run_files(out_dir, run_files)
     os.makedirs(out_dir, exist_ok=True)
   runtime.barrier("jaxnll-fit-directory-made")
   # The task checks its settings before config.json makes the directory a run: a refused
   # command leaves nothing that a corrected one would have to --overwrite.
-  task = make_task(config, train_examples, out_dir, log=log)
+  task = builder.task(config, train_examples, out_dir, log=log)
   if primary:
     run_lib.write_config(os.path.join(out_dir, "config.json"), config)
   runtime.barrier("jaxnll-fit-directory-ready")
@@ -282,13 +298,15 @@ def _initial_state(run: _Run, *, resume: bool):
   """The sharded state to start from, its step and the records kept: a new model, or the
   latest checkpoint and the records up to its step (``metrics.jsonl`` repaired)."""
   config, mesh = run.config, run.mesh
+  at = _resume_step(run) if resume else 0  # None: the newest checkpoint
   trainer = build_trainer(config)
+  if at == 0:
+    run.task.initialize(trainer.model)  # a mode that starts from a trained run sets it here
   runtime.annotate_partitioning(trainer, mesh)
   run.graphdef, state = nnx.split(trainer)
   run.shardings = runtime.state_shardings(state, mesh)
   start, records = 0, []
   if resume:
-    at = _resume_step(run)
     if at != 0:  # read straight into this run's layout, whatever mesh wrote the checkpoint
       start, state = restore_state(run.ckpt_dir, runtime.abstract(state, run.shardings), at)
     records = metrics_lib.repair_records(run.metrics_path, start, write=run.primary)
@@ -486,8 +504,9 @@ def _one_step(run: _Run, done: _Committed, item, step_fn, aggregate, records, fa
   ids = item.batch["sample_ids"]
   lr = make_schedule(config.train, config.total_schedule_steps)(step - 1)
   record = metrics_lib.step_record(
-    step=step, epoch=item.epoch, out=out, sample_ids=ids, seconds=seconds, lr=float(lr)
-  )
+    step=step, epoch=item.epoch, out=out, sample_ids=ids, seconds=seconds, lr=float(lr),
+    means=tuple(run.task.objective.means),
+  )  # fmt: skip
   run.task.annotate(record, out, ids)
   aggregate.add(out["sample_sums"], out["sample_counts"], ids)
   record["epoch_sum"], record["epoch_count"] = aggregate.sum, aggregate.count
@@ -507,6 +526,7 @@ def _finish(run: _Run, done: _Committed, records, before, *, stop, seconds) -> d
   """The end of the run: held-out evaluation, sample table, plot and ``summary.json``."""
   if run.primary:
     metrics_lib.plot_losses(records, os.path.join(run.out_dir, "loss.png"))
+    run.task.plot(records, run.out_dir)
   trainer = nnx.merge(run.graphdef, done.state)
   summary = {
     "steps": done.step,

@@ -105,11 +105,15 @@ def tokens_per_second(tokens: float, seconds: float) -> float:
 # ----------------------------------------------------------------------------- run files
 
 
-def step_record(*, step, epoch, out, sample_ids, seconds, lr) -> dict[str, Any]:
+def step_record(
+  *, step, epoch, out, sample_ids, seconds, lr, means: Sequence[str] = ("full_loss",)
+) -> dict[str, Any]:
   """The ``metrics.jsonl`` record of one step from the train step's (host) metrics.
 
   Per-sample figures are lists aligned with ``sample_ids`` (data-set indices): NLL sums
-  (``sample_nll``) and target-token counts (``sample_tokens``).
+  (``sample_nll``) and target-token counts (``sample_tokens``); the objective's ``means``
+  (its logged names, :attr:`jaxnll.train.objectives.Objective.means`) under those names,
+  where the step reported them.
   """
   ids = np.asarray(sample_ids)
   keep = ids >= 0
@@ -128,8 +132,9 @@ def step_record(*, step, epoch, out, sample_ids, seconds, lr) -> dict[str, Any]:
     "sample_nll": [round(float(x), 5) for x in np.asarray(out["sample_sums"])[keep]],
     "sample_tokens": [int(x) for x in np.asarray(out["sample_counts"])[keep]],
   }
-  if "full_loss" in out:
-    record["full_loss"] = float(out["full_loss"])
+  for name in means:
+    if name in out and name not in record:
+      record[name] = float(out[name])
   return record
 
 

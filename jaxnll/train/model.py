@@ -259,15 +259,16 @@ class _LanguageModel(nnx.Module):
 
   config: ModelConfig
 
-  def _init_io(self, config: ModelConfig, width: int, *, rngs: nnx.Rngs):
+  def _init_io(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    """Embedding, final norm and (untied) head; both architectures' hidden width is
+    ``d_model``, so a tied head is always the embedding table."""
     self.config = config
+    width = config.d_model
     self.embed = nnx.Embed(
       config.vocab_size, config.d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
     )
     self.final_norm = nnx.RMSNorm(width, rngs=rngs)
     if config.tie_embeddings:
-      if width != config.d_model:
-        raise ValueError("tie_embeddings needs the hidden width to equal d_model")
       self.head = None
     else:
       self.head = nnx.Linear(width, config.vocab_size, use_bias=False, rngs=rngs)
@@ -347,7 +348,7 @@ class Transformer(_LanguageModel):
   """Decoder-only transformer: embed, ``num_layers`` pre-norm blocks, final norm, head."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self._init_io(config, config.d_model, rngs=rngs)
+    self._init_io(config, rngs=rngs)
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
 
   def _body(self, x, segment_ids, positions, span_mask):
@@ -394,7 +395,7 @@ class LSTMLM(_LanguageModel):
   """Stacked LSTM language model (:class:`flax.nnx.LSTMCell`), hidden width ``d_model``."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self._init_io(config, config.d_model, rngs=rngs)
+    self._init_io(config, rngs=rngs)
     self.cells = nnx.List(
       [nnx.LSTMCell(config.d_model, config.d_model, rngs=rngs) for _ in range(config.num_layers)]
     )

@@ -9,22 +9,25 @@ micro-batch.  The train step (:mod:`jaxnll.train.step`) knows nothing else about
 * it logs ``loss = Σ aux["loss_sum"] / Σ aux["denominator"]`` (``loss_sum`` defaults to the
   numerator's value; an objective whose differentiated value is not its logged loss — the
   selective mode — sets it);
-* for every pair ``X_sum`` / ``X_count`` in ``aux`` it logs ``X_loss = Σ X_sum / Σ X_count``
-  (``0`` when the count is 0), and every other scalar entry as its sum over micro-batches;
+* for every mean the objective declares (:attr:`Objective.means`: ``{logged name: X}``) it
+  logs ``Σ X_sum / Σ X_count`` (``0`` when the count is 0) under that name — the name written
+  into ``metrics.jsonl`` as it is —, and every other scalar entry as its sum over
+  micro-batches;
 * ``sample_*`` entries (``[B, S]``: one value per packed sample) are per-sample metrics,
   concatenated back into the order of the batch.
 
 Everything in ``aux`` is float32 and already under ``stop_gradient`` where it is a value.
 Supervised fine-tuning (:class:`SFT`: ``"subsequence"``, ``"selective"``, ``"full"``) is
-here; distillation is :class:`jaxnll.train.teacher.Distill`.  Host-side work an objective
+here; distillation is :class:`jaxnll.train.modes.distill.Distill`.  Host-side work an objective
 needs (its batches, teacher logits added to them, extra record fields, held-out figures) is a
-:class:`Task`.
+:class:`Task`; the training modes that build them are :mod:`jaxnll.train.modes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +86,9 @@ def common_aux(batch: Batch, target_mask, valid_mask, sample_sums, num_segments)
 
 class Objective:
   """Base of the training objectives (see the module docstring for the protocol)."""
+
+  #: The means the step logs: ``{logged name: X}`` for the aux pair ``X_sum`` / ``X_count``.
+  means: ClassVar[Mapping[str, str]] = {"target_loss": "target", "full_loss": "full"}
 
   def __call__(self, model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     raise NotImplementedError
@@ -207,3 +213,27 @@ class Task:
     ``NAME_after``); none for plain fine-tuning, whose held-out NLL the loop reports."""
     del model
     return {}
+
+  def initialize(self, model: nnx.Module) -> None:
+    """Sets the parameters a new run starts from (a trained run's, for a mode that starts
+    from one); called on the fresh model of a run at step 0, before it is sharded."""
+    del model
+
+  def plot(self, records: Sequence[dict[str, Any]], out_dir: str) -> None:
+    """Writes the task's own plots into ``out_dir`` at the end of the run (the loop writes
+    ``loss.png``)."""
+    del records, out_dir
+
+
+class TaskBuilder(Protocol):
+  """What :func:`jaxnll.train.loop.fit` asks of a training mode (every mode of
+  :mod:`jaxnll.train.modes` is one; the loop imports none)."""
+
+  def examples(self, config) -> tuple[list, list]:
+    """The run's ``(train, held-out)`` examples (held-out NLL, sample table)."""
+    ...
+
+  def task(self, config, train_examples: list, out_dir: str, *, log: Callable[[str], None]) -> Task:
+    """The :class:`Task` of ``config``; may write the mode's input files into ``out_dir``
+    (which exists, and has no ``config.json`` yet on a new run)."""
+    ...

@@ -19,26 +19,20 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from flax import nnx
 
 from jaxnll.train import data as data_lib
 from jaxnll.train import metrics as metrics_lib
 from jaxnll.train.model import ModelConfig, make_model
 from jaxnll.train.step import TrainConfig, Trainer, make_optimizer
 
-#: The files and folders a run writes into its directory (``--overwrite`` removes these and
-#: nothing else). A task that writes a file of its own appends its name here.
-RUN_FILES = [
-  "config.json",
-  "metrics.jsonl",
-  "loss.png",
-  "summary.json",
-  "checkpoints",
-  "teacher_outputs.jsonl",
-  "margins.png",  # preference training
-  "chosen.jsonl",
-  "reward.png",  # policy-gradient training
-]
+#: The files and folders the run loop writes into every run directory. ``--overwrite`` removes
+#: these and the files of every training mode (:data:`jaxnll.train.modes.RUN_FILES`), nothing
+#: else.
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "summary.json", "checkpoints")
 
 
 class ConfigError(ValueError):
@@ -74,11 +68,13 @@ class RunConfig:
   checkpoint_every: int = 200
   table_rows: int = 8
   distill: dict[str, Any] | None = None
-  """Teacher distillation (:class:`jaxnll.train.teacher.DistillConfig` as a dict), or None."""
+  """Teacher distillation (:class:`jaxnll.train.modes.distill.DistillConfig` as a dict), or None."""
   preference: dict[str, Any] | None = None
-  """Preference training (:class:`jaxnll.train.preference.PreferenceConfig` as a dict), or None."""
+  """Preference training (:class:`jaxnll.train.modes.preference.PreferenceConfig` as a dict),
+  or None."""
   policy: dict[str, Any] | None = None
-  """RL from verifiable rewards (:class:`jaxnll.train.policy.PolicyConfig` as a dict), or None."""
+  """RL from verifiable rewards (:class:`jaxnll.train.modes.policy.PolicyConfig` as a dict),
+  or None."""
   schedule_steps: int | None = None
   """Length of the learning-rate schedule (None: ``steps``). Fixed when the run starts:
   ``--resume --steps M`` past it keeps the schedule, so the extra steps run at the final
@@ -259,9 +255,10 @@ def _not_a_run_config(path: str) -> str | None:
   return None
 
 
-def clear_run_files(out_dir: str) -> None:
-  """Removes the :data:`RUN_FILES` of the run in ``out_dir`` (nothing else)."""
-  for name in RUN_FILES:
+def clear_run_files(out_dir: str, names: Sequence[str] = RUN_FILES) -> None:
+  """Removes the run files ``names`` (default :data:`RUN_FILES`) of the run in ``out_dir``
+  (nothing else)."""
+  for name in names:
     path = os.path.join(out_dir, name)
     if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path)
@@ -345,13 +342,41 @@ def _cause(error: Exception) -> str:
   return text if name == "Exception" else f"{name}: {text}"
 
 
-#: ``initializer(model, config)`` hooks that set a fresh model's parameters (RL starts from a
-#: trained run's); the training modes that need one register it here when imported.
-PARAM_INITIALIZERS: list = []
-
-
 def build_trainer(config: RunConfig) -> Trainer:
-  model = make_model(config.model, seed=config.seed)
-  for initialize in PARAM_INITIALIZERS:
-    initialize(model, config)
-  return Trainer(model, make_optimizer(config.train, config.total_schedule_steps))
+  """A fresh trainer of ``config``: a new model (from ``config.seed``) and optimizer."""
+  return Trainer(
+    make_model(config.model, seed=config.seed),
+    make_optimizer(config.train, config.total_schedule_steps),
+  )
+
+
+class LoadedRun(NamedTuple):
+  """A trained run read back by :func:`load_run`."""
+
+  model: Any
+  """Its model at the latest checkpoint (None when only the configuration was asked for)."""
+  config: RunConfig
+  step: int | None
+  """The step of that checkpoint."""
+
+
+def load_run(run_dir: str, *, flag: str = "--init", weights: bool = True) -> LoadedRun:
+  """The trained run in ``run_dir``: its configuration and (``weights``) the model of its
+  latest checkpoint.  The one way a mode starts from, or is taught by, another run.
+
+  Raises:
+    FileNotFoundError: ``run_dir`` holds no ``config.json`` (naming ``flag``, the option that
+      gave the directory).
+    ConfigError, CheckpointError: the configuration or the checkpoint cannot be read.
+  """
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{flag} {run_dir}: no config.json there (a run directory written by `jaxnll train`)"
+    )
+  config = read_config(path)
+  if not weights:
+    return LoadedRun(None, config, None)
+  graphdef, state = nnx.split(build_trainer(config))
+  step, state = restore_state(os.path.join(run_dir, "checkpoints"), state)
+  return LoadedRun(nnx.merge(graphdef, state).model, config, step)

@@ -20,8 +20,8 @@ The step (:func:`train_step`, one ``nnx.jit``; its pure form :func:`train_step_f
    norm clipping (:func:`make_optimizer`).
 
 Batches are the fixed-shape dicts of :mod:`jaxnll.train.data` with a leading micro-batch axis
-``[K, B/K, ...]`` (:func:`micro_batches`); on a :class:`jax.sharding.Mesh` the ``B/K`` axis
-is split over devices (:func:`shard_batch`) and the state replicated (:func:`replicate`).
+``[K, B/K, ...]`` (:func:`micro_batches`); the run loop places them and the state on its mesh
+(:mod:`jaxnll.train.runtime`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,8 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxnll._core import safe_divide
 from jaxnll.train.objectives import SFT, Objective
@@ -172,17 +171,20 @@ def ratio(num, den):
   return safe_divide(num, den)
 
 
-def step_metrics(totals: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Logged scalars from summed aux totals (the rules of :mod:`jaxnll.train.objectives`)."""
-  den = totals["denominator"]
-  out = {"loss": ratio(totals["loss_sum"], den)}
+def step_metrics(
+  totals: dict[str, jax.Array], means: Mapping[str, str] = Objective.means
+) -> dict[str, jax.Array]:
+  """Logged scalars from summed aux totals (the rules of :mod:`jaxnll.train.objectives`):
+  ``loss``, each of ``means`` (``{logged name: X}``: ``Σ X_sum / Σ X_count``, where the
+  objective reported ``X_sum``) and every other total as it is."""
+  out = {"loss": ratio(totals["loss_sum"], totals["denominator"])}
+  averaged = set()
+  for name, x in means.items():
+    if f"{x}_sum" in totals:
+      out[name] = ratio(totals[f"{x}_sum"], totals[f"{x}_count"])
+      averaged.add(f"{x}_sum")
   for key, value in totals.items():
-    if key in ("denominator", "loss_sum"):
-      continue
-    name = key.removesuffix("_sum")
-    if key.endswith("_sum") and f"{name}_count" in totals:
-      out[f"{name}_loss"] = ratio(value, totals[f"{name}_count"])
-    else:
+    if key not in ("denominator", "loss_sum", *averaged):
       out[key] = value
   return out
 
@@ -203,7 +205,7 @@ def train_step_fn(graphdef, state, batch: Batch, *, objective: Objective = SUBSE
 
   Returns:
     ``(new_state, metrics)``: ``metrics`` holds float32 scalars ``loss`` (the trained
-    objective), every ``X_loss`` and total the objective reports (:func:`step_metrics`),
+    objective), every mean and total the objective reports (:func:`step_metrics`),
     ``grad_norm``, ``finite`` (bool: the update was applied), and the per-sample
     ``sample_*`` arrays ``[B, S]``.  When a gradient is not finite the state is returned
     unchanged except for the skip counter.
@@ -226,7 +228,7 @@ def train_step_fn(graphdef, state, batch: Batch, *, objective: Objective = SUBSE
 
   new_state = jax.lax.cond(finite, apply, skip, state)
   metrics = {
-    **step_metrics(totals),
+    **step_metrics(totals, objective.means),
     "grad_norm": optax.tree.norm(grads),
     "finite": finite,
     **per_sample,
@@ -280,24 +282,6 @@ def export_train_step(
   )
 
 
-# ----------------------------------------------------------------------------- devices
-
-
-def data_mesh(devices=None) -> Mesh:
-  """A one-axis (``"data"``) mesh over ``devices`` (default: all local devices)."""
-  return Mesh(np.asarray(jax.local_devices() if devices is None else devices), ("data",))
-
-
 def micro_batches(batch: Batch, accum: int) -> Batch:
   """``[B, ...]`` host arrays to ``[accum, B / accum, ...]`` (consecutive rows together)."""
   return {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in batch.items()}
-
-
-def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
-  """Puts a micro-batched batch on ``mesh``, rows of each micro-batch split over devices."""
-  return jax.device_put(batch, NamedSharding(mesh, P(None, "data")))
-
-
-def replicate(tree, mesh: Mesh):
-  """Copies ``tree`` (parameters, optimizer state) to every device of ``mesh``."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))

@@ -1,6 +1,8 @@
 """Command-line value domains: ``argparse`` ``type=`` validators shared by ``jaxnll train``,
-``eval`` and ``bench``.  A value outside its domain is refused while parsing, in one line
-naming the flag (``argument --steps: must be an integer >= 1, got '0'``).
+``eval`` and ``bench``.  Application code (standard library only), kept in the benchmark
+package, the application package that loads no flax: ``jaxnll bench`` parses without the
+training extra.  A value outside its domain is refused while parsing, in one line naming the
+flag (``argument --steps: must be an integer >= 1, got '0'``).
 """
 
 from __future__ import annotations
@@ -98,17 +100,3 @@ def output_file(text: str) -> str:
   if not os.path.isdir(parent):
     raise argparse.ArgumentTypeError(f"{text}: no such directory {parent}")
   return text
-
-
-def mode_options(args, names, *, enabled: bool, needs: str) -> dict:
-  """The options ``names`` of a training mode that the command line set (not ``None``).
-
-  Raises:
-    ValueError: some are set but the mode is off (``enabled`` false), naming the flags and
-      ``needs``, what turns the mode on.
-  """
-  given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-  if given and not enabled:
-    flags = ", ".join("--" + name.replace("_", "-") for name in given)
-    raise ValueError(f"{flags} need {needs}")
-  return given

@@ -60,7 +60,7 @@ import json
 import os
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -69,12 +69,12 @@ from flax import nnx
 
 from jaxnll import parallel
 from jaxnll import preference as pref
-from jaxnll.argtypes import mode_options
 from jaxnll.nll import sequence_nll
 from jaxnll.train import data as data_lib
 from jaxnll.train.model import count_params
+from jaxnll.train.modes.base import Mode, copy_params, given_options, start_model
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux
-from jaxnll.train.run import RunConfig, build_trainer, checkpointer, restore_state
+from jaxnll.train.run import RunConfig, load_examples, load_run
 from jaxnll.train.step import eval_step
 
 F32 = jnp.float32
@@ -397,6 +397,11 @@ class Preference(Objective):
   gamma: float = 0.5
   label_smoothing: float = 0.0
   fused: bool = False
+  means: ClassVar = {
+    **Objective.means,
+    **{n: n for n in ("accuracy", "margin", "chosen_reward", "rejected_reward")},
+    **{n: n for n in ("chosen_nll", "rejected_nll")},
+  }
 
   def pair_losses(self, nll, counts, ref_nll=None):
     """Per-pair losses and :func:`jaxnll.preference_metrics` from per-row NLL and counts."""
@@ -471,20 +476,6 @@ class Preference(Objective):
 
 
 # ----------------------------------------------------------------------------- the run glue
-
-
-def load_run_model(run_dir: str, flag: str = "--init"):
-  """The trained model of ``run_dir`` (latest checkpoint): ``(model, run_config, step)``."""
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(
-      f"{flag} {run_dir}: no config.json there (a run directory written by `jaxnll train`)"
-    )
-  with open(config_path) as f:
-    run = RunConfig.from_dict(json.load(f))
-  graphdef, state = nnx.split(build_trainer(run))
-  step, state = restore_state(os.path.join(run_dir, "checkpoints"), state)
-  return nnx.merge(graphdef, state).model, run, step
 
 
 def sequence_nlls(model, samples: Sequence[data_lib.Sample], spec, *, fused=False):
@@ -569,20 +560,24 @@ class PreferenceTask(Task):
     self.train_samples = pair_samples(train, length)
     self.heldout = heldout
     self.heldout_rows = [s for pair in pair_samples(heldout, length) for s in pair]
-    self.reference = None
+    # The policy starts from the --init run; for DPO / IPO / hinge it is the frozen reference.
+    self.start, step = start_model(config.init, run)
+    self.reference = self.start if config.uses_reference else None
     self.ref_heldout = None
-    if config.uses_reference:
-      self.reference, ref_run, step = load_run_model(config.init)
-      if ref_run.model != run.model:
-        raise ValueError(f"the reference run {config.init} has another model configuration")
-      log(
-        f"reference: {count_params(self.reference):,} parameters from {config.init} (step {step})"
-      )
+    log(
+      f"policy: from {config.init} (step {step})"
+      + (f"; reference: {count_params(self.start):,} parameters" if self.reference else "")
+    )
     log(
       f"preference: {config.kind}, β={config.beta}"
       + (f", γ={config.gamma}" if config.kind == "simpo" else "")
       + f"; {len(self.train_samples)} training / {len(heldout)} held-out pairs"
     )
+    if run.data is not None and not os.path.exists(run.data):  # for `jaxnll eval --run`
+      data_lib.write_jsonl([p.example("chosen") for p in load_pairs(config.data)], run.data)
+
+  def initialize(self, model) -> None:
+    copy_params(self.start, model)
 
   def stream(self, samples, spec, *, seed: int, start_step: int = 0):
     del samples
@@ -595,10 +590,8 @@ class PreferenceTask(Task):
     return {**batch, "ref_nll": np.asarray(jax.device_get(sums))[:, 0]}
 
   def annotate(self, record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
-    for name in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
-      record[name] = float(out[f"{name}_loss"])
-    record["chosen_nll"] = float(out["chosen_nll_loss"])
-    record["rejected_nll"] = float(out["rejected_nll_loss"])
+    """Adds the number of pairs and the per-row ``sample_pair_loss`` (``accuracy``,
+    ``margin``, ... are the objective's means, recorded by the loop)."""
     record["pairs"] = int(out["accuracy_count"])
     keep = np.asarray(sample_ids)[:, 0] >= 0
     record["sample_pair_loss"] = [
@@ -616,6 +609,9 @@ class PreferenceTask(Task):
       self.ref_heldout = sequence_nlls(placed, self.heldout_rows, self.spec, fused=self.fused)[0]
     return pair_figures(self.config.kind, self.config.beta, sums, counts, self.ref_heldout)
 
+  def plot(self, records, out_dir: str) -> None:
+    plot_margins(records, out_dir)
+
 
 def _placed_like(model: nnx.Module, like: nnx.Module) -> nnx.Module:
   """``model`` with each array on the devices and with the sharding of ``like``'s."""
@@ -624,94 +620,6 @@ def _placed_like(model: nnx.Module, like: nnx.Module) -> nnx.Module:
   targets = jax.tree.leaves(nnx.state(like))
   placed = [jax.device_put(x, t.sharding) for x, t in zip(leaves, targets, strict=True)]
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, placed))
-
-
-def make_task(run, train_examples, out_dir: str, *, log=print) -> PreferenceTask | None:
-  """The :class:`PreferenceTask` of a run whose ``run.preference`` is set, else ``None`` (a
-  task builder of :data:`jaxnll.train.loop.TASK_BUILDERS`)."""
-  del train_examples
-  if getattr(run, "preference", None) is None:
-    return None
-  return PreferenceTask(PreferenceConfig.from_dict(run.preference), run, out_dir, log=log)
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def run_config(config: RunConfig, out_dir: str) -> RunConfig:
-  """``config`` for a preference run: the init run's model and row length, and as ``data``
-  the chosen answers (``out_dir/chosen.jsonl`` for a pairs file; the embedded SFT set, whose
-  answers are the chosen ones, otherwise)."""
-  p = PreferenceConfig.from_dict(config.preference)
-  path = os.path.join(p.init, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"--init {p.init}: no config.json there (a run directory written by `jaxnll train`)"
-    )
-  with open(path) as f:
-    init = RunConfig.from_dict(json.load(f))
-  batch = dataclasses.replace(config.batch, length=init.batch.length)
-  data = None
-  if p.data is not None:
-    pairs = load_pairs(p.data)
-    data = os.path.join(os.path.abspath(out_dir), "chosen.jsonl")
-    os.makedirs(out_dir, exist_ok=True)
-    data_lib.write_jsonl([q.example("chosen") for q in pairs], data)
-  return dataclasses.replace(config, model=init.model, batch=batch, data=data)
-
-
-def fit(
-  config: RunConfig,
-  out_dir: str,
-  *,
-  resume: bool = False,
-  overwrite: bool = False,
-  log=print,
-  train_loop,
-  **kwargs,
-):
-  """Trains the preference run ``config`` into ``out_dir`` (``jaxnll train --loss dpo ...``).
-
-  Not resuming, the run directory (new, empty, or a run replaced with ``overwrite``: the rules
-  of :func:`jaxnll.train.run.check_run_dir`) is seeded with ``config.json``
-  (:func:`run_config`) and a step-0 checkpoint holding the init run's parameters with a fresh
-  optimizer; then :func:`jaxnll.train.loop.fit` continues from it, so ``--resume`` later works
-  as for SFT (``train_loop``: that function, passed in so that this module need not import
-  the loop that registers it).  Writes ``margins.png`` besides the loop's outputs.
-  """
-  import orbax.checkpoint as ocp
-
-  from jaxnll.train import run as run_lib
-
-  run_lib.check_run_dir(out_dir, resume=resume, overwrite=overwrite)
-  if resume:
-    summary = train_loop(config, out_dir, resume=True, log=log, **kwargs)
-  else:
-    check_run(config)
-    if overwrite:
-      run_lib.clear_run_files(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    try:
-      config = run_config(config, out_dir)
-      run_lib.write_config(os.path.join(out_dir, "config.json"), config)
-      init_model, _, init_step = load_run_model(config.preference["init"])
-      trainer = build_trainer(config)
-      nnx.update(trainer.model, nnx.state(init_model))
-      with checkpointer(os.path.join(out_dir, "checkpoints")) as manager:
-        manager.save(0, args=ocp.args.StandardSave(nnx.state(trainer)), force=True)
-        manager.wait_until_finished()
-      log(f"policy: from {config.preference['init']} (step {init_step})")
-      summary = train_loop(config, out_dir, resume=True, log=log, **kwargs)
-    except ValueError:
-      # Refused before its first step: remove the seed this call wrote, so that the corrected
-      # command needs no --overwrite (only the run's own files; nothing else is there).
-      if not os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        run_lib.clear_run_files(out_dir)
-      raise
-  from jaxnll.train import metrics as metrics_lib
-
-  plot_margins(metrics_lib.read_records(os.path.join(out_dir, "metrics.jsonl")), out_dir)
-  return summary
 
 
 def plot_margins(records: Sequence[dict[str, Any]], out_dir: str) -> str:
@@ -739,38 +647,87 @@ def plot_margins(records: Sequence[dict[str, Any]], out_dir: str) -> str:
   return path
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- the mode
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """The ``jaxnll train`` options of preference training (``--loss dpo|ipo|simpo|orpo``)."""
-  g = parser.add_argument_group(
-    "preference optimisation (--loss dpo|ipo|simpo|orpo: train a trained run on answer pairs)"
-  )
-  g.add_argument("--beta", type=float, help="β of the loss (default: 0.1; simpo 2.0)")
-  g.add_argument("--gamma", type=float, help="SimPO's target margin γ (default: 0.5)")
-  g.add_argument(
-    "--label-smoothing", type=float, help="conservative DPO's ε in [0, 0.5) (default: 0)"
-  )
+class PreferenceMode(Mode):
+  """``--loss dpo|ipo|simpo|orpo --init RUN_DIR``: a trained run optimised on answer pairs."""
+
+  def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+      "preference optimisation (--loss dpo|ipo|simpo|orpo: train a trained run on answer pairs)"
+    )
+    g.add_argument("--beta", type=float, help="β of the loss (default: 0.1; simpo 2.0)")
+    g.add_argument("--gamma", type=float, help="SimPO's target margin γ (default: 0.5)")
+    g.add_argument(
+      "--label-smoothing", type=float, help="conservative DPO's ε in [0, 0.5) (default: 0)"
+    )
+
+  def selected(self, args) -> bool:
+    return args.loss in KINDS
+
+  def settings(self, args) -> dict[str, Any] | None:
+    """``RunConfig.preference`` from parsed arguments (``None`` for the other losses)."""
+    given = given_options(
+      args,
+      ("beta", "gamma", "label_smoothing"),
+      enabled=self.selected(args),
+      needs="--loss dpo|ipo|simpo|orpo",
+    )
+    if not self.selected(args):
+      return None
+    if args.init is None:
+      raise ValueError(f"--loss {args.loss} needs --init RUN_DIR (a trained run to start from)")
+    data = None if args.data is None else os.path.abspath(args.data)
+    return PreferenceConfig(
+      init=os.path.abspath(args.init), kind=args.loss, data=data, **given
+    ).to_dict()
+
+  def configure(self, config: RunConfig, settings, out_dir: str) -> RunConfig:
+    """``config`` for a preference run: the init run's model and row length, and as ``data``
+    the chosen answers (``out_dir/chosen.jsonl``, written when the run starts, for a pairs
+    file; the embedded SFT set, whose answers are the chosen ones, otherwise)."""
+    p = PreferenceConfig.from_dict(settings)
+    init = load_run(p.init, weights=False).config
+    batch = dataclasses.replace(config.batch, length=init.batch.length)
+    data = None if p.data is None else os.path.join(os.path.abspath(out_dir), "chosen.jsonl")
+    config = dataclasses.replace(
+      config, model=init.model, batch=batch, data=data, preference=settings
+    )
+    check_run(config)  # before the run loop's own checks: the pair layout's reasons first
+    return config
+
+  def loss(self, config: RunConfig) -> str:
+    return config.preference["kind"]
+
+  def data(self, config: RunConfig) -> str | None:
+    return config.preference["data"]
+
+  def examples(self, config: RunConfig):
+    """The chosen answers of the pairs, split like the pairs (the embedded SFT set)."""
+    p = PreferenceConfig.from_dict(config.preference)
+    if p.data is None:
+      return load_examples(None)
+    chosen = [q.example("chosen") for q in load_pairs(p.data)]
+    if len(chosen) < 10:
+      raise data_lib.DataError(
+        f"{p.data}: {len(chosen)} pair(s); every tenth pair is held out for evaluation, so at "
+        "least 10 are needed"
+      )
+    return data_lib.split_examples(chosen, "train"), data_lib.split_examples(chosen, "heldout")
+
+  def task(self, config: RunConfig, train_examples, out_dir: str, *, log=print):
+    del train_examples
+    settings = PreferenceConfig.from_dict(config.preference)
+    return PreferenceTask(settings, config, out_dir, log=log)
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-  """``RunConfig.preference`` from parsed arguments (``None`` for the SFT losses)."""
-  given = mode_options(
-    args,
-    ("beta", "gamma", "label_smoothing"),
-    enabled=args.loss in KINDS,
-    needs="--loss dpo|ipo|simpo|orpo",
-  )
-  if args.loss not in KINDS:
-    if args.init and args.loss != "grpo":
-      raise ValueError("--init needs --loss dpo|ipo|simpo|orpo|grpo")
-    return None
-  if args.init is None:
-    raise ValueError(f"--loss {args.loss} needs --init RUN_DIR (a trained run to start from)")
-  if getattr(args, "teacher", None):
-    raise ValueError("--teacher (distillation) and preference losses do not combine")
-  data = None if args.data is None else os.path.abspath(args.data)
-  return PreferenceConfig(
-    init=os.path.abspath(args.init), kind=args.loss, data=data, **given
-  ).to_dict()
+MODE = PreferenceMode(
+  "preference",
+  section="preference",
+  losses=CLI_KINDS,
+  files=("margins.png", "chosen.jsonl"),
+  defaults={"steps": DEFAULT_STEPS, "learning_rate": DEFAULT_LR},
+  saved={k: k for k in ("beta", "gamma", "label_smoothing", "init")},
+  paths=("init",),
+)

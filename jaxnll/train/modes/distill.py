@@ -47,7 +47,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,6 @@ import numpy as np
 from flax import nnx
 
 from jaxnll import parallel
-from jaxnll.argtypes import mode_options
 from jaxnll.distill import segment_distill_cross_entropy
 from jaxnll.fused.distill import KINDS as KD_KINDS
 from jaxnll.fused.distill import linear_distill_loss
@@ -64,8 +63,9 @@ from jaxnll.spans import shift_targets
 from jaxnll.train import data as data_lib
 from jaxnll.train import generate
 from jaxnll.train.model import count_params
+from jaxnll.train.modes.base import Mode, given_options
 from jaxnll.train.objectives import Objective, Task, batch_masks, common_aux, segment_counts
-from jaxnll.train.run import RunConfig, build_trainer, restore_state
+from jaxnll.train.run import load_run
 
 F32 = jnp.float32
 KD_MODES = ("token", "sequence")
@@ -153,6 +153,7 @@ class Distill(Objective):
 
   config: DistillConfig
   teacher_head: TeacherHead | None = None  # set: the fused token mode
+  means: ClassVar = {**Objective.means, "kd_loss": "kd"}
 
   def _fused_token(self, model: nnx.Module, batch: Batch, targets, target_mask, seg, num_segments):
     """Per-segment NLL and KD sums ``[B, S]`` (differentiable) through both fused heads."""
@@ -226,20 +227,6 @@ class Distill(Objective):
 
 
 # ----------------------------------------------------------------------------- the teacher
-
-
-def load_teacher(run_dir: str):
-  """The trained model of ``run_dir`` (latest checkpoint): ``(model, run_config, step)``."""
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(
-      f"--teacher {run_dir}: no config.json there (a run directory written by `jaxnll train`)"
-    )
-  with open(config_path) as f:
-    run = RunConfig.from_dict(json.load(f))
-  graphdef, state = nnx.split(build_trainer(run))
-  step, state = restore_state(os.path.join(run_dir, "checkpoints"), state)
-  return nnx.merge(graphdef, state).model, run, step
 
 
 @nnx.jit
@@ -322,7 +309,7 @@ class Distiller(Task):
     if config.kd == "sequence" and run.batch.pack:
       raise ValueError("--kd sequence needs unpacked batches (one sample per row): drop --pack")
     self.config = config
-    self.teacher, teacher_run, step = load_teacher(config.teacher)
+    self.teacher, teacher_run, step = load_run(config.teacher, flag="--teacher")
     if teacher_run.model.vocab_size != run.model.vocab_size:
       raise ValueError(
         f"teacher vocabulary ({teacher_run.model.vocab_size}) differs from the student's "
@@ -394,63 +381,74 @@ class Distiller(Task):
     }
 
   def annotate(self, record: dict[str, Any], out: dict[str, Any], sample_ids) -> dict[str, Any]:
-    """Adds ``kd_loss`` and the per-sample ``sample_kd`` / ``sample_kd_tokens`` to a record."""
+    """Adds the per-sample ``sample_kd`` / ``sample_kd_tokens`` to a record (``kd_loss`` is
+    one of the objective's means, recorded by the loop)."""
     keep = np.asarray(sample_ids) >= 0
-    record["kd_loss"] = float(out["kd_loss"])
     record["sample_kd"] = [round(float(x), 5) for x in np.asarray(out["sample_kd_sums"])[keep]]
     record["sample_kd_tokens"] = [int(x) for x in np.asarray(out["sample_kd_counts"])[keep]]
     return record
 
 
-def make_task(run, train_examples, out_dir: str, *, log=print) -> Distiller | None:
-  """The :class:`Distiller` of a run whose ``run.distill`` is set, else ``None`` (a task
-  builder of :data:`jaxnll.train.loop.TASK_BUILDERS`)."""
-  if getattr(run, "distill", None) is None:
-    return None
-  return Distiller(DistillConfig.from_dict(run.distill), run, train_examples, out_dir, log=log)
+# ----------------------------------------------------------------------------- the mode
 
 
-# ----------------------------------------------------------------------------- command line
+class Distillation(Mode):
+  """``--teacher RUN_DIR``: the student of the command line trained from a teacher run."""
+
+  def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distillation (train this model from a trained teacher run)")
+    g.add_argument("--teacher", metavar="RUN_DIR", help="run directory of the teacher")
+    g.add_argument(
+      "--kd-weight", type=float, metavar="ALPHA", help="α in (1-α)·NLL + α·KD (default: 0.5)"
+    )
+    g.add_argument(
+      "--temperature",
+      type=float,
+      metavar="TAU",
+      help="softmax temperature of --kd token; its term is scaled by τ² (default: 1.0)",
+    )
+    g.add_argument(
+      "--kd",
+      choices=KD_MODES,
+      help="token: match the teacher's next-token distributions (default); "
+      "sequence: NLL of the teacher's greedy answers",
+    )
+    g.add_argument(
+      "--kd-kind",
+      choices=KD_KINDS,
+      help="divergence of --kd token: ce (default), kl, reverse_kl, jsd; reverse_kl and jsd "
+      "need --fused",
+    )
+    g.add_argument(
+      "--kd-beta", type=float, metavar="BETA", help="β of --kd-kind jsd (default: 0.5)"
+    )
+
+  def selected(self, args) -> bool:
+    return args.teacher is not None
+
+  def settings(self, args) -> dict[str, Any] | None:
+    """``RunConfig.distill`` from parsed arguments (``None`` without ``--teacher``)."""
+    given = given_options(
+      args,
+      ("kd_weight", "temperature", "kd", "kd_kind", "kd_beta"),
+      enabled=self.selected(args),
+      needs="--teacher RUN_DIR",
+    )
+    if not self.selected(args):
+      return None
+    renamed = {"kd_kind": "kind", "kd_beta": "beta"}
+    given = {renamed.get(k, k): v for k, v in given.items()}
+    return DistillConfig(teacher=os.path.abspath(args.teacher), **given).to_dict()
+
+  def task(self, config, train_examples, out_dir: str, *, log=print) -> Distiller:
+    settings = DistillConfig.from_dict(config.distill)
+    return Distiller(settings, config, train_examples, out_dir, log=log)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """The ``jaxnll train`` options of distillation."""
-  g = parser.add_argument_group("distillation (train this model from a trained teacher run)")
-  g.add_argument("--teacher", metavar="RUN_DIR", help="run directory of the teacher")
-  g.add_argument(
-    "--kd-weight", type=float, metavar="ALPHA", help="α in (1-α)·NLL + α·KD (default: 0.5)"
-  )
-  g.add_argument(
-    "--temperature",
-    type=float,
-    metavar="TAU",
-    help="softmax temperature of --kd token; its term is scaled by τ² (default: 1.0)",
-  )
-  g.add_argument(
-    "--kd",
-    choices=KD_MODES,
-    help="token: match the teacher's next-token distributions (default); "
-    "sequence: NLL of the teacher's greedy answers",
-  )
-  g.add_argument(
-    "--kd-kind",
-    choices=KD_KINDS,
-    help="divergence of --kd token: ce (default), kl, reverse_kl, jsd; reverse_kl and jsd "
-    "need --fused",
-  )
-  g.add_argument("--kd-beta", type=float, metavar="BETA", help="β of --kd-kind jsd (default: 0.5)")
-
-
-def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-  """``RunConfig.distill`` from parsed arguments (``None`` without ``--teacher``)."""
-  given = mode_options(
-    args,
-    ("kd_weight", "temperature", "kd", "kd_kind", "kd_beta"),
-    enabled=args.teacher is not None,
-    needs="--teacher RUN_DIR",
-  )
-  if args.teacher is None:
-    return None
-  renamed = {"kd_kind": "kind", "kd_beta": "beta"}
-  given = {renamed.get(k, k): v for k, v in given.items()}
-  return DistillConfig(teacher=os.path.abspath(args.teacher), **given).to_dict()
+MODE = Distillation(
+  "distill",
+  section="distill",
+  files=("teacher_outputs.jsonl",),
+  saved={k: k for k in ("teacher", "kd_weight", "temperature", "kd")},
+  paths=("teacher",),
+)
