@@ -120,7 +120,7 @@ class DistillPlan:
   @property
   def student_opts(self) -> TokenOptions:
     """The student's logits are scored at ``τ = 1`` (the NLL's); the divergence divides them
-    by ``τ`` itself (:func:`_tempered`)."""
+    by ``τ`` itself (``_tempered``)."""
     return dataclasses.replace(self.opts, temperature=1.0)
 
   def head_plan(self, layout: str, *, student: bool = False) -> Plan:
@@ -331,7 +331,7 @@ def _forward(plan: DistillPlan, s: Compacted, t: Compacted):
 
 def _grad_tile(plan: DistillPlan, tile, stats, scales, ok, target=None):
   """``scale · ∂D/∂x_s (+ scale_nll · ∂NLL/∂x_s)`` of one tile (f32 ``[C, K]``, raw student
-  logits ``x_s``); ``tile = (x_s, z_s, z_t)`` as from :func:`_tile`, ``target = (y, first,
+  logits ``x_s``); ``tile = (x_s, z_s, z_t)`` as from ``_tile``, ``target = (y, first,
   vocab)``: the NLL's target ids, the tile's first vocabulary id and the vocabulary.  Each
   term is gated by its own cotangent: a row with a zero scale sends back exactly 0 from it, a
   differentiated row with a non-finite value (or an NLL target outside ``[0, V)``) NaN."""
@@ -439,7 +439,7 @@ def _tiled_backward(
 
 #: The kernels by implementation name (one :class:`Kernel` each): ``"chunked"`` and
 #: ``"token_chunked"`` share the tiled kernel above, with their own plans
-#: (:func:`_kernel_plan`).
+#: (``_kernel_plan``).
 KERNELS: dict[str, Kernel] = {
   "chunked": Kernel(_tiled_forward, _tiled_backward),
   "token_chunked": Kernel(_tiled_forward, _tiled_backward),
@@ -770,7 +770,7 @@ def _rows(plan: DistillPlan, xs, xt, ok):
 
 
 def _scored(plan: DistillPlan, xs, xt, ok):
-  """``(x_s, z_s, z_t)`` of materialised logits, as :func:`_tile` gives them."""
+  """``(x_s, z_s, z_t)`` of materialised logits, as ``_tile`` gives them."""
   keep = ok[:, None]
   xs = _core.softcap(jnp.where(keep, xs, jnp.zeros((), xs.dtype)), plan.student_opts)
   zt = _core.softcap(jnp.where(keep, xt, jnp.zeros((), xt.dtype)), plan.opts)
@@ -800,7 +800,7 @@ def _materialised(hs, ws, bs, ht, wt, bt_, targets, span_mask, seg, reduction, k
                   ls, lt):  # fmt: skip
   """The ``"xla"`` path: both ``[B, T, V]`` logits, then the divergence (``"ce"`` / ``"kl"``:
   :func:`jaxnll.distill_cross_entropy` or :func:`jaxnll.segment_distill_cross_entropy`; the
-  others row by row in float32 through :func:`_rows`, whose backward is the fused kernels'
+  others row by row in float32 through ``_rows``, whose backward is the fused kernels'
   gated formula, so a zero cotangent leaks no NaN) and, with ``targets``,
   :func:`jaxnll.sequence_nll` / :func:`jaxnll.segment_nll` of the same student logits.  Hidden
   rows outside the span are zeroed first (NaN there reaches no gradient).  ``seg``:
