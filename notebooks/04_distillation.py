@@ -103,6 +103,8 @@ def greedy_accuracy(model, n=300):
 # %%
 def objective(model, batch, mode, alpha, tau):
   targets, mask = jaxnll.shift_targets(batch["tokens"], batch["span_mask"])
+  if mode.startswith("fused:"):  # no logits of either model (the last section)
+    return fused_objective(model, batch, mode[len("fused:") :], alpha, tau, targets, mask)
   logits = model(batch["tokens"])
   sums, counts = nll.sequence_nll_and_count(logits, targets, mask)
   if mode == "plain":
@@ -302,7 +304,6 @@ print(
 )
 for name, (h, a, pv, share) in rows.items():
   print(f"{name:18s} {h:12.4f} {h - entropy:8.4f} {a:14.1%} {pv:10.3f} {share:12.3f}")
-print(f"notebook ran in {time.time() - start:.1f} s")
 
 # %% [markdown]
 # ## What the measurements say
@@ -329,26 +330,166 @@ print(f"notebook ran in {time.time() - start:.1f} s")
 #   of the gaps are this run's, the directions are what the two objectives are built to do.
 
 # %% [markdown]
-# ## Fused distillation: no logits of either model (measured outside this notebook)
+# ## Four divergences, fused: no logits of either model
 #
 # At a real pair the two `[B, T, V]` logits tensors are the cost of token-level KD.
-# `jaxnll.fused.linear_distill_loss(student_hidden, student_weight, teacher_hidden,
-# teacher_weight, span_mask, kind=...)` takes both models' final hidden states and heads instead
-# (hidden sizes may differ), compacts the target span and streams vocabulary tiles of both heads
-# with two running log-sum-exps and one teacher-weighted sum; the backward recomputes the tiles.
-# `kind`: `"ce"` (this notebook's loss, equal to `distill_cross_entropy`), `"kl"`, `"reverse_kl"`,
-# `"jsd"` (GKD's, with `beta`).
+# `jaxnll.linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+# span_mask, kind=...)` takes both models' final hidden states and heads instead (their hidden
+# sizes may differ), compacts the target span and streams vocabulary tiles of both heads with
+# two running log-sum-exps and one running weighted sum; the backward recomputes the tiles.
+# With `targets=` it also returns the student's NLL of the references from the same pass of its
+# head (one forward, one gradient pass for both terms). The divergence, per target position:
 #
-# * **Memory**, forward + backward at the Gemma-2 9B → 2B head pair (D 3584 / 2304, V 256,000,
-#   soft-cap 30, 4 × 2048 bf16 tokens, `kind="kl"`), compiled temp of fused `auto` against the same
-#   loss on materialised logits: XLA:CPU 0.238 vs 25.705 GiB (1/108); compiled for H100, not run,
-#   0.433 vs 19.567 GiB (1/45); compiled for TPU v5p, not run, 0.272 vs 11.719 GiB (1/43); for
-#   TPU v5e the logits path does not fit its 16 GiB, the fused one needs 0.262 GiB
-#   (`bench/fused_distill_memory.py`, `bench/results/fused_distill_memory.md`).
-# * **Training**: `jaxnll train --teacher RUN --kd token --fused` feeds the teacher's hidden states
-#   and frozen head into the step. From one teacher (d-model 64, 2 layers, 60 steps, held-out NLL
-#   2.78) and a student of d-model 32, 1 layer, 30 steps, seed 0, α 0.5, τ 2, the student's
-#   held-out NLL (from 5.571) is: logits path 4.169351643, fused 4.169351653, fused with
-#   `--accum 2` 4.169351634 (equal within float tolerance); fused `--kd-kind kl` 4.169351653 (the
-#   same gradient as `ce`), `reverse_kl` 4.2202, `jsd` (β 0.5) 4.1920; no teacher 4.1320.
-#   Thirty steps of a tiny student: the divergences' ranking here says nothing general.
+# * `"ce"` — $-\sum_v p_t \log p_s$, the loss above (`distill_cross_entropy`);
+# * `"kl"` — forward $\mathrm{KL}(p_t \| p_s)$: the cross-entropy minus the teacher's entropy,
+#   a constant for the student, so **the same gradient as `"ce"`**;
+# * `"reverse_kl"` — $\mathrm{KL}(p_s \| p_t)$: mode-seeking, it pays little for ignoring what
+#   the teacher deems possible;
+# * `"jsd"` — GKD's generalised Jensen–Shannon divergence (with `beta` 0.5 here), in between.
+#
+# Four students from the same teacher, same seed, same batches, 160 steps, $\alpha = 1$ and
+# $\tau = 1$ as above; the teacher's hidden states enter each batch in place of its logits.
+
+
+# %%
+teacher_weight, teacher_layout = teacher.output_head()
+
+
+def fused_objective(model, batch, kind, alpha, tau, targets, mask):
+  hidden = model(batch["tokens"], return_hidden=True)
+  weight, layout = model.output_head()
+  kd, ref_nll = jaxnll.linear_distill_loss(
+    hidden, weight, batch["teacher_hidden"], teacher_weight, mask, kind=kind, temperature=tau,
+    targets=targets, student_weight_layout=layout, teacher_weight_layout=teacher_layout,
+  )  # fmt: skip
+  return ((1 - alpha) * ref_nll.sum() + alpha * tau**2 * kd.sum()) / mask.sum()
+
+
+@nnx.jit
+def teacher_hidden(tokens):
+  return teacher(tokens, return_hidden=True)
+
+
+def fused_batches(seed=3):
+  plain = student_batches("plain", seed)  # the same samples, in the same order, as above
+
+  def next_batch():
+    batch = plain()
+    batch["teacher_hidden"] = teacher_hidden(batch["tokens"])
+    return batch
+
+  return next_batch
+
+
+KINDS = ("ce", "kl", "reverse_kl", "jsd")
+for kind in KINDS:
+  name = f"fused {kind}"
+  t0 = time.time()
+  students[name], curves[name] = fit(
+    student_config, 160, fused_batches(), mode=f"fused:{kind}", alpha=ALPHA, seed=5, evals=8
+  )
+  seconds[name] = time.time() - t0
+  rows[name] = (curves[name]["heldout"][-1], greedy_accuracy(students[name]),
+                *valid_answers(students[name]))  # fmt: skip
+  print(f"{name:18s} held-out NLL {curves[name]['heldout'][-1]:.6f} in {seconds[name]:.1f} s")
+print(
+  f"token-level KD on the logits (the section above): {curves['token-level KD']['heldout'][-1]:.6f}"
+)
+
+# %%
+fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+for k, kind in enumerate(KINDS):
+  c = curves[f"fused {kind}"]
+  ax[0].plot(c["step"], c["heldout"], "os^D"[k] + "-", color=f"C{k + 3}", label=f"fused {kind}",
+             alpha=0.8, markersize=8 - 1.5 * k)  # fmt: skip
+c = curves["plain fine-tuning"]
+ax[0].plot(c["step"], c["heldout"], "x:", color="C0", label="plain fine-tuning")
+ax[0].axhline(entropy, color="k", ls=":", label="entropy (best possible)")
+ax[0].set(xlabel="student step", ylabel="held-out NLL [nats/token]", yscale="log",
+          title="Held-out -log Pr(y|x): the four divergences")  # fmt: skip
+ax[0].legend(fontsize=8)
+names = ["teacher", "plain fine-tuning"] + [f"fused {k}" for k in KINDS]
+x = np.arange(len(names))
+ax[1].bar(x - 0.2, [rows[n][2] for n in names], 0.4, color="0.6", label="Pr(either valid answer)")
+ax[1].bar(x + 0.2, [rows[n][3] for n in names], 0.4, color="C0", label="upper-case share of it")
+ax[1].axhline(P_UPPER, color="k", ls=":", label=f"the task's share, {P_UPPER}")
+ax[1].set_xticks(x, names, rotation=20)
+ax[1].set(ylabel="mean over held-out letters", ylim=(0, 1.1), title="What each student predicts")
+ax[1].legend(fontsize=8, loc="lower left")
+plt.tight_layout()
+plt.show()
+print(
+  f"{'model':18s} {'held-out NLL':>12s} {'excess':>8s} {'greedy = mode':>14s} "
+  f"{'Pr(valid)':>10s} {'upper share':>12s}"
+)
+for name in names:
+  h, a, pv, share = rows[name]
+  print(f"{name:18s} {h:12.4f} {h - entropy:8.4f} {a:14.1%} {pv:10.3f} {share:12.3f}")
+
+# %% [markdown]
+# ## Memory: fused against the logits, at a real head pair
+#
+# Compile only (`jax.jit(f).lower(...).compile().memory_analysis()`: XLA's own accounting,
+# nothing allocated or run), forward + backward (gradients for the student's hidden states and
+# head) of the `"ce"` loss at the Gemma-2 9B → 2B head pair: teacher D 3584, student D 2304,
+# V 256,000, soft-cap 30, 4 × 2048 target tokens, bf16. `implementation="xla"` materialises both
+# logits; `"chunked"` is the kernel `"auto"` runs on a CPU.
+
+# %%
+GEMMA = dict(teacher_d=3584, student_d=2304, vocab=256_000, softcap=30.0, tokens=(4, 2048))
+
+
+def compiled_temp_gib(implementation):
+  b, t = GEMMA["tokens"]
+  bf16 = jnp.bfloat16
+  shapes = [
+    jax.ShapeDtypeStruct((b, t, GEMMA["student_d"]), bf16),
+    jax.ShapeDtypeStruct((GEMMA["student_d"], GEMMA["vocab"]), bf16),
+    jax.ShapeDtypeStruct((b, t, GEMMA["teacher_d"]), bf16),
+    jax.ShapeDtypeStruct((GEMMA["teacher_d"], GEMMA["vocab"]), bf16),
+    jax.ShapeDtypeStruct((b, t), jnp.bool_),
+  ]
+
+  def loss(hs, ws, ht, wt, mask):
+    return jaxnll.linear_distill_loss(
+      hs, ws, ht, wt, mask, logit_softcap=GEMMA["softcap"], implementation=implementation
+    ).sum()
+
+  t0 = time.time()
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+  print(f"{implementation:8s} temp {temp:8.3f} GiB (compiled in {time.time() - t0:.1f} s)")
+  return temp
+
+
+logits_gib, fused_gib = compiled_temp_gib("xla"), compiled_temp_gib("chunked")
+print(f"fused / logits: 1/{logits_gib / fused_gib:.0f}")
+print(f"notebook ran in {time.time() - start:.1f} s")
+
+# %% [markdown]
+# ## What the divergences and the memory say
+#
+# * **`"ce"` and `"kl"` train the same student**: held-out NLL 0.594858 both, and equal to the
+#   token-level KD student of the logits path above (0.594858, same seed and batches): the fused
+#   loss reproduces the logits path, and forward KL differs from the cross-entropy only by the
+#   teacher's entropy, which has no gradient.
+# * **`"reverse_kl"`** is mode-seeking: its student pays little for the digit answers the
+#   teacher allows, puts less probability on the valid answers (0.798 against 0.856) and ends at
+#   0.6623 nats/token — most of the gain of distillation over plain fine-tuning (0.6750) lost.
+# * **`"jsd"`** (β 0.5) gives the best held-out NLL here, 0.5889, with the most probability on
+#   the valid answers (0.938) and the teacher's upper-case share (0.750); its greedy answer is the
+#   most likely one on 91% of held-out prompts (the others 100%): it spreads probability more.
+# * **Memory** at the Gemma-2 9B → 2B head pair (4 × 2048 bf16 tokens, forward + backward,
+#   compiled on XLA:CPU): 25.7 GiB of temp for the loss on materialised logits, 0.24 GiB fused —
+#   1/108. Compiled for other targets (not run) by
+#   `python bench/fused_distill_memory.py --target h100` (resp. `--target tpu-v5p`, `tpu-v5e`) in
+#   the deviceless environment: H100 0.43 vs 19.6 GiB (1/45), TPU v5p 0.27 vs 11.7 GiB (1/43);
+#   on TPU v5e the logits path does not fit its 16 GiB, the fused one needs 0.26 GiB
+#   (`bench/results/fused_distill_memory.md`, with `kind="kl"`).
+# * **Training**: `jaxnll train --teacher RUN --kd token --fused [--kd-kind ce|kl|reverse_kl|jsd]`
+#   runs this fused objective in the application, the student's NLL and the KD term from one
+#   pass of its head, packed rows in one pass for all their samples
+#   (`bench/results/fused_distill_training.md`).
+#
+# One seed, one synthetic task, 160 steps of a tiny student: the ranking of the divergences is
+# this run's; the equality of `"ce"`, `"kl"` and the logits path is exact by construction.

@@ -50,7 +50,7 @@ def test_quick_run_writes_records_table_and_plot(tiny_spec, tmp_path, capsys):
   assert tuple(rows[0]) == bench.FIELDS
   for r in records:
     assert r["device"] and r["jax_version"] and r["git_commit"] and r["date"] and r["run_id"]
-  status = {r["impl"]: r for r in records if r["metric"] == "status"}
+  status = {r["impl"]: r for r in records if r["metric"] == "status" and r["spec"] == "tiny"}
   expected = set(bench.implementations(bench.resolve(tiny_spec, backend="cpu")))
   assert set(status) == expected
   for name, r in status.items():
@@ -77,10 +77,30 @@ def test_quick_run_writes_records_table_and_plot(tiny_spec, tmp_path, capsys):
   md = open(os.path.join(out, "bench.md")).read()
   for name in ("optax", "jaxnll_fused", "jaxnll_fused_scalar", "naive", "jaxnll_logits"):
     assert f"| {name} | 1 |" in md and f"| {name} | 0.25 |" in md
-  pngs = [p for p in os.listdir(out) if p.endswith(".png")]
-  assert len(pngs) == 1 and pngs[0].startswith("bench_tiny_")
-  with open(os.path.join(out, pngs[0]), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # The fused distillation rows of the same head: their own table, timed against the logits
+  # path (optax on both materialised logits) at each span fraction, checked, less memory.
+  kd = [r for r in records if r["spec"] == "tiny+kd"]
+  assert {r["impl"]: r["stat"] for r in kd if r["metric"] == "status"} == {
+    "optax": "ok",
+    "jaxnll_fused": "ok",
+  }
+  ratios = {
+    (r["pass"], r["span_fraction"]) for r in kd if r["metric"] == "ratio_vs_optax"
+    and r["impl"] == "jaxnll_fused" and r["stat"] == "median"
+  }  # fmt: skip
+  assert ratios == {(p, f) for p in bench.PASSES for f in bench.QUICK_FRACTIONS}
+  kd_temp = {
+    r["impl"]: r["value"] for r in kd if r["metric"] == "temp_bytes" and r["pass"] == "fwd_bwd"
+  }
+  assert kd_temp["jaxnll_fused"] < kd_temp["optax"]
+  assert "### tiny+kd: fused distillation" in md
+  pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+  assert len(pngs) == 2
+  assert sum(p.startswith("bench_tiny_") for p in pngs) == 1
+  assert sum(p.startswith("bench_tiny-kd_") for p in pngs) == 1
+  for png in pngs:
+    with open(os.path.join(out, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "bench.md" in capsys.readouterr().out
 
   # A second run appends; the report shows the latest run of each implementation.

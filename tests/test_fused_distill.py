@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import jaxnll
 from jaxnll import parallel, reference
 from jaxnll.distill import distill_cross_entropy
 from jaxnll.fused import linear_distill_loss
@@ -355,3 +356,146 @@ def test_forward_mode_names_the_logits_entries(implementation):
   f = lambda h: linear_distill_loss(h, ws, ht, wt, MASK, kind="jsd", implementation=implementation)
   with pytest.raises(TypeError, match="reverse-mode only"):
     jax.jvp(f, (hs,), (hs,))
+
+
+# ----------------------------------------------------------------------------- NLL on the same pass
+
+Y = np.asarray(jax.random.randint(jax.random.key(99), (B, T), 0, V))
+SEG = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 2, 2, 2, 2, 3]])
+C_KD, C_NLL = jnp.array([1.0, -0.5]), jnp.array([0.3, 2.0])
+
+
+@functools.cache
+def _pair_and_separate(impl, kind, tau, softcap, segments):
+  """``(pair, separate)``: jitted ``(hs, ws, bs, ht, wt, mask, y) -> (values, grads)`` of
+  ``Σ c·kd + Σ c'·nll`` through ``targets=`` (one pass), and through ``linear_distill_loss``
+  without targets plus the NLL on materialised logits (two passes)."""
+  kw = dict(kind=kind, temperature=tau, logit_softcap=softcap, implementation=impl, **ODD)
+  seg = dict(segment_ids=jnp.asarray(SEG), num_segments=3) if segments else {}
+  c_kd = jnp.arange(1.0, 7.0).reshape(B, 3) if segments else C_KD
+  c_nll = jnp.arange(-2.0, 4.0).reshape(B, 3) if segments else C_NLL
+
+  def pair(hs, ws, bs, ht, wt, mask, y):
+    kd, nll = linear_distill_loss(
+      hs, ws, ht, wt, mask, targets=y, student_bias=bs, **kw, **seg
+    )  # fmt: skip
+    return kd, nll
+
+  def separate(hs, ws, bs, ht, wt, mask, y):
+    nll_kw = dict(bias=bs, logit_softcap=softcap, implementation="xla")
+    if segments:
+      kd = jnp.stack(
+        [linear_distill_loss(hs, ws, ht, wt, mask & (SEG == s), student_bias=bs, **kw)
+         for s in (1, 2, 3)], axis=1,
+      )  # fmt: skip
+      return kd, jaxnll.linear_segment_nll(hs, ws, y, mask, SEG, num_segments=3, **nll_kw)
+    kd = linear_distill_loss(hs, ws, ht, wt, mask, student_bias=bs, **kw)
+    return kd, jaxnll.linear_sequence_nll(hs, ws, y, mask, **nll_kw)
+
+  def with_grads(fn):
+    def loss(hs, ws, bs, *rest):
+      kd, nll = fn(hs, ws, bs, *rest)
+      return jnp.sum(kd * c_kd) + jnp.sum(nll * c_nll), (kd, nll)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  return with_grads(pair), with_grads(separate)
+
+
+def student_bias(seed=21):
+  return 0.5 * jax.random.normal(jax.random.key(seed), (V,))
+
+
+@pytest.mark.parametrize("impl", FUSED + ("xla",))
+def test_targets_give_the_nll_of_the_same_pass(impl):
+  """``targets=``: the divergence and the student's NLL (at τ = 1, soft-capped, with its
+  bias) from one pass equal the two separate computations, values and gradients of a mix of
+  both with unequal per-sample weights — at τ ≠ 1 (the NLL's own log-sum-exp) and τ = 1."""
+  hs, ws, ht, wt = make(20)
+  args = (hs, ws, student_bias(), ht, wt, jnp.asarray(MASK), jnp.asarray(Y))
+  for kind, tau, softcap in (("reverse_kl", 1.7, 4.0), ("ce", 1.0, None)):
+    pair, separate = _pair_and_separate(impl, kind, tau, softcap, False)
+    (_, got), got_g = pair(*args)
+    (_, want), want_g = separate(*args)
+    assert_close(got, want)
+    assert_close(got_g, want_g)
+    assert np.all(np.asarray(got[1]) > 0)  # a real NLL, not zeros
+
+
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_packed_rows_one_pass_per_segment_sums(impl):
+  """``segment_ids``: per-segment divergences and NLLs ``[B, S]`` in one pass equal one call
+  per segment mask and :func:`jaxnll.linear_segment_nll`; padding (segment 0) is never read."""
+  hs, ws, ht, wt = make(22)
+  pad = jnp.asarray(SEG == 0)[..., None]
+  bad_hs, bad_ht = jnp.where(pad, jnp.nan, hs), jnp.where(pad, jnp.inf, ht)
+  mask = jnp.asarray(MASK)
+  assert MASK[SEG == 0].all()  # the padding position is inside the span
+  pair, separate = _pair_and_separate(impl, "jsd", 1.3, None, True)
+  (_, got), got_g = pair(bad_hs, ws, student_bias(), bad_ht, wt, mask, jnp.asarray(Y))
+  (_, want), want_g = separate(hs, ws, student_bias(), ht, wt, jnp.asarray(MASK), jnp.asarray(Y))
+  assert got[0].shape == got[1].shape == (B, 3)
+  assert_close(got, want)
+  assert_close(got_g, want_g)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_targets_each_term_is_gated_by_its_own_cotangent(impl):
+  """A NaN teacher state in sample 0 makes its divergence NaN, not its NLL; a bad target id
+  in sample 1 makes its NLL NaN, not its divergence; each gradient is NaN only where a NaN
+  term is differentiated."""
+  hs, ws, ht, wt = make(23)
+  mask = jnp.asarray(MASK)
+  nan_t = ht.at[0, 2, 0].set(jnp.nan)
+  y = jnp.asarray(Y).at[1, 6].set(V)  # MASK[1, 6] is in the span
+
+  def fn(h, w):
+    return linear_distill_loss(h, w, nan_t, wt, mask, targets=y, implementation=impl, **ODD)
+
+  kd, nll = jax.jit(fn)(hs, ws)
+  assert np.isnan(kd[0]) and np.isfinite(kd[1]) and np.isfinite(nll[0]) and np.isnan(nll[1])
+  grads = jax.jit(jax.grad(lambda h, w, c, d: jnp.sum(fn(h, w)[0] * c + fn(h, w)[1] * d),
+                           argnums=(0, 1)))  # fmt: skip
+  finite = lambda g: all(np.isfinite(np.asarray(x)).all() for x in g)  # noqa: E731
+  assert finite(grads(hs, ws, jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0])))
+  assert not finite(grads(hs, ws, jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0])))
+  assert not finite(grads(hs, ws, jnp.array([0.0, 0.0]), jnp.array([0.0, 1.0])))
+
+
+def test_targets_with_a_sharded_vocabulary():
+  """The NLL's target logit is gathered on the shard holding it and its log-sum-exp combined
+  over the shards (τ ≠ 1: its own): equal to the unsharded pair."""
+  mesh = parallel.make_mesh("model=8")
+  hs, ws, ht, wt = make(24)
+  mask, y = jnp.asarray(MASK), jnp.asarray(Y)
+
+  def local(hs, ws, ht, wt):
+    kd, nll = linear_distill_loss(
+      hs, ws, ht, wt, mask, kind="kl", temperature=2.0, targets=y, vocab_axis="model",
+      implementation="chunked", vocab_chunk=3,
+    )  # fmt: skip
+    return kd + 3.0 * nll
+
+  def whole(hs, ws, ht, wt):
+    kd, nll = linear_distill_loss(
+      hs, ws, ht, wt, mask, kind="kl", temperature=2.0, targets=y, implementation="xla"
+    )
+    return kd + 3.0 * nll
+
+  sharded = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(), P(None, "model"), P(), P(None, "model")), out_specs=P()
+  )
+  assert_close(value_and_grads(sharded, hs, ws, ht, wt), value_and_grads(whole, hs, ws, ht, wt))
+
+
+def test_targets_and_segments_name_their_bad_arguments():
+  hs, ws, ht, wt = make(0)
+  mask = jnp.asarray(MASK)
+  with pytest.raises(ValueError, match="targets must have shape"):
+    linear_distill_loss(hs, ws, ht, wt, mask, targets=jnp.zeros((B, T + 1), int))
+  with pytest.raises(TypeError, match="targets"):
+    linear_distill_loss(hs, ws, ht, wt, mask, targets=jnp.zeros((B, T)))
+  with pytest.raises(ValueError, match="num_segments"):
+    linear_distill_loss(hs, ws, ht, wt, mask, segment_ids=jnp.asarray(SEG))
+  with pytest.raises(ValueError, match="needs segment_ids"):
+    linear_distill_loss(hs, ws, ht, wt, mask, num_segments=3)

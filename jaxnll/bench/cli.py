@@ -198,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
         impls=implementations(case, names),
         progress=progress,
       )
+      if not args.impl:  # the default suite: the fused distillation at the same head too
+        kd = dict(fractions=fractions, repeats=repeats, warmup=warmup)
+        names = ("optax", "jaxnll_fused") if args.quick else harness.FUSED_DISTILL_SUITE
+        rows += harness.fused_distill_case(case, env, names=names, **kd)
       records.save(rows, args.out)  # each head as soon as it is done: a killed run keeps the others
       for line in failures(rows):
         bad += 1

@@ -26,8 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnll.bench import records
-from jaxnll.bench.impls import HEAD, Impl, Loss, Op, implementations, short, tokamax_unavailable
-from jaxnll.bench.specs import FRACTIONS, Case, span_mask
+from jaxnll.bench.impls import (
+  FUSED_DISTILL,
+  FUSED_DISTILL_SUITE,
+  HEAD,
+  Impl,
+  Loss,
+  Op,
+  fused_distill_implementations,
+  implementations,
+  short,
+  tokamax_unavailable,
+)
+from jaxnll.bench.specs import FRACTIONS, Case, distill_case, span_mask
 
 F32 = jnp.float32
 PASSES = ("fwd", "fwd_bwd")
@@ -425,3 +436,16 @@ def bench_case(
     )
     summarize(times, case, n, record, fraction=fraction, flops=op.flops)
   return rows + records.statuses(base, impls, failed)
+
+
+def fused_distill_case(
+  case: Case, env: dict, *, names: Sequence[str] = FUSED_DISTILL_SUITE, **options
+) -> list[dict]:
+  """:func:`bench_case` of the fused distillation at ``case``'s student head and tokens (a
+  teacher of :attr:`~jaxnll.bench.specs.Spec.teacher_hidden`, the case named ``NAME+kd``):
+  ``optax`` and ``jaxnll_logits`` on both materialised logits, ``jaxnll_fused`` through both
+  heads (``names``: which); ``ratio_vs_optax`` is the time against the logits path.
+  ``options``: those of :func:`bench_case` but ``impls``, ``op`` and ``bench``."""
+  kd = distill_case(case)
+  impls = fused_distill_implementations(kd, names)
+  return bench_case(kd, env, impls=impls, op=FUSED_DISTILL, bench="fused_distill", **options)

@@ -27,7 +27,10 @@ Head (:data:`HEAD`: ``hidden [B, T, D], weight [D, V], targets [B, T], mask``),
 
 Logits (:data:`LOGITS`: ``logits [B, T, V], targets, mask``), :func:`logits_implementations`;
 distillation (:data:`DISTILL`: ``student [B, T, V], teacher [B, T, V], mask``),
-:func:`distill_implementations`; the vocabulary-parallel head, :func:`parallel_implementations`.
+:func:`distill_implementations`; fused distillation through both heads (:data:`FUSED_DISTILL`:
+``student_hidden [B, T, Ds], student_weight [Ds, V], teacher_hidden [B, T, Dt],
+teacher_weight [Dt, V], mask``), :func:`fused_distill_implementations`; the
+vocabulary-parallel head, :func:`parallel_implementations`.
 """
 
 from __future__ import annotations
@@ -313,6 +316,95 @@ def distill_implementations() -> dict[str, Impl]:
     "jaxnll_ce": Impl("jaxnll_ce", ours("cross_entropy")),
     "jaxnll_kl": Impl("jaxnll_kl", ours("kl"), reference=_distill_reference("kl")),
   }
+
+
+# ----------------------------------------------------------------------------- fused distillation
+
+
+def fused_distill_inputs(case: Case, seed: int = 0):
+  """``(student_hidden, student_weight, teacher_hidden, teacher_weight)`` with unit-scale
+  logits, the teacher's hidden size :attr:`Spec.teacher_hidden` (see
+  :func:`jaxnll.bench.specs.distill_case`)."""
+  student = make_inputs(case, seed)[:2]
+  teacher_case = dataclasses.replace(
+    case, spec=dataclasses.replace(case.spec, hidden=case.spec.teacher_hidden or 2 * case.hidden)
+  )
+  teacher = make_inputs(teacher_case, seed + 1)[:2]
+  return (*student, *teacher)
+
+
+def _distill_logits(hs, ws, ht, wt):
+  return _logits(hs, ws), jax.lax.stop_gradient(_logits(ht, wt))
+
+
+def fused_distill_reference(hs, ws, ht, wt, mask):
+  """:func:`jaxnll.reference.linear_distill_loss` (``kind="ce"``, τ = :data:`TEMPERATURE`) in
+  float32 at full matmul precision, summed."""
+  from jaxnll import reference
+
+  f32 = lambda x: x.astype(F32)  # noqa: E731
+  with jax.default_matmul_precision("highest"):
+    out = reference.linear_distill_loss(
+      f32(hs), f32(ws), f32(ht), f32(wt), mask, kind="ce", temperature=TEMPERATURE
+    )
+  return jnp.sum(out)
+
+
+def fused_distill_flops(impl: str, p: str, case: Case, targets: int) -> float:
+  """Useful FLOPs: both heads' logits ``2·n·(Ds + Dt)·V`` forward, plus the student's two
+  gradient matmuls ``4·n·Ds·V`` backward (a recomputation is not useful work)."""
+  ds, dt, v = case.hidden, case.spec.teacher_hidden or 2 * case.hidden, case.vocab
+  fwd = 2.0 * targets * (ds + dt) * v
+  return fwd if p == "fwd" else fwd + 4.0 * targets * ds * v
+
+
+FUSED_DISTILL = Op(
+  "fused_distill", fused_distill_inputs, fused_distill_reference, (0, 1), fused_distill_flops
+)
+
+
+#: What the fused distillation rows compare by default (``--quick``: the first and last).
+FUSED_DISTILL_SUITE = ("optax", "jaxnll_logits", "jaxnll_fused")
+
+
+def fused_distill_implementations(
+  case: Case, names: Sequence[str] = FUSED_DISTILL_SUITE
+) -> dict[str, Impl]:
+  """The distillation cross-entropy (``kind="ce"``, τ = :data:`TEMPERATURE`) of a student head
+  against a teacher head: ``optax`` (``softmax_cross_entropy`` on both materialised logits,
+  the logits path and the ratios' baseline), ``jaxnll_logits``
+  (:func:`jaxnll.distill_cross_entropy` on them) and ``jaxnll_fused``
+  (:func:`jaxnll.linear_distill_loss` at ``case``'s token chunk, no logits of either; on a
+  CPU its ``"chunked"`` kernel, the one ``"auto"`` runs there, compiled without the GPU
+  branch)."""
+  import optax
+
+  import jaxnll
+  from jaxnll.bench.specs import is_accelerator
+
+  tau, chunk = TEMPERATURE, case.token_chunk
+  impl = "auto" if is_accelerator() else "chunked"
+
+  def optax_path(hs, ws, ht, wt, m):
+    s, t = _distill_logits(hs, ws, ht, wt)
+    return _masked_sum(optax.softmax_cross_entropy(s / tau, jax.nn.softmax(t / tau)), m)
+
+  def logits_path(hs, ws, ht, wt, m):
+    s, t = _distill_logits(hs, ws, ht, wt)
+    return jnp.sum(jaxnll.distill_cross_entropy(s, t, m, temperature=tau))
+
+  def fused(hs, ws, ht, wt, m):
+    out = jaxnll.linear_distill_loss(
+      hs, ws, ht, wt, m, temperature=tau, token_chunk=chunk, implementation=impl
+    )
+    return jnp.sum(out)
+
+  every = {
+    "optax": Impl("optax", optax_path),
+    "jaxnll_logits": Impl("jaxnll_logits", logits_path),
+    "jaxnll_fused": Impl("jaxnll_fused", fused),
+  }
+  return {n: every[n] for n in names}
 
 
 # ----------------------------------------------------------------------------- vocabulary-parallel

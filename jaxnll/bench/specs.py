@@ -26,14 +26,17 @@ class Spec:
   """``(B, T)`` on GPU / TPU; None: a CPU-only head."""
   quick: tuple[int, int] | None = None
   """``(B, T)`` for ``--quick`` on CPU (default: ``cpu``)."""
+  teacher_hidden: int | None = None
+  """The hidden size of a distillation teacher of this head (the fused distillation rows;
+  None: twice ``hidden``)."""
 
 
 SPECS: dict[str, Spec] = {
   s.name: s
   for s in (
-    Spec("gemma2-2b", "Gemma-2 2B", 2304, 256000, cpu=(1, 128)),
-    Spec("llama3-8b", "Llama-3 8B", 4096, 128256, cpu=(1, 128)),
-    Spec("qwen3-8b", "Qwen3 8B", 4096, 151936, cpu=(1, 128)),
+    Spec("gemma2-2b", "Gemma-2 2B", 2304, 256000, cpu=(1, 128), teacher_hidden=3584),  # 9B
+    Spec("llama3-8b", "Llama-3 8B", 4096, 128256, cpu=(1, 128), teacher_hidden=8192),  # 70B
+    Spec("qwen3-8b", "Qwen3 8B", 4096, 151936, cpu=(1, 128), teacher_hidden=5120),  # 32B
     Spec("mistral-7b", "Mistral 7B", 4096, 32768, cpu=(2, 128)),
     Spec(
       "mistral-7b-d256",
@@ -59,6 +62,20 @@ def with_vocab(spec: Spec, vocab: int) -> Spec:
   if vocab == spec.vocab:
     return spec
   return dataclasses.replace(spec, name=f"{spec.name}@V={vocab}", vocab=vocab)
+
+
+def distill_case(case: Case) -> Case:
+  """``case`` as a fused-distillation case: the same student head and tokens, a teacher of
+  :attr:`Spec.teacher_hidden`, named ``NAME+kd`` (its own table in the report)."""
+  spec = case.spec
+  teacher = spec.teacher_hidden or 2 * spec.hidden
+  spec = dataclasses.replace(
+    spec,
+    name=f"{spec.name}+kd",
+    model=f"fused distillation, student {spec.model}, teacher D = {teacher}",
+    teacher_hidden=teacher,
+  )
+  return dataclasses.replace(case, spec=spec)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,15 +29,23 @@ gradient of the scored student logits from the float32 row statistics:
 
 times ``dz/dx`` (``1/τ``, and the soft-cap's own factor).  Nothing flows to the teacher.
 
+The student's hard-target NLL shares the pass (``targets=``): its loss is ``lse(x_s) -
+x_s[y]`` with ``x_s`` the student's capped logits at ``τ = 1`` (``lse`` the divergence's
+``lse_s`` when ``τ = 1``, else one more running log-sum-exp over the same tiles; ``x_s[y]`` a
+gather), its gradient ``softmax(x_s) - onehot(y)`` added to the same tile of the backward, so
+both terms cost one forward and one gradient pass of the student's head.
+
+The kernels return per-token losses and take per-token cotangents (:class:`Kernel`); the
+per-sample (``[B]``) and per-segment (``[B, S]``, packed rows in one pass) results are plain
+differentiable sums of those, as in :func:`jaxnll.sequence_nll` / :func:`jaxnll.segment_nll`.
+
 Implementations share one tiled kernel: ``"chunked"`` tiles ``C × K`` (``K`` =
 ``vocab_chunk``) and sums each weight-gradient tile over every token in an f32 ``[D, K]``
 buffer (vocabulary outside, tokens inside); ``"token_chunked"`` uses full-vocabulary tiles
-(one matmul per head and block, the GPU plan of :mod:`jaxnll.fused.token_chunked`);
-``"pallas_tpu"`` is the Mosaic kernel pair of :mod:`jaxnll.fused.pallas_tpu_distill`; ``"auto"``
-picks per platform with :func:`jax.lax.platform_dependent` (TPU ``pallas_tpu``, or
-``chunked`` under automatic partitioning; GPU ``token_chunked``; else ``chunked``); ``"xla"``
-materialises both logits (``"ce"`` / ``"kl"`` through :func:`jaxnll.distill_cross_entropy`).
-Span compaction is
+(one matmul per head and block, the GPU plan of :mod:`jaxnll.fused.token_chunked`); ``"auto"``
+picks per platform with :func:`jax.lax.platform_dependent` (GPU ``token_chunked``, anything
+else — TPU included, until a Pallas pair exists — ``chunked``); ``"xla"`` materialises both
+logits (``"ce"`` / ``"kl"`` through :func:`jaxnll.distill_cross_entropy`).  Span compaction is
 :class:`jaxnll.fused.compact.Compacted` (one per head, same order): the token loops run
 ``ceil(n_targets / C)`` chunks, so the cost follows the target tokens.
 
@@ -50,23 +58,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxnll import _core
+from jaxnll import distill as distill_lib
+from jaxnll import nll as nll_lib
 from jaxnll._core import F32, TokenOptions
-from jaxnll.fused import auto as auto_lib
-from jaxnll.fused import compact, pallas_tpu_distill
+from jaxnll.fused import compact
 from jaxnll.fused import token_chunked as token_chunked_lib
 from jaxnll.fused.compact import Compacted, Plan, over_vocab, reverse_only
 
 KINDS = ("ce", "kl", "reverse_kl", "jsd")
-IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla")
+IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "xla")
 LAYOUTS = ("dv", "vd")
 
 #: Target tokens per chunk of ``"chunked"`` (two ``[C, K]`` f32 tiles live, 4 MiB each at the
@@ -79,12 +89,8 @@ WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
 #: ``"token_chunked"`` with 16-bit heads: the gradient pass sums the weight gradient in f32
 #: tiles of about this many bytes (not one f32 ``[Ds, V]`` buffer, 2.4 GiB at Gemma-2 2B).
 TOKEN_CHUNKED_GRAD_BYTES = 128 * 2**20
-#: ``"auto"``: which platforms take which kernel (``default``: the rest).
-AUTO_BRANCHES = (
-  ("pallas_tpu", ("tpu",)),
-  ("token_chunked", ("cuda", "rocm")),
-  ("chunked", ("default",)),
-)
+#: ``"auto"``: which platforms take which kernel (``default``: the rest, TPU included).
+AUTO_BRANCHES = (("token_chunked", ("cuda", "rocm")), ("chunked", ("default",)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,35 +103,77 @@ class DistillPlan:
   token_chunk: int
   vocab_chunk: int
   grad_vocab_chunk: int
-  reduction: str = "sum"
   student_layout: str = "dv"
   teacher_layout: str = "dv"
   implementation: str = "chunked"
   #: ``"auto"``: ``(kernel plan, platforms)`` pairs for :func:`jax.lax.platform_dependent`.
   branches: tuple = ()
+  #: The student's hard-target NLL (at ``τ = 1``) from the same tiles (``targets=``).
+  nll: bool = False
 
-  def head_plan(self, layout: str) -> Plan:
+  @property
+  def nll_stats(self) -> bool:
+    """Whether the NLL keeps its own running log-sum-exp: the logits it scores (``τ = 1``)
+    are not the divergence's (``τ ≠ 1``)."""
+    return self.nll and self.opts.temperature != 1.0
+
+  @property
+  def student_opts(self) -> TokenOptions:
+    """The student's logits are scored at ``τ = 1`` (the NLL's); the divergence divides them
+    by ``τ`` itself (``_tempered``)."""
+    return dataclasses.replace(self.opts, temperature=1.0)
+
+  def head_plan(self, layout: str, *, student: bool = False) -> Plan:
     """The :class:`~jaxnll.fused.compact.Plan` of one head (for its :class:`Compacted`)."""
-    return Plan(self.opts, self.token_chunk, self.vocab_chunk, weight_layout=layout)
+    opts = self.student_opts if student else self.opts
+    return Plan(opts, self.token_chunk, self.vocab_chunk, weight_layout=layout)
+
+
+class Kernel(NamedTuple):
+  """One implementation of the per-token kernel interface (position order, ``N = B·T``).
+
+  * ``forward(plan, hs, ws, bs, ht, wt, bt, targets, span_mask) -> (tokens, stats)``:
+    ``tokens`` the float32 ``[N]`` per-token divergences (and, with ``plan.nll``, the
+    student's per-token NLL), 0 outside the span; ``stats`` float32 ``[N]`` residuals.
+  * ``backward(plan, hs, ws, bs, ht, wt, bt, targets, span_mask, stats, scales, need) ->
+    (dh, dw, db)``: ``scales`` the per-token cotangents ``(divergence, NLL or None)``
+    (float32 ``[N]``, 0 outside the span); the gradients of ``Σ scale·loss`` for the student's
+    hidden states, head and bias in their dtypes, ``None`` where ``need`` says so.
+
+  ``targets`` is ``None`` unless ``plan.nll``.  Reductions (per sample, per segment, means)
+  are plain differentiable sums outside the kernels.
+  """
+
+  forward: Callable
+  backward: Callable
 
 
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _pair(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, span_mask):
-  """The two heads' :class:`Compacted` views (the same order: same mask, same stable sort)."""
-  ids = jnp.zeros(span_mask.shape, jnp.int32)  # no target ids: only the rows are used
-  s = Compacted(plan.head_plan(plan.student_layout), hs, ws, bs, ids, span_mask)
+def _pair(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, targets, span_mask):
+  """The two heads' :class:`Compacted` views (the same order: same mask, same stable sort);
+  only the student's holds target ids (the teacher's rows only)."""
+  ids = jnp.zeros(span_mask.shape, jnp.int32)
+  s = Compacted(plan.head_plan(plan.student_layout, student=True), hs, ws, bs,
+                ids if targets is None else targets, span_mask)  # fmt: skip
   t = Compacted(plan.head_plan(plan.teacher_layout), ht, wt, bt_, ids, span_mask)
   return s, t
 
 
-def _tile(s: Compacted, t: Compacted, h_s, h_t, start, width):
-  """Scored f32 logits ``[C, width]`` of both heads at vocabulary columns ``start + [0,
-  width)``."""
-  zs = s.logits(h_s, s.columns(start, width), start, width)
+def _tempered(plan: DistillPlan, x):
+  """The student's scored logits ``x / τ`` (the same operation as in
+  :func:`jaxnll._core.softcap`)."""
+  tau = plan.opts.temperature
+  return x if tau == 1.0 else x / tau
+
+
+def _tile(plan: DistillPlan, s: Compacted, t: Compacted, h_s, h_t, start, width):
+  """``(x_s, z_s, z_t)`` f32 ``[C, width]`` at vocabulary columns ``start + [0, width)``: the
+  student's capped logits at ``τ = 1`` and both heads' scored logits."""
+  xs = s.logits(h_s, s.columns(start, width), start, width)
   zt = t.logits(h_t, t.columns(start, width), start, width)
-  return zs, zt
+  return xs, _tempered(plan, xs), zt
 
 
 def _log_m(plan: DistillPlan, lps, lpt):
@@ -149,10 +197,18 @@ def _shift(acc, total, m, m_new, rescale):
   return jnp.where(total > 0, rescale * (acc + total * (m - m_new)), 0.0)
 
 
-def _online(kind: str, zs, zt, carry):
-  """One vocabulary tile ``zs``, ``zt`` ``[C, K]`` added to the running row statistics
-  ``(m_s, s_s, m_t, s_t, acc)`` (``acc``: the kind's running weighted sum)."""
-  ms, ss, mt, st, acc = carry
+def _lse_step(x, m, total):
+  """A running ``(max, Σ exp(x - max))`` per row with one more tile ``x`` ``[C, K]``."""
+  m_new = jnp.maximum(m, jnp.max(x, axis=1))
+  return m_new, total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
+
+
+def _online(plan: DistillPlan, xs, zs, zt, carry):
+  """One vocabulary tile added to the running row statistics ``(m_s, s_s, m_t, s_t, acc)``
+  (``acc``: the kind's running weighted sum), and with :attr:`DistillPlan.nll_stats` the
+  running ``(m, s)`` of the student's logits at ``τ = 1`` ``xs``."""
+  kind = plan.kind
+  ms, ss, mt, st, acc = carry[:5]
   ms_new = jnp.maximum(ms, jnp.max(zs, axis=1))
   mt_new = jnp.maximum(mt, jnp.max(zt, axis=1))
   es = jnp.exp(zs - ms_new[:, None])
@@ -166,7 +222,8 @@ def _online(kind: str, zs, zt, carry):
     acc = rs * acc + _xlogy_terms(es, zs, zt)
   ss = ss * rs + jnp.sum(es, axis=1)
   st = st * rt + jnp.sum(et, axis=1)
-  return ms_new, ss, mt_new, st, acc
+  extra = _lse_step(xs, *carry[5:]) if plan.nll_stats else ()
+  return (ms_new, ss, mt_new, st, acc, *extra)
 
 
 def _jsd_terms(plan: DistillPlan, zs, zt, lse_s, lse_t):
@@ -177,10 +234,11 @@ def _jsd_terms(plan: DistillPlan, zs, zt, lse_s, lse_t):
 
 
 def _finish(plan: DistillPlan, carry, jsd_pass):
-  """Per-row ``(stats, loss)`` from the running statistics (combined over vocabulary shards);
+  """Per-row ``(stats, loss, lse)`` from the running statistics (combined over vocabulary
+  shards): ``lse`` the log-sum-exp of the student's logits at ``τ = 1`` (the NLL's);
   ``jsd_pass(lse_s, lse_t) -> (kt, ks)`` is the second pass of ``"jsd"``."""
   kind, opts = plan.kind, plan.opts
-  ms, ss, mt, st, acc = carry
+  ms, ss, mt, st, acc = carry[:5]
   ms, ss, acc_s = _combine(opts, ms, ss, acc if kind == "reverse_kl" else None)
   mt, st, acc_t = _combine(opts, mt, st, acc if kind in ("ce", "kl") else None, shift=kind == "ce")
   lse_s, lse_t = ms + jnp.log(ss), mt + jnp.log(st)
@@ -200,21 +258,28 @@ def _finish(plan: DistillPlan, carry, jsd_pass):
     kt, ks = jnp.maximum(kt, 0.0), jnp.maximum(ks, 0.0)
     loss = plan.beta * kt + (1.0 - plan.beta) * ks
     r = ks
-  return (ms, ss, mt, st, r), loss
+  stats, lse = (ms, ss, mt, st, r), lse_s
+  if plan.nll_stats:
+    m1, s1, _ = _combine(opts, *carry[5:], None)
+    stats, lse = stats + (m1, s1), m1 + jnp.log(s1)
+  return stats, loss, lse
 
 
 def _row_stats(plan: DistillPlan, s: Compacted, t: Compacted, i):
-  """Per-token ``(stats, loss)`` of token chunk ``i``: ``stats = (m_s, s_s, m_t, s_t, r)``
+  """Per-token ``(stats, losses)`` of token chunk ``i``: ``stats = (m_s, s_s, m_t, s_t, r)``
   (row maxima and sums of ``exp(z - m)`` of both heads, and ``r``: the loss for
-  ``"reverse_kl"``, ``KL(p_s ‖ m)`` for ``"jsd"``, unused otherwise), float32 ``[C]`` each."""
+  ``"reverse_kl"``, ``KL(p_s ‖ m)`` for ``"jsd"``, unused otherwise), and with
+  :attr:`DistillPlan.nll_stats` ``(m, s)`` of the student at ``τ = 1``; ``losses`` the
+  divergence, and with ``plan.nll`` the NLL; float32 ``[C]`` each."""
   h_s, h_t = s.rows(i), t.rows(i)
 
   def online(start, width, carry):
-    return _online(plan.kind, *_tile(s, t, h_s, h_t, start, width), carry)
+    return _online(plan, *_tile(plan, s, t, h_s, h_t, start, width), carry)
 
   def jsd_pass(lse_s, lse_t):
     def second(start, width, carry):
-      kt, ks = _jsd_terms(plan, *_tile(s, t, h_s, h_t, start, width), lse_s, lse_t)
+      _, zs, zt = _tile(plan, s, t, h_s, h_t, start, width)
+      kt, ks = _jsd_terms(plan, zs, zt, lse_s, lse_t)
       return carry[0] + kt, carry[1] + ks
 
     return over_vocab(second, (zero, zero), s.cols, plan.vocab_chunk)
@@ -222,10 +287,15 @@ def _row_stats(plan: DistillPlan, s: Compacted, t: Compacted, i):
   rows = s.chunk
   zero = s.full((rows,), F32)
   low = s.full((rows,), F32, jnp.finfo(F32).min)
-  carry = over_vocab(online, (low, zero, low, zero, zero), s.cols, plan.vocab_chunk)
-  stats, loss = _finish(plan, carry, jsd_pass)
+  init = (low, zero, low, zero, zero) + ((low, zero) if plan.nll_stats else ())
+  carry = over_vocab(online, init, s.cols, plan.vocab_chunk)
+  stats, loss, lse = _finish(plan, carry, jsd_pass)
+  losses = (loss,)
+  if plan.nll:  # -log p(y) = lse - x_y: the target logit is a gather, not a vocabulary scan
+    losses += (lse - s.target_logit(h_s, s.part(s.targets, i)),)
   ok = s.part(s.valid, i)
-  return tuple(jnp.where(ok, x, 0.0) for x in stats), jnp.where(ok, loss, 0.0)
+  keep = lambda xs: tuple(jnp.where(ok, x, 0.0) for x in xs)  # noqa: E731
+  return keep(stats), keep(losses)
 
 
 def _combine(opts: TokenOptions, m, total, acc, *, shift=False):
@@ -242,23 +312,32 @@ def _combine(opts: TokenOptions, m, total, acc, *, shift=False):
 
 
 def _forward(plan: DistillPlan, s: Compacted, t: Compacted):
-  """Compacted per-token ``(stats, loss)`` over the target chunks."""
+  """Compacted per-token ``(stats, losses)`` over the target chunks."""
 
   def body(i, carry):
-    stats_c, loss_c = carry
-    stats, loss = _row_stats(plan, s, t, i)
+    stats, losses = _row_stats(plan, s, t, i)
     at = (i * s.chunk,)
-    stats_c = tuple(lax.dynamic_update_slice(a, x, at) for a, x in zip(stats_c, stats, strict=True))
-    return stats_c, lax.dynamic_update_slice(loss_c, loss, at)
+    put = lambda acc, xs: tuple(  # noqa: E731
+      lax.dynamic_update_slice(a, x, at) for a, x in zip(acc, xs, strict=True)
+    )
+    return put(carry[0], stats), put(carry[1], losses)
 
   zeros = s.full(s.valid.shape, F32, rows=True)
-  return lax.fori_loop(0, s.num_chunks, body, ((zeros,) * 5, zeros))
+  num_stats = 7 if plan.nll_stats else 5
+  return lax.fori_loop(
+    0, s.num_chunks, body, ((zeros,) * num_stats, (zeros,) * (2 if plan.nll else 1))
+  )
 
 
-def _grad_tile(plan: DistillPlan, zs, zt, stats, scale, ok):
-  """``scale · ∂D/∂x_s`` of one tile (f32 ``[C, K]``, raw student logits ``x_s``); a row with
-  a zero scale sends back exactly 0, a differentiated row with a non-finite value NaN."""
-  ms, ss, mt, st, r = (x[:, None] for x in stats)
+def _grad_tile(plan: DistillPlan, tile, stats, scales, ok, target=None):
+  """``scale · ∂D/∂x_s (+ scale_nll · ∂NLL/∂x_s)`` of one tile (f32 ``[C, K]``, raw student
+  logits ``x_s``); ``tile = (x_s, z_s, z_t)`` as from ``_tile``, ``target = (y, first,
+  vocab)``: the NLL's target ids, the tile's first vocabulary id and the vocabulary.  Each
+  term is gated by its own cotangent: a row with a zero scale sends back exactly 0 from it, a
+  differentiated row with a non-finite value (or an NLL target outside ``[0, V)``) NaN."""
+  xs, zs, zt = tile
+  scale, scale_nll = scales
+  ms, ss, mt, st, r = (x[:, None] for x in stats[:5])
   lps = (zs - ms) - jnp.log(ss)
   ps = jnp.exp(lps)
   if plan.kind in ("ce", "kl"):
@@ -269,15 +348,27 @@ def _grad_tile(plan: DistillPlan, zs, zt, stats, scale, ok):
       dz = jnp.where(ps > 0, ps * ((lps - lpt) - r), 0.0)
     else:
       dz = (1.0 - plan.beta) * jnp.where(ps > 0, ps * ((lps - _log_m(plan, lps, lpt)) - r), 0.0)
-  live = ok & (scale != 0)
-  g = jnp.where(live[:, None], dz * scale[:, None], 0.0)
-  return g * _core.softcap_grad(zs, plan.opts)
+  g = jnp.where((ok & (scale != 0))[:, None], dz * scale[:, None], 0.0)
+  g = _tempered(plan, g)  # dz/dx = 1/τ
+  if plan.nll and scale_nll is not None:
+    y, first, vocab = target
+    if plan.nll_stats:
+      m1, s1 = (x[:, None] for x in stats[5:])
+      p1 = jnp.exp(xs - m1) / s1
+    else:
+      p1 = ps
+    cols = first + jnp.arange(xs.shape[1], dtype=jnp.int32)
+    d1 = p1 - (cols[None, :] == y[:, None]).astype(F32)
+    g1 = jnp.where((ok & (scale_nll != 0))[:, None], d1 * scale_nll[:, None], 0.0)
+    g = g + _core.poison_bad_targets(g1, y, vocab, jnp.where(ok, scale_nll, 0.0))
+  return g * _core.softcap_grad(xs, plan.student_opts)
 
 
-def _backward(plan: DistillPlan, s: Compacted, t: Compacted, scale_c, stats_c, need):
-  """Gradients of ``Σ scale·D`` for (student hidden, head, bias) by recomputation: vocabulary
-  tiles outside, token chunks inside, so each weight-gradient tile is summed over every token
-  in an f32 ``[Ds, K]`` buffer and cast once.  ``None`` for what ``need`` leaves out."""
+def _backward(plan: DistillPlan, s: Compacted, t: Compacted, scales_c, stats_c, need):
+  """Gradients of ``Σ scale·D (+ Σ scale_nll·NLL)`` for (student hidden, head, bias) by
+  recomputation: vocabulary tiles outside, token chunks inside, so each weight-gradient tile
+  is summed over every token in an f32 ``[Ds, K]`` buffer and cast once.  ``None`` for what
+  ``need`` leaves out."""
   rows = s.chunk
   need_h, need_w, need_b = need[0], need[1], need[2] and s.bias is not None
 
@@ -288,10 +379,13 @@ def _backward(plan: DistillPlan, s: Compacted, t: Compacted, scale_c, stats_c, n
     def token_body(i, inner):
       dw_k, db_k, dh_c = inner
       h_s, h_t = s.rows(i), t.rows(i)
-      zs = s.logits(h_s, w_s, start, width)
-      zt = t.logits(h_t, w_t, start, width)
-      part = lambda x: s.part(x, i)  # noqa: E731
-      g = _grad_tile(plan, zs, zt, tuple(map(part, stats_c)), part(scale_c), part(s.valid))
+      xs = s.logits(h_s, w_s, start, width)
+      tile = (xs, _tempered(plan, xs), t.logits(h_t, w_t, start, width))
+      part = lambda x: None if x is None else s.part(x, i)  # noqa: E731
+      target = (part(s.targets), s.offset + start, s.vocab)
+      g = _grad_tile(
+        plan, tile, tuple(map(part, stats_c)), tuple(map(part, scales_c)), part(s.valid), target
+      )
       gq = g.astype(s.cdt)
       if need_w:
         dw_k = dw_k + s.weight_grad(h_s, gq)
@@ -318,89 +412,101 @@ def _backward(plan: DistillPlan, s: Compacted, t: Compacted, scale_c, stats_c, n
   return over_vocab(vocab_body, (dh_c, dw, db), s.cols, plan.grad_vocab_chunk)
 
 
-# ----------------------------------------------------------------------------- custom_vjp
-#
-# Residuals leave each kernel in position order ([N] per statistic), so that the branches of
-# "auto" (each with its own token chunk, hence its own padded length) agree on every shape.
+def _tiled_forward(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, targets, span_mask):
+  s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask)
+  stats_c, losses_c = _forward(plan, s, t)
+  back = lambda xs: tuple(s.uncompact(x) for x in xs)  # noqa: E731
+  return back(losses_c), back(stats_c)
 
 
-def _kernel_forward(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, span_mask):
-  s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, span_mask)
-  pallas = plan.implementation == "pallas_tpu"
-  stats_c, loss_c = (pallas_tpu_distill.forward if pallas else _forward)(plan, s, t)
-  sums = compact.per_sample(s, loss_c, span_mask)
-  return sums, tuple(s.uncompact(x) for x in stats_c)
-
-
-def _kernel_backward(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, span_mask, stats, ct, need):
-  s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, span_mask)
+def _tiled_backward(
+  plan: DistillPlan, hs, ws, bs, ht, wt, bt_, targets, span_mask, stats, scales, need
+):
+  s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask)
   stats_c = tuple(s.compact(x) for x in stats)
-  scale_c = compact.compact_scale(s, ct, span_mask)
-  pallas = plan.implementation == "pallas_tpu"
-  dh_c, dw, db = (pallas_tpu_distill.backward if pallas else _backward)(
-    plan, s, t, scale_c, stats_c, need
-  )
+  scales_c = tuple(None if x is None else s.compact(x) for x in scales)
+  dh_c, dw, db = _backward(plan, s, t, scales_c, stats_c, need)
   return compact.finish_grads(s, dh_c, dw, db, hs, ws, bs)
 
 
-def _dispatch(plan: DistillPlan, fn, *args):
-  """``fn(kernel_plan, *args)``, per platform for ``"auto"``."""
+# ----------------------------------------------------------------------------- custom_vjp
+#
+# Per-token outputs [B, T] (the divergence, and with ``plan.nll`` the NLL) with per-token
+# cotangents; the entry reduces them per sample or per segment with plain differentiable
+# sums.  Residuals leave each kernel in position order ([N] per statistic), so that the
+# branches of "auto" (each with its own token chunk, hence its own padded length) agree on
+# every shape.
+
+#: The kernels by implementation name (one :class:`Kernel` each): ``"chunked"`` and
+#: ``"token_chunked"`` share the tiled kernel above, with their own plans
+#: (``_kernel_plan``).
+KERNELS: dict[str, Kernel] = {
+  "chunked": Kernel(_tiled_forward, _tiled_backward),
+  "token_chunked": Kernel(_tiled_forward, _tiled_backward),
+}
+
+
+def _dispatch(plan: DistillPlan, which: str, *args):
+  """``KERNELS[implementation].<which>(kernel_plan, *args)``, per platform for ``"auto"``."""
+
+  def run(sub: DistillPlan, *a):
+    return getattr(KERNELS[sub.implementation], which)(sub, *a)
+
   if plan.implementation != "auto":
-    return fn(plan, *args)
+    return run(plan, *args)
   per_platform = {}
-  # Under automatic partitioning libtpu cannot partition a Mosaic call: TPU takes "chunked".
-  tpu = "chunked" if auto_lib.tpu_branch(*args[:2], *args[3:5]) == "chunked" else None
   for sub, platforms in plan.branches:
-    if tpu and sub.implementation == "pallas_tpu":
-      sub = next(p for p, _ in plan.branches if p.implementation == tpu)
     for name in platforms:
-      per_platform[name] = functools.partial(fn, sub, *args)
+      per_platform[name] = functools.partial(run, sub, *args)
   return lax.platform_dependent(**per_platform)
 
 
-def _value(plan, hs, ws, bs, ht, wt, bt_, span_mask):
-  sums, stats = _dispatch(plan, _kernel_forward, hs, ws, bs, ht, wt, bt_, span_mask)
-  if plan.reduction == "mean":
-    sums = sums * compact.safe_inverse(compact.counts(span_mask))
-  return sums, stats
+def _token_value(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask):
+  tokens, stats = _dispatch(plan, "forward", hs, ws, bs, ht, wt, bt_, targets, span_mask)
+  mask = _core.mask_to_bool(span_mask)
+  return tuple(jnp.where(mask, x.reshape(mask.shape), 0.0) for x in tokens), stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _distill(plan, hs, ws, bs, ht, wt, bt_, span_mask):
-  return _value(plan, hs, ws, bs, ht, wt, bt_, span_mask)[0]
+def _tokens(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask):
+  return _token_value(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask)[0]
 
 
 def _primal(x):
   return x.value if isinstance(x, CustomVJPPrimal) else x
 
 
-def _distill_fwd(plan, hs, ws, bs, ht, wt, bt_, span_mask):
+def _tokens_fwd(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask):
   # Which of the student's (hidden, head, bias) are differentiated: ``()`` yes, ``None`` no
   # (pytree structure, static).
   need = tuple(() if isinstance(x, CustomVJPPrimal) and x.perturbed else None for x in (hs, ws, bs))
-  args = tuple(_primal(x) for x in (hs, ws, bs, ht, wt, bt_, span_mask))
-  out, stats = _value(plan, *args)
+  args = tuple(_primal(x) for x in (hs, ws, bs, ht, wt, bt_, targets, span_mask))
+  out, stats = _token_value(plan, *args)
   return out, (args, stats, need)
 
 
-def _distill_bwd(plan, res, ct):
-  if isinstance(ct, SymbolicZero):
-    return (None,) * 7
+def _tokens_bwd(plan, res, cts):
   args, stats, need = res
-  span_mask = args[-1]
-  if plan.reduction == "mean":
-    ct = ct * compact.safe_inverse(compact.counts(span_mask))
+  nothing = (None,) * 8
   need = tuple(x is not None for x in need)
-  if not any(need):
-    return (None,) * 7
-  ct = ct.astype(F32)
-  dh, dw, db = _dispatch(plan, _kernel_backward, *args, stats, ct, need)
-  # The teacher is a constant: no cotangent (not even zeros).
-  return dh, dw, db, None, None, None, None
+  live = [not isinstance(c, SymbolicZero) for c in cts]
+  if not any(live) or not any(need):
+    return nothing
+  mask = _core.mask_to_bool(args[-1]).reshape(-1)
+  scales = [
+    jnp.where(mask, c.reshape(-1).astype(F32), 0.0) if ok else None
+    for c, ok in zip(cts, live, strict=True)
+  ]
+  if scales[0] is None:
+    scales[0] = jnp.zeros(mask.shape, F32)
+  scales = (*scales, None) if len(scales) == 1 else tuple(scales)
+  dh, dw, db = _dispatch(plan, "backward", *args, stats, scales, need)
+  # The teacher is a constant: no cotangent (not even zeros); targets and mask are data.
+  return dh, dw, db, None, None, None, None, None
 
 
-_distill.defvjp(_distill_fwd, _distill_bwd, symbolic_zeros=True)
-_distill = reverse_only(_distill)
+_tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
+_tokens = reverse_only(_tokens)
 
 
 # ----------------------------------------------------------------------------- plans and checks
@@ -439,8 +545,6 @@ def _kernel_plan(implementation, base: DistillPlan, num_tokens, vocab, d, weight
   logits and their exponentials live: a quarter of the budget per block); its gradient pass
   runs vocabulary tiles of ``vocab_chunk`` columns if given, else the whole vocabulary, or with
   16-bit heads tiles of :data:`TOKEN_CHUNKED_GRAD_BYTES` of f32 accumulator."""
-  if implementation == "pallas_tpu":
-    return pallas_tpu_distill.kernel_plan(base, tc, vc)
   if implementation == "token_chunked":
     c = token_chunked_lib.block_rows(4 * vocab, num_tokens, tc)
     gk = vocab if vc is None else min(vc, vocab)  # ``vocab_chunk``: the gradient's tiles
@@ -479,7 +583,10 @@ def linear_distill_loss(
   implementation: str = "auto",
   token_chunk: int | None = None,
   vocab_chunk: int | None = None,
-) -> Float[Array, " B"]:
+  targets: Int[Array, "B T"] | None = None,
+  segment_ids: Int[Array, "B T"] | None = None,
+  num_segments: int | None = None,
+) -> Float[Array, " B"] | Float[Array, "B S"] | tuple[Array, Array]:
   """Per-sample distillation divergence through both heads, without either ``[B, T, V]``.
 
   Equal, in value and in gradients with respect to ``student_hidden``, ``student_weight``
@@ -511,15 +618,29 @@ def linear_distill_loss(
       over (each device holds the same columns of both); the result is replicated over it and
       the student's hidden gradient summed over it.
     student_weight_layout, teacher_weight_layout: ``"dv"`` or ``"vd"``.
-    implementation: ``"auto"`` (TPU ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise
-      ``"chunked"``, chosen when lowering), ``"chunked"``, ``"token_chunked"``, ``"pallas_tpu"``
-      (Pallas interpret mode off TPU) or ``"xla"`` (both logits materialised).
+    implementation: ``"auto"`` (GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen when
+      lowering), ``"chunked"``, ``"token_chunked"`` or ``"xla"`` (both logits materialised).
     token_chunk, vocab_chunk: block sizes (need not divide ``B·T`` or ``V``); for
       ``"token_chunked"`` (full-vocabulary forward blocks) ``vocab_chunk`` sets the gradient
       pass's vocabulary tiles.
 
+    targets: ``[B, T]`` integer ids: the result is then the pair ``(divergence, nll)``, ``nll``
+      the student's hard-target NLL ``-log softmax(x_s)[y]`` (at ``τ = 1``, soft-capped, with
+      the student's bias) over the same span, weights and reduction — equal to
+      :func:`jaxnll.linear_sequence_nll` (:func:`jaxnll.linear_segment_nll` with
+      ``segment_ids``) — from the same tiles of the student's head: one forward pass and one
+      recomputing gradient pass for both terms, each differentiated by its own cotangent.
+      Ids outside ``[0, V)`` inside the span make that sample's NLL (and the gradient flowing
+      from it) NaN.
+    segment_ids: ``[B, T]`` integer segment of each position of packed rows (0: padding, never
+      computed; samples are ``1..num_segments``; ids above it are ignored; a negative id inside
+      the span makes its row NaN): the results are ``[B, num_segments]``, ``out[b, s - 1]``
+      the sum (or weighted mean) over segment ``s`` of row ``b``, all segments in one pass.
+    num_segments: ``S`` (a Python int), with ``segment_ids``.
+
   Returns:
-    float32 ``[B]``; gradients come back in the student's dtypes.
+    float32 ``[B]`` (``[B, S]`` with ``segment_ids``), or the pair ``(divergence, nll)`` with
+    ``targets``; gradients come back in the student's dtypes.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -531,6 +652,14 @@ def linear_distill_loss(
     >>> plain = linear_distill_loss(hs, ws, ht, wt, span, kind="kl", implementation="xla")
     >>> bool(jnp.allclose(fused, plain, rtol=1e-5)), float(fused[1])
     (True, 0.0)
+
+    With ``targets`` the student's NLL comes from the same head pass:
+
+    >>> y = jnp.arange(10).reshape(2, 5)
+    >>> kd, nll = linear_distill_loss(hs, ws, ht, wt, span, targets=y, implementation="chunked")
+    >>> from jaxnll import linear_sequence_nll
+    >>> bool(jnp.allclose(nll, linear_sequence_nll(hs, ws, y, span), rtol=1e-5))
+    True
   """
   _core.check_choice("kind", kind, KINDS)
   _core.check_choice("reduction", reduction, ("sum", "mean"))
@@ -557,37 +686,69 @@ def linear_distill_loss(
     raise ValueError(
       f"span_mask must have shape [B, T] = {jnp.shape(hs)[:2]}, got shape {jnp.shape(span_mask)}"
     )
+  if targets is not None:
+    targets = _core.as_array("targets", targets)
+    _core.check_integer("targets", targets)
+    if jnp.shape(targets) != jnp.shape(hs)[:2]:
+      raise ValueError(
+        f"targets must have shape [B, T] = {jnp.shape(hs)[:2]}, got shape {jnp.shape(targets)}"
+      )
+    targets = _core.int32_ids(jnp.asarray(targets))
+  if segment_ids is not None:
+    segment_ids = _core.as_array("segment_ids", segment_ids)
+    _core.check_segments(segment_ids, num_segments, "span_mask", span_mask)
+    segment_ids = jnp.asarray(segment_ids)
+  elif num_segments is not None:
+    raise ValueError(f"num_segments={num_segments!r} needs segment_ids")
   for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
       raise ValueError(f"{name} must be a positive Python int or None, got {value!r}")
   span_mask = jnp.asarray(span_mask)
+  if segment_ids is not None:  # padding (segment 0) is never computed: the cost follows samples
+    span_mask = jnp.where(segment_ids != 0, span_mask, jnp.zeros((), span_mask.dtype))
   sg = lax.stop_gradient
   ht, wt = sg(ht), sg(wt)
   bt_ = None if bt_ is None else sg(bt_)
   b, t = hs.shape[:2]
+  reduce = functools.partial(_reduce, span_mask, segment_ids, num_segments, reduction)
   if b * t == 0:
-    return jnp.zeros((b,), F32)
+    zero = reduce(jnp.zeros((b, t), F32))
+    return zero if targets is None else (zero, zero)
   if implementation == "xla":
-    return _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opts,
-                         student_weight_layout, teacher_weight_layout)  # fmt: skip
+    kd, nll = _materialised(hs, ws, bs, ht, wt, bt_, targets, span_mask,
+                            (segment_ids, num_segments), reduction, kind, beta, opts,
+                            student_weight_layout, teacher_weight_layout)  # fmt: skip
+    return kd if targets is None else (kd, nll)
   d = hs.shape[2]
-  base = DistillPlan(kind, beta, opts, 1, 1, 1, reduction, student_weight_layout,
-                     teacher_weight_layout)  # fmt: skip
+  base = DistillPlan(kind, beta, opts, 1, 1, 1, student_weight_layout, teacher_weight_layout,
+                     nll=targets is not None)  # fmt: skip
   args = (b * t, vs, d, ws.dtype, token_chunk, vocab_chunk)
   if implementation == "auto":
     branches = tuple((_kernel_plan(name, base, *args), p) for name, p in AUTO_BRANCHES)
     plan = dataclasses.replace(branches[-1][0], implementation="auto", branches=branches)
   else:
     plan = _kernel_plan(implementation, base, *args)
-  arrays = _vary_alike(hs, ws, bs, ht, wt, bt_, span_mask, vocab_axis)
-  return _distill(plan, *arrays)
+  arrays = _vary_alike(hs, ws, bs, ht, wt, bt_, targets, span_mask, vocab_axis)
+  out = tuple(reduce(x) for x in _tokens(plan, *arrays))
+  return out[0] if targets is None else out
 
 
-def _vary_alike(hs, ws, bs, ht, wt, bt_, span_mask, vocab_axis):
+def _reduce(span_mask, segment_ids, num_segments, reduction, tok):
+  """Per-token losses ``[B, T]`` summed (or weighted means) per sample ``[B]``, or per
+  segment ``[B, S]`` with ``segment_ids`` (as :func:`jaxnll.sequence_nll` /
+  :func:`jaxnll.segment_nll` reduce theirs: the same loud means and negative ids)."""
+  mask, weights = _core.mask_to_bool(span_mask), _core.mask_to_weights(span_mask)
+  if segment_ids is not None:
+    return nll_lib.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  return jax.vmap(lambda *a: nll_lib.reduce_span(*a, reduction))(tok, weights, mask)
+
+
+def _vary_alike(hs, ws, bs, ht, wt, bt_, targets, span_mask, vocab_axis):
   """Under ``shard_map``, every array varies over the axes any of them varies over (the loop
   carries mix both heads), as :func:`jaxnll.fused.compact.vary_alike` does for one head:
-  hidden states and mask stay as they are over the vocabulary axis, the heads vary over it."""
-  arrays = (hs, ws, bs, ht, wt, bt_, span_mask)
+  hidden states, targets and mask stay as they are over the vocabulary axis, the heads vary
+  over it."""
+  arrays = (hs, ws, bs, ht, wt, bt_, targets, span_mask)
   axes = frozenset().union(*(compact.varying_axes(x) for x in arrays if x is not None))
   out = []
   for k, x in enumerate(arrays):
@@ -609,24 +770,25 @@ def _rows(plan: DistillPlan, xs, xt, ok):
 
 
 def _scored(plan: DistillPlan, xs, xt, ok):
+  """``(x_s, z_s, z_t)`` of materialised logits, as ``_tile`` gives them."""
   keep = ok[:, None]
-  zs = _core.softcap(jnp.where(keep, xs, jnp.zeros((), xs.dtype)), plan.opts)
+  xs = _core.softcap(jnp.where(keep, xs, jnp.zeros((), xs.dtype)), plan.student_opts)
   zt = _core.softcap(jnp.where(keep, xt, jnp.zeros((), xt.dtype)), plan.opts)
-  return zs, zt
+  return xs, _tempered(plan, xs), zt
 
 
 def _rows_fwd(plan: DistillPlan, xs, xt, ok):
-  zs, zt = _scored(plan, xs, xt, ok)
+  tile = _scored(plan, xs, xt, ok)
   low, zero = jnp.full(ok.shape, jnp.finfo(F32).min), jnp.zeros(ok.shape, F32)
-  carry = _online(plan.kind, zs, zt, (low, zero, low, zero, zero))
-  stats, loss = _finish(plan, carry, lambda a, b: _jsd_terms(plan, zs, zt, a, b))
+  carry = _online(plan, *tile, (low, zero, low, zero, zero))
+  stats, loss, _ = _finish(plan, carry, lambda a, b: _jsd_terms(plan, *tile[1:], a, b))
   return jnp.where(ok, loss, 0.0), (xs, xt, ok, stats)
 
 
 def _rows_bwd(plan: DistillPlan, res, ct):
   xs, xt, ok, stats = res
-  zs, zt = _scored(plan, xs, xt, ok)
-  g = _grad_tile(plan, zs, zt, stats, ct.astype(F32), ok)
+  tile = _scored(plan, xs, xt, ok)
+  g = _grad_tile(plan, tile, stats, (ct.astype(F32), None), ok)
   return g.astype(xs.dtype), None, None
 
 
@@ -634,37 +796,46 @@ _rows.defvjp(_rows_fwd, _rows_bwd)
 _rows = reverse_only(_rows)
 
 
-def _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opts, ls, lt):
+def _materialised(hs, ws, bs, ht, wt, bt_, targets, span_mask, seg, reduction, kind, beta, opts,
+                  ls, lt):  # fmt: skip
   """The ``"xla"`` path: both ``[B, T, V]`` logits, then the divergence (``"ce"`` / ``"kl"``:
-  :func:`jaxnll.distill_cross_entropy`; the others row by row in float32 through :func:`_rows`,
-  whose backward is the fused kernels' gated formula, so a zero cotangent leaks no NaN).
-  Hidden rows outside the span are zeroed first (NaN there reaches no gradient)."""
-  from jaxnll.distill import distill_cross_entropy
-
+  :func:`jaxnll.distill_cross_entropy` or :func:`jaxnll.segment_distill_cross_entropy`; the
+  others row by row in float32 through ``_rows``, whose backward is the fused kernels'
+  gated formula, so a zero cotangent leaks no NaN) and, with ``targets``,
+  :func:`jaxnll.sequence_nll` / :func:`jaxnll.segment_nll` of the same student logits.  Hidden
+  rows outside the span are zeroed first (NaN there reaches no gradient).  ``seg``:
+  ``(segment_ids, num_segments)``, ``segment_ids`` None for per-sample results.  Returns
+  ``(divergence, nll or None)``."""
   if opts.vocab_axis is not None:
     raise ValueError('vocab_axis needs a fused implementation (implementation="chunked")')
-  inside = _core.mask_to_bool(span_mask)[..., None]
+  segment_ids, num_segments = seg
+  per = {} if segment_ids is None else dict(num_segments=num_segments)
+  mask = _core.mask_to_bool(span_mask)
+  inside = mask[..., None]
 
   def logits(h, w, b, layout):
     h = jnp.where(inside, h, jnp.zeros((), h.dtype))
     z = h @ w if layout == "dv" else jnp.einsum("btd,vd->btv", h, w)
-    z = z if b is None else z + b[None, None, :]
-    if opts.logit_softcap is not None and kind in ("ce", "kl"):
-      c = opts.logit_softcap
-      z = (c * jnp.tanh(z.astype(F32) / c)).astype(z.dtype)
-    return z
+    return z if b is None else z + b[None, None, :]
 
-  zs, zt = logits(hs, ws, bs, ls), logits(ht, wt, bt_, lt)
-  tau = opts.temperature
+  xs, xt = logits(hs, ws, bs, ls), logits(ht, wt, bt_, lt)
   if kind in ("ce", "kl"):
+    cap = lambda z, c=opts.logit_softcap: (c * jnp.tanh(z.astype(F32) / c)).astype(z.dtype)  # noqa: E731
+    zs, zt = (xs, xt) if opts.logit_softcap is None else (cap(xs), cap(xt))
     name = "cross_entropy" if kind == "ce" else "kl"
-    return distill_cross_entropy(zs, zt, span_mask, temperature=tau, reduction=reduction, kind=name)
-  mask = _core.mask_to_bool(span_mask)
-  plan = DistillPlan(kind, beta, opts, 1, 1, 1)  # soft-cap and τ inside: one gated backward
-  flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-  tok = _rows(plan, flat(zs), flat(zt), mask.reshape(-1)).reshape(mask.shape)
-  weights = _core.mask_to_weights(span_mask)
-  sums = jnp.sum(jnp.where(mask, tok * weights, 0.0), axis=1, dtype=F32)
-  if reduction == "mean":
-    sums = sums * compact.safe_inverse(compact.counts(span_mask))
-  return sums
+    fn = distill_lib.distill_cross_entropy
+    if segment_ids is not None:
+      fn = functools.partial(distill_lib.segment_distill_cross_entropy, segment_ids=segment_ids)
+    kd = fn(zs, zt, span_mask, temperature=opts.temperature, reduction=reduction, kind=name, **per)
+  else:
+    plan = DistillPlan(kind, beta, opts, 1, 1, 1)  # soft-cap and τ inside: one gated backward
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    tok = _rows(plan, flat(xs), flat(xt), mask.reshape(-1)).reshape(mask.shape)
+    kd = _reduce(span_mask, segment_ids, num_segments, reduction, tok)
+  nll = None
+  if targets is not None:
+    fn = nll_lib.sequence_nll
+    if segment_ids is not None:
+      fn = functools.partial(nll_lib.segment_nll, segment_ids=segment_ids)
+    nll = fn(xs, targets, span_mask, reduction=reduction, logit_softcap=opts.logit_softcap, **per)
+  return kd, nll

@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnll import parallel
 from jaxnll.distill import segment_distill_cross_entropy
 from jaxnll.fused.distill import KINDS as KD_KINDS
 from jaxnll.fused.distill import linear_distill_loss
@@ -156,28 +155,23 @@ class Distill(Objective):
   means: ClassVar = {**Objective.means, "kd_loss": "kd"}
 
   def _fused_token(self, model: nnx.Module, batch: Batch, targets, target_mask, seg, num_segments):
-    """Per-segment NLL and KD sums ``[B, S]`` (differentiable) through both fused heads."""
+    """Per-segment NLL and KD sums ``[B, S]`` (differentiable) through both fused heads: one
+    pass of the student's head for both terms, all segments of the packed rows at once
+    (``linear_distill_loss`` with ``targets`` and ``segment_ids``)."""
     config = self.config
     hidden = model(
       batch["tokens"], return_hidden=True, segment_ids=seg, positions=batch["positions"],
       span_mask=target_mask,
     )  # fmt: skip
     weight, layout = model.output_head()
-    nll = parallel.head_segment_nll(
-      hidden, weight, targets, target_mask, seg, num_segments=num_segments, weight_layout=layout
-    )
     head = self.teacher_head
-    kd_opts = dict(
-      kind=config.kind, temperature=config.temperature, beta=config.beta,
-      student_weight_layout=layout, teacher_weight_layout=head.layout,
+    kd, nll = linear_distill_loss(
+      hidden, weight, batch["teacher_hidden"], head.weight, target_mask, kind=config.kind,
+      temperature=config.temperature, beta=config.beta, student_weight_layout=layout,
+      teacher_weight_layout=head.layout, targets=targets, segment_ids=seg,
+      num_segments=num_segments,
     )  # fmt: skip
-    teacher_hidden = batch["teacher_hidden"]
-    # Per segment: the span of segment s (S compacted passes over its own tokens only).
-    masks = (seg[None] == jnp.arange(1, num_segments + 1)[:, None, None]) & target_mask[None]
-    kd = jax.vmap(
-      lambda m: linear_distill_loss(hidden, weight, teacher_hidden, head.weight, m, **kd_opts)
-    )(masks)
-    return nll, kd.T
+    return nll, kd
 
   def __call__(self, model: nnx.Module, batch: Batch):
     config = self.config
