@@ -139,6 +139,32 @@ def test_each_kind_matches_reference_and_float64(kind, chunks):
   np.testing.assert_allclose(val, f64_formula(hs, ws, ht, wt, MASK, kind, tau), 1e-5, 2e-6)
 
 
+def test_targets_give_the_nll_beside_the_divergence_as_the_one_pass_kernels_do():
+  """``targets=`` on ``pallas_tpu``: the divergence from the pair, the student's NLL from the
+  NLL kernels; values and student gradients of ``Σ c·kd + Σ c'·nll`` equal ``chunked``'s one
+  pass (packed segments, ``τ ≠ 1``)."""
+  hs, ws, ht, wt = make(3)
+  mask = jnp.asarray(MASK)
+  y = jax.random.randint(jax.random.key(4), (B, T), 0, V)
+  seg = jnp.array([[0, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 2, 2, 2, 2, 0]])
+
+  def total(impl):
+    def f(hs, ws):
+      kd, nll = linear_distill_loss(
+        hs, ws, ht, wt, mask, kind="kl", temperature=1.5, targets=y, segment_ids=seg,
+        num_segments=2, implementation=impl, **(ODD if impl == "pallas_tpu" else {}),
+      )  # fmt: skip
+      return jnp.sum(kd * jnp.array([1.0, -0.5])) + jnp.sum(nll * 0.3), (kd, nll)
+
+    return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(hs, ws)
+
+  (_, got), got_grads = total("pallas_tpu")
+  (_, want), want_grads = total("chunked")
+  assert got[0].shape == got[1].shape == (B, 2)
+  assert_close(got, want)
+  assert_close(got_grads, want_grads)
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_jsd_beta_ends_with_the_kernels_own_tiles(beta):
   """``β`` at its ends (``log m`` is one of the log-probabilities), the tiles from the chip

@@ -42,9 +42,12 @@ differentiable sums of those, as in :func:`jaxnll.sequence_nll` / :func:`jaxnll.
 Implementations share one tiled kernel: ``"chunked"`` tiles ``C × K`` (``K`` =
 ``vocab_chunk``) and sums each weight-gradient tile over every token in an f32 ``[D, K]``
 buffer (vocabulary outside, tokens inside); ``"token_chunked"`` uses full-vocabulary tiles
-(one matmul per head and block, the GPU plan of :mod:`jaxnll.fused.token_chunked`); ``"auto"``
-picks per platform with :func:`jax.lax.platform_dependent` (GPU ``token_chunked``, anything
-else — TPU included, until a Pallas pair exists — ``chunked``); ``"xla"`` materialises both
+(one matmul per head and block, the GPU plan of :mod:`jaxnll.fused.token_chunked`);
+``"pallas_tpu"`` is the Mosaic kernel pair of :mod:`jaxnll.fused.pallas_tpu_distill` (the
+divergence only: with ``targets`` the NLL comes from the NLL kernels, a second pass);
+``"auto"`` picks per platform with :func:`jax.lax.platform_dependent` (TPU ``pallas_tpu`` —
+``chunked`` under automatic partitioning or with ``targets`` —, GPU ``token_chunked``, else
+``chunked``); ``"xla"`` materialises both
 logits (``"ce"`` / ``"kl"`` through :func:`jaxnll.distill_cross_entropy`).  Span compaction is
 :class:`jaxnll.fused.compact.Compacted` (one per head, same order): the token loops run
 ``ceil(n_targets / C)`` chunks, so the cost follows the target tokens.
@@ -71,12 +74,14 @@ from jaxnll import _core
 from jaxnll import distill as distill_lib
 from jaxnll import nll as nll_lib
 from jaxnll._core import F32, TokenOptions
-from jaxnll.fused import compact
+from jaxnll.fused import api as api_lib
+from jaxnll.fused import auto as auto_lib
+from jaxnll.fused import compact, pallas_tpu_distill
 from jaxnll.fused import token_chunked as token_chunked_lib
 from jaxnll.fused.compact import Compacted, Plan, over_vocab, reverse_only
 
 KINDS = ("ce", "kl", "reverse_kl", "jsd")
-IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "xla")
+IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla")
 LAYOUTS = ("dv", "vd")
 
 #: Target tokens per chunk of ``"chunked"`` (two ``[C, K]`` f32 tiles live, 4 MiB each at the
@@ -89,8 +94,12 @@ WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
 #: ``"token_chunked"`` with 16-bit heads: the gradient pass sums the weight gradient in f32
 #: tiles of about this many bytes (not one f32 ``[Ds, V]`` buffer, 2.4 GiB at Gemma-2 2B).
 TOKEN_CHUNKED_GRAD_BYTES = 128 * 2**20
-#: ``"auto"``: which platforms take which kernel (``default``: the rest, TPU included).
-AUTO_BRANCHES = (("token_chunked", ("cuda", "rocm")), ("chunked", ("default",)))
+#: ``"auto"``: which platforms take which kernel (``default``: the rest).
+AUTO_BRANCHES = (
+  ("pallas_tpu", ("tpu",)),
+  ("token_chunked", ("cuda", "rocm")),
+  ("chunked", ("default",)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +438,23 @@ def _tiled_backward(
   return compact.finish_grads(s, dh_c, dw, db, hs, ws, bs)
 
 
+def _pallas_forward(plan: DistillPlan, hs, ws, bs, ht, wt, bt_, targets, span_mask):
+  """The Mosaic pair of :mod:`jaxnll.fused.pallas_tpu_distill` (the divergence only: with
+  ``targets`` the plan is another kernel's, see ``_kernel_plan``)."""
+  s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask)
+  stats_c, loss_c = pallas_tpu_distill.forward(plan, s, t)
+  return (s.uncompact(loss_c),), tuple(s.uncompact(x) for x in stats_c)
+
+
+def _pallas_backward(
+  plan: DistillPlan, hs, ws, bs, ht, wt, bt_, targets, span_mask, stats, scales, need
+):
+  s, t = _pair(plan, hs, ws, bs, ht, wt, bt_, targets, span_mask)
+  stats_c = tuple(s.compact(x) for x in stats)
+  dh_c, dw, db = pallas_tpu_distill.backward(plan, s, t, s.compact(scales[0]), stats_c, need)
+  return compact.finish_grads(s, dh_c, dw, db, hs, ws, bs)
+
+
 # ----------------------------------------------------------------------------- custom_vjp
 #
 # Per-token outputs [B, T] (the divergence, and with ``plan.nll`` the NLL) with per-token
@@ -443,6 +469,7 @@ def _tiled_backward(
 KERNELS: dict[str, Kernel] = {
   "chunked": Kernel(_tiled_forward, _tiled_backward),
   "token_chunked": Kernel(_tiled_forward, _tiled_backward),
+  "pallas_tpu": Kernel(_pallas_forward, _pallas_backward),
 }
 
 
@@ -455,7 +482,11 @@ def _dispatch(plan: DistillPlan, which: str, *args):
   if plan.implementation != "auto":
     return run(plan, *args)
   per_platform = {}
+  # Under automatic partitioning libtpu cannot partition a Mosaic call: TPU takes "chunked".
+  tpu = auto_lib.tpu_branch(*args[:2], *args[3:5])
   for sub, platforms in plan.branches:
+    if sub.implementation == "pallas_tpu" and tpu == "chunked":
+      sub = next(p for p, _ in plan.branches if p.implementation == "chunked")
     for name in platforms:
       per_platform[name] = functools.partial(run, sub, *args)
   return lax.platform_dependent(**per_platform)
@@ -544,7 +575,14 @@ def _kernel_plan(implementation, base: DistillPlan, num_tokens, vocab, d, weight
   vocabulary tiles with ``C`` from :func:`jaxnll.fused.token_chunked.block_rows` (both heads'
   logits and their exponentials live: a quarter of the budget per block); its gradient pass
   runs vocabulary tiles of ``vocab_chunk`` columns if given, else the whole vocabulary, or with
-  16-bit heads tiles of :data:`TOKEN_CHUNKED_GRAD_BYTES` of f32 accumulator."""
+  16-bit heads tiles of :data:`TOKEN_CHUNKED_GRAD_BYTES` of f32 accumulator.  ``"pallas_tpu"``
+  has the tiles of :func:`jaxnll.fused.pallas_tpu_distill.kernel_plan`; its kernel pair
+  computes the divergence only, so with ``targets`` (both terms from one pass) the TPU branch
+  of ``"auto"`` runs ``"chunked"``."""
+  if implementation == "pallas_tpu":
+    if not base.nll:
+      return pallas_tpu_distill.kernel_plan(base, tc, vc)
+    implementation = "chunked"
   if implementation == "token_chunked":
     c = token_chunked_lib.block_rows(4 * vocab, num_tokens, tc)
     gk = vocab if vc is None else min(vc, vocab)  # ``vocab_chunk``: the gradient's tiles
@@ -618,8 +656,9 @@ def linear_distill_loss(
       over (each device holds the same columns of both); the result is replicated over it and
       the student's hidden gradient summed over it.
     student_weight_layout, teacher_weight_layout: ``"dv"`` or ``"vd"``.
-    implementation: ``"auto"`` (GPU ``"token_chunked"``, otherwise ``"chunked"``, chosen when
-      lowering), ``"chunked"``, ``"token_chunked"`` or ``"xla"`` (both logits materialised).
+    implementation: ``"auto"`` (TPU ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise
+      ``"chunked"``, chosen when lowering), ``"chunked"``, ``"token_chunked"``, ``"pallas_tpu"``
+      (Pallas interpret mode off TPU) or ``"xla"`` (both logits materialised).
     token_chunk, vocab_chunk: block sizes (need not divide ``B·T`` or ``V``); for
       ``"token_chunked"`` (full-vocabulary forward blocks) ``vocab_chunk`` sets the gradient
       pass's vocabulary tiles.
@@ -714,6 +753,24 @@ def linear_distill_loss(
   if b * t == 0:
     zero = reduce(jnp.zeros((b, t), F32))
     return zero if targets is None else (zero, zero)
+  if implementation == "pallas_tpu" and targets is not None:
+    # The Mosaic pair computes the divergence only: the NLL from the NLL kernels (two passes).
+    kd = linear_distill_loss(
+      hs, ws, ht, wt, span_mask, kind=kind, temperature=temperature, beta=beta,
+      reduction=reduction, student_bias=bs, teacher_bias=bt_, logit_softcap=logit_softcap,
+      vocab_axis=vocab_axis, student_weight_layout=student_weight_layout,
+      teacher_weight_layout=teacher_weight_layout, implementation=implementation,
+      token_chunk=token_chunk, vocab_chunk=vocab_chunk, segment_ids=segment_ids,
+      num_segments=num_segments,
+    )  # fmt: skip
+    head = dict(bias=bs, logit_softcap=logit_softcap, vocab_axis=vocab_axis,
+                weight_layout=student_weight_layout, implementation=implementation,
+                token_chunk=token_chunk, vocab_chunk=vocab_chunk, reduction=reduction)  # fmt: skip
+    if segment_ids is None:
+      return kd, api_lib.linear_sequence_nll(hs, ws, targets, span_mask, **head)
+    nll = api_lib.linear_segment_nll(hs, ws, targets, span_mask, segment_ids,
+                                     num_segments=num_segments, **head)  # fmt: skip
+    return kd, nll
   if implementation == "xla":
     kd, nll = _materialised(hs, ws, bs, ht, wt, bt_, targets, span_mask,
                             (segment_ids, num_segments), reduction, kind, beta, opts,
