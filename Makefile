@@ -54,12 +54,18 @@ lint: install
 docs: install
 	$(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
 
+# Two workers; --dist worksteal hands each one half of the tests in file order and moves the
+# rest of a file only when the other runs out, so a file's module-scoped runs (test_preference,
+# test_teacher, test_faults ...) and the shapes its tests share compile on one worker, not on
+# both as with the default (--dist load deals out small chunks).  The slowest tests are listed.
+PYTEST_N2 := -n 2 --dist worksteal --durations=20
+
 unit: install
-	$(PY) -m pytest -q -n 2 jaxnll tests --ignore=$(AOT_TESTS)
+	$(PY) -m pytest -q $(PYTEST_N2) jaxnll tests --ignore=$(AOT_TESTS)
 
 # The library lane: tests marked `app` (tests/conftest.py) are left out.
 test-fast: lint
-	$(PY) -m pytest -q -n 2 -m "not app" jaxnll tests --ignore=$(AOT_TESTS)
+	$(PY) -m pytest -q $(PYTEST_N2) -m "not app" jaxnll tests --ignore=$(AOT_TESTS)
 
 notebooks: install
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \

@@ -1,31 +1,33 @@
-"""Test set-up: eight fake CPU devices for the multi-device tests, deterministic hypothesis,
-and strict checks while the tests run.
+"""Test set-up: eight fake CPU devices for the multi-device tests, XLA's quick CPU compile,
+deterministic hypothesis, and the ``app`` marker (``make test-fast`` leaves those tests out).
 
-Strict checks (as equinox and flax run their tests):
-
-* ``jax_numpy_rank_promotion="raise"``: an implicit broadcast between arrays of different
-  ranks is an error, so a ``[B]`` against ``[B, T]`` slip cannot pass silently.
-* jaxtyping shapes are checked at run time: jaxtyping's import hook (with beartype) makes
-  every annotated function of the library check its arguments' and results' dtypes and
-  shapes (``Float[Array, "B T V"]``) on each call — under ``jit`` once per trace.  The
-  application around the library (:data:`APPLICATION`) is not instrumented.  A test that
-  asserts one of jaxnll's own argument errors (it calls ``pytest.raises``) runs without
-  those checks, which would answer first with their own ``TypeCheckError``.
+There are no run-time shape checks or rank-promotion errors here: the library checks its own
+arguments (``jaxnll.checked``, the ``_core`` checks), and ``tests/test_imports.py`` checks that
+its jaxtyping annotations hold under jaxtyping's import hook.
 """
 
-import importlib.util
 import inspect
 import os
 import pathlib
 import re
 
-# Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices.
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices, and
+# XLA hands LLVM the CPU code at optimisation level 0.  The tests' arrays are tiny: compiling,
+# not running, is where their time goes, and level 0 cuts the CPU time of a training test file
+# by about a third (tests/test_train.py: 80 s vs 117 s user+sys).  The programs are the same;
+# an XLA_FLAGS of the caller's own that names either flag wins.
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-import jaxtyping  # noqa: E402
+
+def xla_flags(devices: int) -> str:
+  """The tests' XLA_FLAGS for a process of their own with ``devices`` CPU devices."""
+  flag = "--xla_force_host_platform_device_count"
+  return re.sub(rf"{flag}=\d+", f"{flag}={devices}", os.environ["XLA_FLAGS"])
+
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: The application around the library (and the command line): it may import flax, optax,
@@ -48,22 +50,11 @@ def module_name(path: pathlib.Path) -> str:
 MODULES = {module_name(p): p for p in sorted((ROOT / "jaxnll").rglob("*.py"))}
 LIBRARY = sorted(n for n in MODULES if not is_application(n) and n != "jaxnll")
 
-# Before anything imports jaxnll: the library's annotations are checked on every call.
-# Opt-in for now (JAXNLL_STRICT_SHAPES=1): the preference and policy entries are still
-# annotated with Array where they accept NumPy arrays too.
-if os.environ.get("JAXNLL_STRICT_SHAPES") == "1":
-  if importlib.util.find_spec("beartype") is None:
-    raise ImportError("the tests check shapes with beartype: pip install -e '.[test]'")
-  jaxtyping.install_import_hook(LIBRARY, "beartype.beartype")
-
-import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-#: Where an implicit broadcast between ranks raises: everything but the application's code.
-#: The application (the small models, training, benchmarks) still broadcasts implicitly, so
-#: a test that runs it — its module or function names ``train``, ``nnx``, ``make_model`` — and
-#: the application's doctests run with rank promotion allowed.
+#: A test that runs the application (the small models, training, benchmarks, the command line):
+#: its function's source names one of these.
 _APPLICATION_CODE = re.compile(
   r"\btrain\b|\bnnx\b|make_model|jaxnll\.train|jaxnll\.bench|\bbench\b|\bcli\b"
 )
@@ -90,9 +81,6 @@ def tiny_spec(monkeypatch):
 
 def pytest_configure(config):
   config.addinivalue_line(
-    "markers", "own_errors: asserts jaxnll's own argument errors; no jaxtyping run-time checks"
-  )
-  config.addinivalue_line(
     "markers",
     "app: runs the application (models, training, command line, benchmarks); "
     "`make test-fast` leaves these out (-m 'not app')",
@@ -101,16 +89,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
   for item in items:
-    fn = getattr(item, "function", None)
-    if fn is not None and "pytest.raises" in inspect.getsource(fn):
-      item.add_marker("own_errors")
     if _runs_application(item):
       item.add_marker("app")
-
-
-#: Not yet "raise": the bad-input tables and some library paths still broadcast a lower-rank
-#: operand implicitly; switch to "raise" once they are cleaned up.
-RANK_PROMOTION = "allow"
 
 
 def _runs_application(item) -> bool:
@@ -128,22 +108,3 @@ def _runs_application(item) -> bool:
   except (OSError, TypeError):
     source = ""
   return bool(_APPLICATION_CODE.search(source))
-
-
-@pytest.fixture(autouse=True)
-def _rank_promotion(request):
-  """``jax_numpy_rank_promotion="raise"`` for the library (see :data:`_APPLICATION_CODE`)."""
-  mode = "allow" if _runs_application(request.node) else RANK_PROMOTION
-  with jax.numpy_rank_promotion(mode):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _jaxtyping_checks(request):
-  """jaxtyping's run-time checks off for the tests marked ``own_errors``."""
-  disabled = jaxtyping.config.jaxtyping_disable
-  jaxtyping.config.update(
-    "jaxtyping_disable", disabled or bool(request.node.get_closest_marker("own_errors"))
-  )
-  yield
-  jaxtyping.config.update("jaxtyping_disable", disabled)

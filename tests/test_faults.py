@@ -21,6 +21,7 @@ import time
 
 import jax
 import pytest
+from conftest import xla_flags
 from flax import nnx
 
 from jaxnll import cli, parallel, train
@@ -180,7 +181,7 @@ def test_real_sigterm_and_sigint_to_jaxnll_train(config, tmp_path):
   in one more process of the same set-up (one device), through ``cli.main``.
   """
   steps = 60
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   # One compilation cache for the three processes: the last one compiles nothing.
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -323,7 +324,7 @@ def test_two_quick_signals_to_jaxnll_train_keep_the_committed_step(config, tmp_p
   record, nothing unfinished is left, and --resume continues from it. A third signal may
   abandon the save: then one line says which checkpoint the run ends at (here none: the
   default --checkpoint-every has not come) and nothing unfinished is read back."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

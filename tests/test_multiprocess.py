@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from conftest import xla_flags
 from flax import nnx
 
 from jaxnll import cli, parallel, train
@@ -75,7 +76,7 @@ def test_two_processes_give_the_single_process_losses(tmp_path):
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=xla_flags(2),
     PYTHONUNBUFFERED="1",
   )
   env.pop("JAX_COORDINATOR_ADDRESS", None)
