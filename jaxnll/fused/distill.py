@@ -58,6 +58,7 @@ from jaxtyping import Array, Bool, Float
 
 from jaxnll import _core
 from jaxnll._core import F32, TokenOptions
+from jaxnll.distill import distill_cross_entropy
 from jaxnll.fused import compact
 from jaxnll.fused import token_chunked as token_chunked_lib
 from jaxnll.fused.compact import Compacted, Plan, over_vocab, reverse_only
@@ -621,8 +622,6 @@ def _materialised(hs, ws, bs, ht, wt, bt_, span_mask, kind, beta, reduction, opt
   :func:`jaxnll.distill_cross_entropy`; the others row by row in float32 through :func:`_rows`,
   whose backward is the fused kernels' gated formula, so a zero cotangent leaks no NaN).
   Hidden rows outside the span are zeroed first (NaN there reaches no gradient)."""
-  from jaxnll.distill import distill_cross_entropy
-
   if opts.vocab_axis is not None:
     raise ValueError('vocab_axis needs a fused implementation (implementation="chunked")')
   inside = _core.mask_to_bool(span_mask)[..., None]
