@@ -142,8 +142,8 @@ def test_bench_aot_writes_the_table(tmp_path):
   args += ["--impl", "auto", "--impl", "pallas_tpu", "--tokens", "1x128", "--out", str(tmp_path)]
   assert cli.main(args) == 0
   md = (tmp_path / "aot.md").read_text()
-  assert "| h100 | mistral-7b | 1x128 | scalar | auto | yes |" in md
-  assert "| h100 | mistral-7b | 1x128 | scalar | pallas_tpu | n/a: TPU kernel" in md
+  assert "| h100 | mistral-7b | 1x128 | [V, D] | scalar | auto | yes |" in md
+  assert "| h100 | mistral-7b | 1x128 | [V, D] | scalar | pallas_tpu | n/a: TPU kernel" in md
   assert "not run" in md
   rows = (tmp_path / "aot.jsonl").read_text().splitlines()
   assert len(rows) == 2 and '"jax_version"' in rows[0]
