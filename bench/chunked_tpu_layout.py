@@ -1,11 +1,13 @@
-"""``chunked`` on TPU with a ``[D, V]`` head against a ``[V, D]`` table: the weight copy.
+"""``chunked`` on TPU with a ``[D, V]`` head against a ``[V, D]`` table: no weight copy.
 
 ``python bench/chunked_tpu_layout.py`` (in ``.venv-aot``: the TPU compiler, no device) compiles
 forward + backward of ``linear_nll_loss(implementation="chunked")`` at the Mistral 7B head
 (D 4096, V 32768; 4 x 2048 bf16 tokens) for TPU v5e with both weight layouts and prints the
-temp memory and the HLO copies of a ``[., 32768]`` value.  XLA:TPU copies a ``[D, V]`` weight
-to column-major so each ``[D, K]`` column chunk is contiguous (and the gradient back); a
-``[V, D]`` table slices rows and needs no copy.  Compiled for TPU v5e, not run.
+temp memory and the HLO copies of a ``[D, V]`` value.  The copy it used to find came from the
+target logit: a gather of the targets' columns of a ``[D, V]`` weight, for which XLA:TPU
+copied the whole weight to column-major and back (2 copies, 257 MiB of temp against
+129 MiB); the logit is now read from the vocabulary loop's own tile, and neither layout is
+copied.  Compiled for TPU v5e, not run.
 """
 
 from __future__ import annotations

@@ -27,8 +27,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as jax_config  # the shard_map body's check_vma (no public accessor)
 
+#: The accumulation dtype of every loss (defined here only; every module imports it).
 F32 = jnp.float32
+#: ``reduction=`` of the per-sample and per-segment entries.
+REDUCTIONS = ("sum", "mean")
+#: ``normalize=`` of the batch-loss terms (:func:`jaxnll.nll.loss_terms`).
+NORMALIZATIONS = ("tokens", "samples", "sum")
+#: ``weight_layout=`` of the fused entries: the head as ``[D, V]`` or ``[V, D]``.
+LAYOUTS = ("dv", "vd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +105,7 @@ def cotangents_split(opts: "TokenOptions") -> bool:
   ``check_vma`` on (the default) the cotangent of a replicated result is already whole."""
   if opts.vocab_axis is None:
     return False
-  from jax._src import config  # the shard_map body's check_vma setting (no public accessor)
-
-  return not config._check_vma.value
+  return not jax_config._check_vma.value
 
 
 def whole_cotangent(ct: jax.Array, opts: "TokenOptions", split: bool | None = None) -> jax.Array:
@@ -261,10 +267,11 @@ def check_float_option(
   low: float | None = None,
   high: float | None = None,
   low_open: bool = False,
+  high_open: bool = False,
   allow_none: bool = False,
 ) -> float | None:
-  """``value`` as a finite Python float in ``[low, high]`` (``(low, high]`` with ``low_open``),
-  or a ``TypeError`` / ``ValueError`` naming the option and the value seen."""
+  """``value`` as a finite Python float in ``[low, high]`` (either end open with ``low_open`` /
+  ``high_open``), or a ``TypeError`` / ``ValueError`` naming the option and the value seen."""
   if value is None and allow_none:
     return None
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
@@ -272,12 +279,14 @@ def check_float_option(
     raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
   value = float(value)
   below = low is not None and (value <= low if low_open else value < low)
-  above = high is not None and value > high
+  above = high is not None and (value >= high if high_open else value > high)
   if not np.isfinite(value) or below or above:
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
     interval = (
-      ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + ("]" if high is not None else ")")
+      ("(" if low_open or low is None else "[")
+      + f"{lo}, {hi}"
+      + ("]" if high is not None and not high_open else ")")
     )
     raise ValueError(f"{name} must be a finite float in {interval}, got {value!r}")
   return value
@@ -372,6 +381,53 @@ def check_choice(name: str, value, choices: Sequence[str]) -> None:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_bool(name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a Python bool, got {type(value).__name__} {value!r}")
+  return bool(value)
+
+
+def check_int(name: str, value, *, low: int | None = None) -> int:
+  """``value`` as a Python int ``>= low``, or an error naming the option."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}")
+  if low is not None and value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  return int(value)
+
+
+def check_together(name_a: str, a, name_b: str, b) -> None:
+  """Two optional arguments that only mean something as a pair."""
+  if (a is None) != (b is None):
+    raise ValueError(f"{name_a} and {name_b} must be given together (or neither)")
+
+
+def check_like(name: str, x, like_name: str, like_shape) -> None:
+  """``x`` has the shape of the argument ``like_name`` (``like_shape``)."""
+  if _shape(x) != tuple(like_shape):
+    raise ValueError(
+      f"{name} must have the shape of {like_name} {tuple(like_shape)}, got {_shape(x)}"
+    )
+
+
+def check_per_sample(what: str, **arrays) -> tuple[int, ...]:
+  """Real-valued ``[P]`` arrays of one shape (None entries skipped); ``what`` says what the
+  one axis counts (``"one value per pair"``).  Returns the shape."""
+  shape = first = None
+  for name, x in arrays.items():
+    if x is None:
+      continue
+    dtype = jnp.result_type(x)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"{name} must be a float array of per-sample values, got dtype {dtype}")
+    check_rank(name, x, (1,), f"[P] ({what})")
+    if shape is None:
+      first, shape = name, _shape(x)
+    else:
+      check_same_shape(first, arrays[first], name, x)
+  return shape
+
+
 def check_segments(segment_ids, num_segments, like_name: str, like) -> None:
   """``segment_ids`` is an integer array shaped like ``like``; ``num_segments`` a positive int."""
   if not isinstance(num_segments, int) or isinstance(num_segments, bool) or num_segments < 1:
@@ -382,6 +438,42 @@ def check_segments(segment_ids, num_segments, like_name: str, like) -> None:
       f"segment_ids must have the shape of {like_name}, got {like_name} {np.shape(like)} "
       f"and segment_ids {np.shape(segment_ids)}"
     )
+
+
+def check_fused_arrays(hidden, weight, targets, span_mask, bias, weight_layout="dv"):
+  """The arguments of a fused entry (``hidden @ weight + bias``) checked at trace time and
+  returned as arrays (Python lists converted; targets as int32 with every id outside
+  ``[0, 2**31)`` at ``-1``, so no wider id wraps to a valid one)."""
+  check_choice("weight_layout", weight_layout, LAYOUTS)
+  hidden, weight = as_array("hidden", hidden), as_array("weight", weight)
+  targets, span_mask = as_array("targets", targets), as_array("span_mask", span_mask)
+  bias = None if bias is None else as_array("bias", bias)
+  vd = weight_layout == "vd"
+  spec = "[V, D]" if vd else "[D, V]"
+  check_floating("hidden", hidden)
+  check_floating("weight", weight)
+  check_integer("targets", targets)
+  check_mask("span_mask", span_mask)
+  check_rank("hidden", hidden, (3,), "[B, T, D]")
+  check_rank("weight", weight, (2,), spec)
+  hs, ws = _shape(hidden), _shape(weight)
+  d, v = (ws[1], ws[0]) if vd else ws
+  if hs[2] != d:
+    raise ValueError(
+      f"weight must have shape {spec} with D = hidden.shape[-1] = {hs[2]}, "
+      f"got hidden {hs} and weight {ws} (weight_layout={weight_layout!r})"
+    )
+  for name, x in (("targets", targets), ("span_mask", span_mask)):
+    if _shape(x) != hs[:2]:
+      raise ValueError(f"{name} must have shape [B, T] = {hs[:2]}, got shape {_shape(x)}")
+  if bias is not None:
+    check_floating("bias", bias)
+    if _shape(bias) != (v,):
+      raise ValueError(f"bias must have shape [V] = {(v,)}, got shape {_shape(bias)}")
+  check_vocab("weight", v, ws)
+  hidden, weight, span_mask = map(jnp.asarray, (hidden, weight, span_mask))
+  bias = None if bias is None else jnp.asarray(bias)
+  return hidden, weight, int32_ids(targets), span_mask, bias
 
 
 def reduce_segments(tok, weights, mask, segment_ids, num_segments: int, reduction: str):

@@ -32,11 +32,8 @@ from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxnll import _core
-from jaxnll._core import F32, TokenOptions
+from jaxnll._core import F32, NORMALIZATIONS, REDUCTIONS, TokenOptions
 from jaxnll.checks import check_logits_inputs as check_inputs  # noqa: F401 (public name)
-
-REDUCTIONS = ("sum", "mean")
-NORMALIZATIONS = ("tokens", "samples", "sum")
 
 # ----------------------------------------------------------------------------- token level
 #

@@ -387,7 +387,7 @@ def _fused_entry(
 ):
   layout = options.get("weight_layout", "dv")
   # The checked ids: int32, a 64-bit NumPy id outside [0, 2**31) at -1 (never wrapped).
-  targets = fused_lib.api._check(hidden, weight, targets, span_mask, bias, layout)[2]
+  targets = _core.check_fused_arrays(hidden, weight, targets, span_mask, bias, layout)[2]
   data_axis, model_axis = _axes(mesh, data_axis, model_axis)
   _check_batch(mesh, data_axis, np.shape(hidden)[0])
   shards = axis_size(mesh, model_axis)

@@ -64,32 +64,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import ArrayLike, Bool, Float
 
 from jaxnll import _core
-from jaxnll._core import F32
+from jaxnll._core import F32, NORMALIZATIONS
 from jaxnll.nll import loss_terms
-
-NORMALIZATIONS = ("tokens", "samples", "sum")
-
-
-def _check_float_option(name: str, value, *, low: float = 0.0, high: float | None = None) -> float:
-  if not isinstance(value, (int, float, np.floating, np.integer)) or isinstance(value, bool):
-    raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-  value = float(value)
-  if not np.isfinite(value) or value < low or (high is not None and value >= high):
-    bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-    raise ValueError(f"{name} must be finite and {bound}, got {value}")
-  return value
-
-
-def _check_tokens(name: str, x, like_shape) -> None:
-  _core.check_floating(name, x)
-  if jnp.shape(x) != tuple(like_shape):
-    raise ValueError(
-      f"{name} must have the shape of token_nll {tuple(like_shape)}, got {jnp.shape(x)}"
-    )
 
 
 def ppo_clip_loss(
@@ -148,24 +127,23 @@ def ppo_clip_loss(
   _core.check_floating("token_nll", token_nll)
   _core.check_rank("token_nll", token_nll, (2,), "[B, T]")
   shape = jnp.shape(token_nll)
-  _check_tokens("old_token_nll", old_token_nll, shape)
+  _core.check_floating("old_token_nll", old_token_nll)
+  _core.check_like("old_token_nll", old_token_nll, "token_nll", shape)
   _core.check_floating("advantages", advantages)
   if jnp.shape(advantages) not in (shape[:1], shape):
     raise ValueError(
       f"advantages must have shape [B] {shape[:1]} or [B, T] {shape}, got {jnp.shape(advantages)}"
     )
   _core.check_mask("span_mask", span_mask)
-  if jnp.shape(span_mask) != shape:
-    raise ValueError(
-      f"span_mask must have the shape of token_nll {shape}, got {jnp.shape(span_mask)}"
-    )
-  clip_low = _check_float_option("clip_low", clip_low, high=1.0)
-  clip_high = _check_float_option("clip_high", clip_high)
-  kl_coef = _check_float_option("kl_coef", kl_coef)
+  _core.check_like("span_mask", span_mask, "token_nll", shape)
+  clip_low = _core.check_float_option("clip_low", clip_low, low=0.0, high=1.0, high_open=True)
+  clip_high = _core.check_float_option("clip_high", clip_high, low=0.0)
+  kl_coef = _core.check_float_option("kl_coef", kl_coef, low=0.0)
   if kl_coef > 0.0 and ref_token_nll is None:
     raise ValueError(f"kl_coef={kl_coef} needs ref_token_nll (the reference policy's NLL)")
   if ref_token_nll is not None:
-    _check_tokens("ref_token_nll", ref_token_nll, shape)
+    _core.check_floating("ref_token_nll", ref_token_nll)
+    _core.check_like("ref_token_nll", ref_token_nll, "token_nll", shape)
 
   span_mask = jnp.asarray(span_mask)
   inside = _core.mask_to_bool(span_mask)
@@ -215,13 +193,10 @@ def k3_kl(
   """
   _core.check_floating("token_nll", token_nll)
   _core.check_rank("token_nll", token_nll, (2,), "[B, T]")
-  _check_tokens("ref_token_nll", ref_token_nll, jnp.shape(token_nll))
+  _core.check_floating("ref_token_nll", ref_token_nll)
+  _core.check_like("ref_token_nll", ref_token_nll, "token_nll", jnp.shape(token_nll))
   _core.check_mask("span_mask", span_mask)
-  if jnp.shape(span_mask) != jnp.shape(token_nll):
-    raise ValueError(
-      f"span_mask must have the shape of token_nll {jnp.shape(token_nll)}, "
-      f"got {jnp.shape(span_mask)}"
-    )
+  _core.check_like("span_mask", span_mask, "token_nll", jnp.shape(token_nll))
   span_mask = jnp.asarray(span_mask)
   inside = _core.mask_to_bool(span_mask)
   log_rho = jnp.where(inside, jnp.asarray(token_nll).astype(F32), 0.0) - jnp.where(
@@ -265,8 +240,7 @@ def group_advantages(
   """
   _core.check_floating("rewards", rewards)
   _core.check_rank("rewards", rewards, (1,), "[N]")
-  if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool):
-    raise TypeError(f"group_size must be a Python int, got {type(group_size).__name__}")
+  group_size = _core.check_int("group_size", group_size)
   n = jnp.shape(rewards)[0]
   if group_size < 1 or n % group_size:
     raise ValueError(
@@ -324,9 +298,7 @@ def policy_loss_terms(
     [1.3, 0.0]
   """
   _core.check_choice("normalize", normalize, NORMALIZATIONS)
-  constant = _check_float_option("constant", constant)
-  if constant == 0.0:
-    raise ValueError("constant must be > 0, got 0.0")
+  constant = _core.check_float_option("constant", constant, low=0.0, low_open=True)
   num, den = loss_terms(sums, counts, normalize=normalize)
   if normalize == "sum":
     num = num / constant

@@ -46,56 +46,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import ArrayLike, Bool, Float
 
 from jaxnll import _core
+from jaxnll._core import F32
 
-F32 = jnp.float32
 DPO_KINDS = ("sigmoid", "ipo", "hinge")
 _LOG_HALF = -math.log(2.0)
 # ORPO's mean log-probability is kept at or below this (log(1 - e^ℓ) is -inf at ℓ = 0).
 _MAX_MEAN_LOGP = -(2.0**-100)
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_arrays(**arrays) -> tuple[int, ...]:
-  shape = None
-  for name, x in arrays.items():
-    if x is None:
-      continue
-    dtype = jnp.result_type(x)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-      raise TypeError(f"{name} must be a float array of per-sample values, got dtype {dtype}")
-    if np.ndim(x) != 1:
-      raise ValueError(f"{name} must have shape [P] (one value per pair), got {np.shape(x)}")
-    if shape is None:
-      first, shape = name, tuple(np.shape(x))
-    elif tuple(np.shape(x)) != shape:
-      raise ValueError(
-        f"{first} and {name} must have the same shape [P], got {shape} and {np.shape(x)}"
-      )
-  return shape
-
-
-def _check_number(name: str, value, what: str) -> None:
-  """A ``TypeError`` naming the option unless ``value`` is a Python (or NumPy) real number."""
-  if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
-    raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
-
-
-def _check_positive(name: str, value) -> float:
-  _check_number(name, value, "a finite float > 0")
-  if not np.isfinite(value) or value <= 0:
-    raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-  return float(value)
-
-
-def _check_counts(chosen_count, rejected_count) -> None:
-  if (chosen_count is None) != (rejected_count is None):
-    raise ValueError("chosen_count and rejected_count must be given together (or neither)")
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -226,15 +185,16 @@ def dpo_loss(
 
   References: Rafailov et al. (2023); Mitchell (2023); Azar et al. (2023); Zhao et al. (2023).
   """
-  if kind not in DPO_KINDS:
-    raise ValueError(f"kind must be one of {DPO_KINDS}, got {kind!r}")
-  beta = _check_positive("beta", beta)
-  if not (isinstance(label_smoothing, int | float) and 0.0 <= label_smoothing < 0.5):
-    raise ValueError(f"label_smoothing must be a float in [0, 0.5), got {label_smoothing!r}")
+  _core.check_choice("kind", kind, DPO_KINDS)
+  beta = _core.check_float_option("beta", beta, low=0.0, low_open=True)
+  label_smoothing = _core.check_float_option(
+    "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True
+  )
   if label_smoothing and kind != "sigmoid":
     raise ValueError(f"label_smoothing applies to kind 'sigmoid' only, got kind {kind!r}")
-  _check_counts(chosen_count, rejected_count)
-  shape = _check_arrays(
+  _core.check_together("chosen_count", chosen_count, "rejected_count", rejected_count)
+  shape = _core.check_per_sample(
+    "one value per pair",
     chosen_nll=chosen_nll,
     rejected_nll=rejected_nll,
     ref_chosen_nll=ref_chosen_nll,
@@ -305,11 +265,10 @@ def simpo_loss(
 
   Reference: Meng, Xia and Chen (2024).
   """
-  beta = _check_positive("beta", beta)
-  _check_number("gamma", gamma, "a finite float")
-  if not np.isfinite(gamma):
-    raise ValueError(f"gamma must be a finite float, got {gamma!r}")
-  shape = _check_arrays(
+  beta = _core.check_float_option("beta", beta, low=0.0, low_open=True)
+  gamma = _core.check_float_option("gamma", gamma)
+  shape = _core.check_per_sample(
+    "one value per pair",
     chosen_nll=chosen_nll,
     chosen_count=chosen_count,
     rejected_nll=rejected_nll,
@@ -395,12 +354,11 @@ def orpo_loss(
 
   Reference: Hong, Lee and Thorne (2024).
   """
-  beta = _check_positive("beta", beta)
-  if nll_mean not in ORPO_NLL_MEANS:
-    raise ValueError(f"nll_mean must be one of {ORPO_NLL_MEANS}, got {nll_mean!r}")
-  if not isinstance(return_terms, bool):
-    raise TypeError(f"return_terms must be a Python bool, got {return_terms!r}")
-  shape = _check_arrays(
+  beta = _core.check_float_option("beta", beta, low=0.0, low_open=True)
+  _core.check_choice("nll_mean", nll_mean, ORPO_NLL_MEANS)
+  return_terms = _core.check_bool("return_terms", return_terms)
+  shape = _core.check_per_sample(
+    "one value per pair",
     chosen_nll=chosen_nll,
     chosen_count=chosen_count,
     rejected_nll=rejected_nll,
@@ -484,13 +442,14 @@ def preference_metrics(
     >>> bool(m["ranked_right"][0])
     True
   """
-  beta = _check_positive("beta", beta)
-  _check_counts(chosen_count, rejected_count)
-  if (ref_chosen_nll is None) != (ref_rejected_nll is None):
-    raise ValueError("ref_chosen_nll and ref_rejected_nll must be given together (or neither)")
+  beta = _core.check_float_option("beta", beta, low=0.0, low_open=True)
+  _core.check_together("chosen_count", chosen_count, "rejected_count", rejected_count)
+  _core.check_together("ref_chosen_nll", ref_chosen_nll, "ref_rejected_nll", ref_rejected_nll)
+  length_normalize = _core.check_bool("length_normalize", length_normalize)
   if length_normalize and chosen_count is None:
     raise ValueError("length_normalize=True needs chosen_count and rejected_count")
-  shape = _check_arrays(
+  shape = _core.check_per_sample(
+    "one value per pair",
     chosen_nll=chosen_nll,
     rejected_nll=rejected_nll,
     ref_chosen_nll=ref_chosen_nll,

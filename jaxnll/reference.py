@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxnll import _core
-
-F32 = jnp.float32
+from jaxnll._core import F32
 
 
 def _plain_nll(z, targets, label_smoothing, z_loss):

@@ -142,8 +142,27 @@ def test_bench_aot_writes_the_table(tmp_path):
   args += ["--impl", "auto", "--impl", "pallas_tpu", "--tokens", "1x128", "--out", str(tmp_path)]
   assert cli.main(args) == 0
   md = (tmp_path / "aot.md").read_text()
-  assert "| h100 | mistral-7b | 1x128 | scalar | auto | yes |" in md
-  assert "| h100 | mistral-7b | 1x128 | scalar | pallas_tpu | n/a: TPU kernel" in md
+  assert "| h100 | mistral-7b | 1x128 | [V, D] | scalar | auto | yes |" in md
+  assert "| h100 | mistral-7b | 1x128 | [V, D] | scalar | pallas_tpu | n/a: TPU kernel" in md
   assert "not run" in md
   rows = (tmp_path / "aot.jsonl").read_text().splitlines()
   assert len(rows) == 2 and '"jax_version"' in rows[0]
+
+
+def test_chunked_reads_a_dv_head_on_tpu_without_a_column_major_copy():
+  # The target logit comes from the vocabulary loop's own tiles: gathering the targets'
+  # columns of a [D, V] weight made XLA:TPU keep a column-major copy of the whole weight
+  # (`bench/chunked_tpu_layout.py`: 1.0-1.2 GiB at the real heads).  Small shapes, same plan.
+  b, t, d, v = 1, 256, 256, 4096
+
+  def f(h, w, y, m):
+    loss = lambda h, w: linear_nll_loss(h, w, y, m, implementation="chunked", vocab_chunk=1024)
+    return jax.value_and_grad(lambda h, w: loss(h, w)[0], argnums=(0, 1))(h, w)
+
+  sds = jax.ShapeDtypeStruct
+  args = (sds((b, t, d), jnp.bfloat16), sds((d, v), jnp.bfloat16))
+  args += (sds((b, t), jnp.int32), sds((b, t), jnp.bool_))
+  r = aot.compile_for(f, *args, target="tpu-v5e")
+  assert r.ok, r.error
+  copies = [ln for ln in r.hlo.splitlines() if " copy(" in ln and f"bf16[{d},{v}]" in ln]
+  assert not copies, copies[0][:200]

@@ -507,3 +507,53 @@ def test_numpy_ids_past_int32_do_not_wrap_to_a_valid_id_with_x64_off(dtype):
   y[0, 0] = 2**33  # outside the span: anything goes
   y[0, 1] = Y[0, 1]
   np.testing.assert_array_equal(safe(seq)(L, y, M), seq(L, Y, M))
+
+
+# ----------------------------------------------------------------------------- one vocabulary
+
+
+def test_every_module_words_a_bad_option_the_same_way():
+  """One checking vocabulary (``jaxnll._core``): a float option given as a string is the same
+  ``TypeError`` from the token options, the preference losses and the policy losses; a value
+  outside its interval the same ``ValueError`` naming the interval."""
+  x, t = jnp.ones(3), jnp.ones((1, 3))
+  typed = {
+    "z_loss": lambda: seq(L, Y, M, z_loss="0.1"),
+    "beta": lambda: jaxnll.dpo_loss(x, x, x, x, beta="0.1"),
+    "gamma": lambda: jaxnll.simpo_loss(x, x, x, x, gamma="0.1"),
+    "clip_low": lambda: jaxnll.ppo_clip_loss(t, t, x[:1], t > 0, clip_low="0.1"),
+    "constant": lambda: jaxnll.policy_loss_terms(x, x, normalize="sum", constant="0.1"),
+  }
+  for name, call in typed.items():
+    with pytest.raises(TypeError, match=f"^{name} must be a Python float, got str '0.1'$"):
+      call()
+  ranged = {
+    r"beta must be a finite float in \(0, inf\), got -1.0": lambda: jaxnll.orpo_loss(
+      x, x, x, x, beta=-1.0
+    ),
+    r"label_smoothing must be a finite float in \[0, 0.5\), got 0.5": lambda: jaxnll.dpo_loss(
+      x, x, x, x, label_smoothing=0.5
+    ),
+    r"clip_high must be a finite float in \[0, inf\), got -0.5": lambda: jaxnll.ppo_clip_loss(
+      t, t, x[:1], t > 0, clip_high=-0.5
+    ),
+    r"label_smoothing must be a finite float in \[0, 1\], got 2.0": lambda: seq(
+      L, Y, M, label_smoothing=2.0
+    ),
+  }
+  for message, call in ranged.items():
+    with pytest.raises(ValueError, match=f"^{message}$"):
+      call()
+  with pytest.raises(TypeError, match="^return_terms must be a Python bool"):
+    jaxnll.orpo_loss(x, x, x, x, return_terms=1)
+  with pytest.raises(TypeError, match="^group_size must be a Python int, got float 2.0$"):
+    jaxnll.group_advantages(x, 2.0)
+  with pytest.raises(ValueError, match="^kind must be one of"):
+    jaxnll.dpo_loss(x, x, x, x, kind="kto")
+
+
+def test_the_vocabulary_constants_live_in_core_only():
+  from jaxnll import _core, policy
+
+  assert nll.NORMALIZATIONS is _core.NORMALIZATIONS is policy.NORMALIZATIONS
+  assert nll.REDUCTIONS is _core.REDUCTIONS and distill.REDUCTIONS is _core.REDUCTIONS

@@ -269,15 +269,18 @@ IMPLEMENTATIONS = ("auto", "xla", "chunked", "token_chunked", "pallas_tpu")
 ENTRIES = ("scalar", "per-sample", "per-token", "segment")
 TOKENS = ((4, 2048), (8, 2048))
 SEGMENTS = 4
+#: The head's layout (``weight_layout=``): ``"vd"`` a ``[V, D]`` table read in place (a tied
+#: embedding, as Gemma-2 and most checkpoints store the head), ``"dv"`` a ``[D, V]`` kernel.
+LAYOUTS = ("vd", "dv")
 
 
-def head_step(entry: str, implementation: str) -> Callable:
+def head_step(entry: str, implementation: str, layout: str = "dv") -> Callable:
   """``f(hidden, weight, targets, mask[, segment_ids]) -> (loss, (dhidden, dweight))``."""
   import jax.numpy as jnp
 
   import jaxnll
 
-  kw = {"implementation": implementation}
+  kw = {"implementation": implementation, "weight_layout": layout}
 
   def scalar(h, w, y, m):
     return jaxnll.linear_nll_loss(h, w, y, m, **kw)[0]
@@ -301,14 +304,17 @@ def head_step(entry: str, implementation: str) -> Callable:
   return step
 
 
-def head_args(entry: str, hidden: int, vocab: int, batch: int, length: int, dtype="bfloat16"):
-  """The ``ShapeDtypeStruct`` arguments of :func:`head_step` for a ``[hidden, vocab]`` head."""
+def head_args(
+  entry: str, hidden: int, vocab: int, batch: int, length: int, dtype="bfloat16", layout="dv"
+):
+  """The ``ShapeDtypeStruct`` arguments of :func:`head_step` for a ``[hidden, vocab]`` head
+  (``[vocab, hidden]`` with ``layout="vd"``)."""
   import jax.numpy as jnp
 
   sds = jax.ShapeDtypeStruct
   args = [
     sds((batch, length, hidden), jnp.dtype(dtype)),
-    sds((hidden, vocab), jnp.dtype(dtype)),
+    sds((vocab, hidden) if layout == "vd" else (hidden, vocab), jnp.dtype(dtype)),
     sds((batch, length), jnp.int32),
     sds((batch, length), jnp.bool_),
   ]
@@ -324,34 +330,41 @@ def table(
   implementations: Sequence[str] = IMPLEMENTATIONS,
   entries: Sequence[str] = ENTRIES,
   tokens: Sequence[tuple[int, int]] = TOKENS,
+  layout: str = "vd",
   log: Callable[[str], None] = print,
+  on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
   """One row per (target, head, tokens, entry, implementation): compiled or the compiler's
-  error, and the memory (``specs``: :class:`jaxnll.bench.specs.Spec`)."""
+  error, and the memory (``specs``: :class:`jaxnll.bench.specs.Spec`; the head stored as
+  ``layout``).  ``on_row`` sees each row as soon as it is compiled (to save it)."""
   rows = []
   for name in targets:
     t = get_target(name)
     for spec in specs:
       for batch, length in tokens:
         for entry in entries:
-          args = head_args(entry, spec.hidden, spec.vocab, batch, length)
+          args = head_args(entry, spec.hidden, spec.vocab, batch, length, layout=layout)
           for impl in implementations:
             row = {
               "target": t.name,
               "spec": spec.name,
               "tokens": f"{batch}x{length}",
+              "layout": layout,
               "entry": entry,
               "impl": impl,
             }
             if impl == "pallas_tpu" and not t.is_tpu:
               row.update(ok=None, error="TPU kernel (interpreted elsewhere): not compiled")
             else:
-              r = compile_for(head_step(entry, impl), *args, target=t, keep_hlo=False)
+              step = head_step(entry, impl, layout)
+              r = compile_for(step, *args, target=t, keep_hlo=False)
               row.update(r.row())
               row.pop("largest", None)
               row["largest"] = r.largest[0][0] if r.largest else None
             rows.append(row)
             log(_line(row))
+            if on_row is not None:
+              on_row(row)
   return rows
 
 
@@ -359,8 +372,15 @@ def _mib(x) -> str:
   return "" if x is None else f"{x / MIB:,.0f}"
 
 
+def _layout(row: dict) -> str:
+  """The head's shape as a reader writes it (rows written before the layout was a column:
+  ``[D, V]``)."""
+  return "[V, D]" if row.get("layout") == "vd" else "[D, V]"
+
+
 def _line(row: dict) -> str:
-  head = f"{row['target']:8} {row['spec']:11} {row['tokens']:7} {row['entry']:10} {row['impl']:13}"
+  head = f"{row['target']:8} {row['spec']:11} {row['tokens']:7} {_layout(row)} {row['entry']:10}"
+  head += f" {row['impl']:13}"
   if not row.get("ok"):
     return f"{head} {row.get('error')}"
   vmem = max((c["vmem_used"] or 0 for c in row["mosaic"]), default=0)
@@ -385,7 +405,7 @@ def save(rows: Sequence[dict], out: str, env: dict | None = None) -> tuple[str, 
   latest = {}
   for line in jsonl.read_text().splitlines():
     r = json.loads(line)
-    latest[(r["target"], r["spec"], r["tokens"], r["entry"], r["impl"])] = r
+    latest[(r["target"], r["spec"], r["tokens"], _layout(r), r["entry"], r["impl"])] = r
   md.write_text(markdown(list(latest.values())))
   return str(md), str(jsonl)
 
@@ -403,12 +423,19 @@ def markdown(rows: Sequence[dict]) -> str:
     "*VMEM* is the largest Mosaic kernel's scoped VMEM use; *loops*, the HLO while loops.",
     "No time is claimed: nothing here ran on an accelerator.",
     "",
-    "| target | head | tokens | entry | implementation | compiled | temp | total | VMEM | loops |"
-    " largest value |",
-    "|---|---|---|---|---|---|---:|---:|---:|---:|---|",
+    "| target | head | tokens | weight | entry | implementation | compiled | temp | total | VMEM |"
+    " loops | largest value |",
+    "|---|---|---|---|---|---|---|---:|---:|---:|---:|---|",
   ]
   order = {n: i for i, n in enumerate(TARGETS)}
-  key = lambda r: (order.get(r["target"], 99), r["spec"], r["tokens"], r["entry"], r["impl"])
+  key = lambda r: (
+    order.get(r["target"], 99),
+    r["spec"],
+    r["tokens"],
+    _layout(r),
+    r["entry"],
+    r["impl"],
+  )
   for r in sorted(rows, key=key):
     if r.get("ok"):
       vmem = max((c["vmem_used"] or 0 for c in r.get("mosaic", [])), default=0)
@@ -424,11 +451,16 @@ def markdown(rows: Sequence[dict]) -> str:
       state = "n/a" if r.get("ok") is None else "**no**"
       cells = [f"{state}: {r.get('error')}", "", "", "", "", ""]
     out.append(
-      "| " + " | ".join([r["target"], r["spec"], r["tokens"], r["entry"], r["impl"], *cells]) + " |"
+      "| "
+      + " | ".join([r["target"], r["spec"], r["tokens"], _layout(r), r["entry"], r["impl"], *cells])
+      + " |"
     )
   env = next((r for r in rows if "jax_version" in r), {})
   if env:
     out += ["", f"jax {env.get('jax_version')}, libtpu {env.get('libtpu_version')}."]
+  commits = sorted({str(r["git_commit"]) for r in rows if r.get("git_commit")})
+  if commits:
+    out += [f"Compiled at jaxnll commit {', '.join(commits)}."]
   return "\n".join(out) + "\n"
 
 

@@ -114,6 +114,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     help="--aot target (repeatable; default: all of jaxnll.bench.aot.TARGETS)",
   )
   p.add_argument("--entry", action="append", help="--aot entry (repeatable; default: all four)")
+  p.add_argument(
+    "--layout",
+    choices=("vd", "dv"),
+    default="vd",
+    help="--aot head layout: vd, a [V, D] table read in place (default), or dv, [D, V]",
+  )
   p.add_argument("--no-report", action="store_true", help="do not write the table and plots")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -258,10 +264,16 @@ def run_aot(args: argparse.Namespace) -> int:
   rows = []
   env = {**aot.environment(), "git_commit": records.environment().get("git_commit")}
   try:
-    for target in targets:  # saved per target: a killed run keeps the others
-      part = aot.table(specs, [target], implementations=impls, entries=entries, tokens=tokens)
-      aot.save(part, args.out, env)
-      rows += part
+    # Each row saved as soon as it is compiled: a killed run keeps the others.
+    rows = aot.table(
+      specs,
+      targets,
+      implementations=impls,
+      entries=entries,
+      tokens=tokens,
+      layout=args.layout,
+      on_row=lambda row: aot.save([row], args.out, env),
+    )
   finally:
     md = os.path.join(args.out, "aot.md")
     print(f"table: {md} (and aot.jsonl); done in {time.perf_counter() - t_start:.0f} s")

@@ -10,7 +10,11 @@ placed on (:mod:`~jaxnll.fused.pallas_tpu` reads it from their sharding, so a de
 compile for a named TPU gets that chip's tiles, v4's 16 MiB of VMEM included).  It is
 ``chunked`` when the arrays are split over a mesh axis that XLA partitions automatically (a
 ``jit`` over sharded arguments: libtpu refuses with "Mosaic kernels cannot be automatically
-partitioned"); inside ``shard_map``, where every axis is manual, it is ``pallas_tpu``.
+partitioned"); inside ``shard_map``, where every axis is manual, it is ``pallas_tpu``.  A
+``shard_map`` cannot be put around the kernel here, per pass: the compaction is global (one
+sort over every ``B·T`` position; the passes gather hidden rows by that global order), so a
+pass has no data-parallel slice of its own.  It belongs around the whole entry, compaction and
+custom VJP included, as :mod:`jaxnll.parallel` does for a mesh the caller names.
 
 The branches must agree on every shape: they share one compaction (one sort) with the
 ``chunked`` kernel's padded row count, so that ``"auto"`` costs on a CPU what ``"chunked"``

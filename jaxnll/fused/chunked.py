@@ -39,10 +39,16 @@ def stats_pass(bt: Compacted):
   def token_body(i, carry):
     stats_c, loss_c = carry
     h = bt.rows(i)
+    y = bt.part(bt.targets, i)
+    local = (y - bt.offset)[:, None]
 
     def vocab_body(start, width, inner):
-      m, s, zsum, zdot = inner
+      m, s, zsum, zdot, zy = inner
       z = bt.logits(h, bt.columns(start, width), start, width)
+      # The target's logit from the tile that holds it: gathering the targets' columns of a
+      # [D, V] weight instead makes XLA:TPU keep a column-major copy of the whole weight.
+      hit = local == start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+      zy = zy + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
       real = bt.real(start, width)
       if real is not None:  # padding columns of a sharded vocabulary drop out
         z = jnp.where(real, z, jnp.finfo(F32).min)
@@ -58,13 +64,14 @@ def stats_pass(bt: Compacted):
         zdot = bt.shift_moment(zdot, s_old, m, m_new, rescale) + jnp.sum(
           jnp.where(e > 0, e * (z - m_new[:, None]), 0.0), axis=1
         )
-      return m_new, s, zsum, zdot
+      return m_new, s, zsum, zdot, zy
 
     zero = bt.full((rows,), F32)
-    init = (bt.full((rows,), F32, jnp.finfo(F32).min), zero, zero, zero)
-    m, s, zsum, zdot = over_vocab(vocab_body, init, bt.cols, bt.plan.vocab_chunk)
+    init = (bt.full((rows,), F32, jnp.finfo(F32).min), zero, zero, zero, zero)
+    m, s, zsum, zdot, zy = over_vocab(vocab_body, init, bt.cols, bt.plan.vocab_chunk)
     stats, lse, zsum = bt.combine(m, s, zsum if opts.label_smoothing else None, zdot)
-    zy = bt.target_logit(h, bt.part(bt.targets, i))
+    zy = _core.all_sum(zy, opts)  # the shard holding the target contributes it
+    zy = jnp.where(_core.target_in_range(y, bt.vocab), zy, jnp.nan)
     loss = bt.token_loss(lse, zy, zsum, bt.part(bt.valid, i))
     at = (i * rows,)
     stats_c = tuple(lax.dynamic_update_slice(a, x, at) for a, x in zip(stats_c, stats, strict=True))
