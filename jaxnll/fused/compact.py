@@ -43,6 +43,8 @@ class Plan:
   branches: tuple = ()
   weight_layout: str = "dv"  # "dv": weight [D, V]; "vd": weight [V, D] (an embedding table)
   entropy: bool = False  # the forward also keeps each row's mean logit (for the entropy)
+  #: The scalar entry: its sums per segment ``[B, num_segments]`` (0: per sample ``[B]``).
+  num_segments: int = 0
   #: Inside ``shard_map(..., check_vma=False)`` with a vocabulary axis: the results'
   #: cotangents arrive split over the shards and the shards' hidden gradients are summed by
   #: ``shard_map`` itself (see :func:`jaxnll._core.cotangents_split`).

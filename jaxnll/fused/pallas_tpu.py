@@ -96,6 +96,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.fused.compact import Compacted, Plan, varying_axes
+from jaxnll.fused.kernel import Request
 
 _MIB = 2**20
 _STATS = 8  # lanes of the per-row statistics arrays
@@ -238,11 +239,12 @@ def tiles(
   return tm, tv
 
 
-def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, vocab: int) -> Plan:
-  """The plan with the caller's tiles (``tm`` a multiple of 8, ``tv`` of 128).  Left unset
-  (``token_chunk = 1``, ``vocab_chunk = 0``), each kernel takes its own from :func:`tiles`
-  when traced, where the arguments' devices are known."""
-  del num_tokens, vocab
+def configure(plan: Plan, request: Request) -> Plan:
+  """The plan with the caller's tiles (``tm`` a multiple of 8, ``tv`` of 128; ``request``:
+  :class:`jaxnll.fused.kernel.Request`).  Left unset (``token_chunk = 1``,
+  ``vocab_chunk = 0``), each kernel takes its own from :func:`tiles` when traced, where the
+  arguments' devices are known."""
+  token_chunk, vocab_chunk = request.token_chunk, request.vocab_chunk
   tm = 1 if token_chunk is None else _round_up(token_chunk, 8)
   tv = 0 if vocab_chunk is None else _round_up(vocab_chunk, 128)
   return dataclasses.replace(plan, token_chunk=tm, vocab_chunk=tv, grad_vocab_chunk=tv)
