@@ -125,7 +125,10 @@ class Passes(Protocol):
   """A compacted kernel: a module with these functions (``stats_c``: the per-token residual
   tuple ``(m, s[, nu])`` of :meth:`~jaxnll.fused.compact.Compacted.combine`; gradients f32
   ``[rows, D]`` for hidden, the weight's layout for the weight, ``None`` where not in
-  ``need``)."""
+  ``need``).  A kernel whose ``configure`` sets ``plan.hidden_grad_in_forward`` (only
+  :mod:`~jaxnll.fused.pallas_tpu`) also has ``forward_with_hidden(bt) -> (stats_c, loss_c,
+  carry)`` and takes that ``carry=`` in ``grad_pass``: the per-sample and per-token entries'
+  hidden gradient from the forward, scaled by the cotangent (:mod:`jaxnll.fused.vjp`)."""
 
   def configure(self, plan: Plan, request: Request) -> Plan:
     """The kernel's plan from :func:`base_plan`'s: its blocks, its schedule."""

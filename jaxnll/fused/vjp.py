@@ -5,7 +5,9 @@ and a static :class:`~jaxnll.fused.compact.Plan`, each on the call's
 ``(hidden, weight, bias, targets, span_mask)``:
 
 * :func:`sequence` — per-sample sums (or means) ``[B]``; forward: the statistics pass;
-  backward: one recomputing gradient pass with per-token scales ``ct[b]·w_{b,t}``;
+  backward: one recomputing gradient pass with per-token scales ``ct[b]·w_{b,t}`` (with
+  ``plan.hidden_grad_in_forward`` the forward also carries the unnormalised hidden gradient,
+  which is linear in the cotangent, and the backward recomputes only for the weight);
 * :func:`loss` — the scalar entry ``(batch loss, sums)``: the gradients of the loss are built
   in the forward (``one_pass``, or the statistics then the gradient pass), the backward only
   scales them; the sums are per sample ``[B]``, or per segment ``[B, S]`` when the plan has
@@ -44,12 +46,27 @@ def _needed(hidden, weight, bias):
   )
 
 
+def _forward(passes, plan, bt: Compacted, need):
+  """The forward pass: ``(stats_c, loss_c, carry)``.  ``carry`` is the kernel's unnormalised
+  hidden gradient (``plan.hidden_grad_in_forward`` and the hidden states differentiated),
+  else None."""
+  if plan.hidden_grad_in_forward and need[0] is not None:
+    return passes.forward_with_hidden(bt)
+  return (*passes.stats_pass(bt), None)
+
+
+def _grad_pass(passes, bt, scale_c, stats_c, need, entropy_scale_c=None, carry=None):
+  if carry is None:
+    return passes.grad_pass(bt, scale_c, stats_c, need, entropy_scale_c)
+  return passes.grad_pass(bt, scale_c, stats_c, need, entropy_scale_c, carry=carry)
+
+
 def _grads(passes, plan, res, scale_c):
-  """Gradients (hidden, weight, bias) of ``Σ scale_c·ℓ`` by one recomputing pass."""
-  hidden, weight, bias, targets, span_mask, stats_c, need = res
+  """Gradients (hidden, weight, bias) of ``Σ scale_c·ℓ`` by one gradient pass."""
+  hidden, weight, bias, targets, span_mask, stats_c, need, carry = res
   need = tuple(x is not None for x in need)
   bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  dh_c, dw, db = passes.grad_pass(bt, scale_c(bt), stats_c, need)
+  dh_c, dw, db = _grad_pass(passes, bt, scale_c(bt), stats_c, need, carry=carry)
   return compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
 
 
@@ -60,27 +77,29 @@ def _per_sample_scale(per_sample, span_mask):
 # ----------------------------------------------------------------------------- per-sample
 
 
-def _sequence_value(passes, plan, hidden, weight, bias, targets, span_mask):
+def _sequence_value(passes, plan, need, hidden, weight, bias, targets, span_mask):
   bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  stats_c, loss_c = passes.stats_pass(bt)
+  stats_c, loss_c, carry = _forward(passes, plan, bt, need)
   sums = compact.per_sample(bt, loss_c, span_mask)
   if plan.reduction == "mean":
     sums = sums * safe_inverse(compact.counts(span_mask))
-  return sums, stats_c
+  return sums, stats_c, carry
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def sequence(passes, plan, hidden, weight, bias, targets, span_mask):
-  return _sequence_value(passes, plan, hidden, weight, bias, targets, span_mask)[0]
+  args = (hidden, weight, bias, targets, span_mask)
+  return _sequence_value(passes, plan, (None,), *args)[0]
 
 
 def _sequence_fwd(passes, plan, hidden, weight, bias, targets, span_mask):
   need = _needed(hidden, weight, bias)
   args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
-  out, stats_c = _sequence_value(passes, plan, *args)
-  # Residuals: the inputs (already live) and the f32 row max and sum of exponentials per
-  # position (the exact softmax is rebuilt from them, not from a rounded log-sum-exp).
-  return out, (*args, stats_c, need)
+  out, stats_c, carry = _sequence_value(passes, plan, need, *args)
+  # Residuals: the inputs (already live), the f32 row max and sum of exponentials per
+  # position (the exact softmax is rebuilt from them, not from a rounded log-sum-exp) and the
+  # kernel's hidden-gradient carry, if any.
+  return out, (*args, stats_c, need, carry)
 
 
 def _sequence_bwd(passes, plan, res, ct):
@@ -167,7 +186,7 @@ def _loss_fwd(passes, plan, hidden, weight, bias, targets, span_mask, segment_id
   value = nll.batch_loss(sums, counts, normalize=plan.normalize)
   if plan.num_segments:
     sums = _segment_sums(bt, loss_c, span_mask, segment_ids, plan.num_segments)
-  res = (hidden, weight, bias, targets, span_mask, stats_c, need)
+  res = (hidden, weight, bias, targets, span_mask, stats_c, need, None)
   return (value, sums), (grads, res, segment_ids)
 
 
@@ -232,12 +251,12 @@ def _tokens_fwd(passes, plan, hidden, weight, bias, targets, span_mask):
   need = _needed(hidden, weight, bias)
   args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
   bt = Compacted(plan, *args)
-  stats_c, loss_c = passes.stats_pass(bt)
-  return _token_outputs(bt, stats_c, loss_c, args[4]), (*args, stats_c, need)
+  stats_c, loss_c, carry = _forward(passes, plan, bt, need)
+  return _token_outputs(bt, stats_c, loss_c, args[4]), (*args, stats_c, need, carry)
 
 
 def _tokens_bwd(passes, plan, res, cts):
-  hidden, weight, bias, targets, span_mask, stats_c, need = res
+  hidden, weight, bias, targets, span_mask, stats_c, need, carry = res
   cts = cts if plan.entropy else (cts, None)
   cts = [None if (c is None or isinstance(c, SymbolicZero)) else c for c in cts]
   if all(c is None for c in cts):
@@ -252,7 +271,7 @@ def _tokens_bwd(passes, plan, res, cts):
   scale_c = bt.compact(jnp.zeros(mask.size, F32)) if cts[0] is None else compacted(cts[0])
   ent_c = None if cts[1] is None else compacted(cts[1])
   need = tuple(x is not None for x in need)
-  dh_c, dw, db = passes.grad_pass(bt, scale_c, stats_c, need, ent_c)
+  dh_c, dw, db = _grad_pass(passes, bt, scale_c, stats_c, need, ent_c, carry)
   return (*compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias), None, None)
 
 
