@@ -21,6 +21,7 @@ kernel's planning quirks live in its module.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Protocol, runtime_checkable
 
 import jax.numpy as jnp
@@ -209,7 +210,7 @@ class Fused:
   """The :class:`Kernel` of a compacted kernel module (:class:`Passes`): plans each call and
   runs it through the custom-VJP rules of :mod:`jaxnll.fused.vjp`."""
 
-  def __init__(self, name: str, passes: Passes):
+  def __init__(self, name: str, passes: Passes | types.ModuleType):
     self.name, self.passes = name, passes
 
   def __repr__(self):
@@ -246,7 +247,9 @@ class Auto(Fused):
   """``"auto"``: one plan per platform branch (:data:`jaxnll.fused.auto.BRANCHES`), chosen
   at lowering time by :func:`jax.lax.platform_dependent`."""
 
-  def __init__(self, passes: Passes, branches: dict[str, Passes]):
+  def __init__(self, passes: types.ModuleType, branches: dict[str, Passes]):
+    # ``passes``: :mod:`jaxnll.fused.auto`, whose passes dispatch per platform to the
+    # branches' (its planning is this class's).
     super().__init__("auto", passes)
     self.branches = branches
 
