@@ -51,12 +51,18 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxnll import _core, nll
 from jaxnll._core import F32, TokenOptions
 from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (public name)
-from jaxnll.fused import auto, chunked, pallas_tpu, token_chunked, xla
-from jaxnll.fused.chunked import ONE_PASS_BLOCK_BYTES as ONE_PASS_BLOCK_BYTES
-from jaxnll.fused.kernel import DEFAULT_TOKEN_CHUNK as DEFAULT_TOKEN_CHUNK
-from jaxnll.fused.kernel import DEFAULT_VOCAB_CHUNK as DEFAULT_VOCAB_CHUNK
-from jaxnll.fused.kernel import WEIGHT_GRAD_CHUNK_BYTES as WEIGHT_GRAD_CHUNK_BYTES
+from jaxnll.fused import auto, chunked, kernel, pallas_tpu, token_chunked, xla
 from jaxnll.fused.kernel import Auto, Call, Fused, Kernel
+
+#: Target tokens per chunk (:data:`jaxnll.fused.kernel.DEFAULT_TOKEN_CHUNK`).
+DEFAULT_TOKEN_CHUNK = kernel.DEFAULT_TOKEN_CHUNK
+#: Vocabulary columns per chunk (:data:`jaxnll.fused.kernel.DEFAULT_VOCAB_CHUNK`).
+DEFAULT_VOCAB_CHUNK = kernel.DEFAULT_VOCAB_CHUNK
+#: Bytes of f32 weight-gradient chunk the gradient pass widens to with 16-bit weights
+#: (:data:`jaxnll.fused.kernel.WEIGHT_GRAD_CHUNK_BYTES`).
+WEIGHT_GRAD_CHUNK_BYTES = kernel.WEIGHT_GRAD_CHUNK_BYTES
+#: Cap of the ``one_pass`` row block (:data:`jaxnll.fused.chunked.ONE_PASS_BLOCK_BYTES`).
+ONE_PASS_BLOCK_BYTES = chunked.ONE_PASS_BLOCK_BYTES
 
 #: The implementations behind ``implementation=``, one :class:`~jaxnll.fused.kernel.Kernel`
 #: each.  ``"auto"`` picks per platform at lowering time (:mod:`jaxnll.fused.auto`: TPU

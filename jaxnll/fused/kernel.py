@@ -21,7 +21,6 @@ kernel's planning quirks live in its module.
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any, Protocol, runtime_checkable
 
 import jax.numpy as jnp
@@ -124,7 +123,7 @@ class Kernel(Protocol):
 @runtime_checkable
 class Passes(Protocol):
   """A compacted kernel: a module with these functions (``stats_c``: the per-token residual
-  tuple ``(m, s[, nu])`` of :meth:`~jaxnll.fused.compact.Compacted.combine`; gradients f32
+  tuple ``(m, s[, nu])`` of ``Compacted.combine``; gradients f32
   ``[rows, D]`` for hidden, the weight's layout for the weight, ``None`` where not in
   ``need``).  A kernel whose ``configure`` sets ``plan.hidden_grad_in_forward`` (only
   :mod:`~jaxnll.fused.pallas_tpu`) also has ``forward_with_hidden(bt) -> (stats_c, loss_c,
@@ -210,7 +209,7 @@ class Fused:
   """The :class:`Kernel` of a compacted kernel module (:class:`Passes`): plans each call and
   runs it through the custom-VJP rules of :mod:`jaxnll.fused.vjp`."""
 
-  def __init__(self, name: str, passes: Passes | types.ModuleType):
+  def __init__(self, name: str, passes: Any):  # a Passes module (or auto's dispatcher)
     self.name, self.passes = name, passes
 
   def __repr__(self):
@@ -247,7 +246,7 @@ class Auto(Fused):
   """``"auto"``: one plan per platform branch (:data:`jaxnll.fused.auto.BRANCHES`), chosen
   at lowering time by :func:`jax.lax.platform_dependent`."""
 
-  def __init__(self, passes: types.ModuleType, branches: dict[str, Passes]):
+  def __init__(self, passes: Any, branches: dict[str, Passes]):
     # ``passes``: :mod:`jaxnll.fused.auto`, whose passes dispatch per platform to the
     # branches' (its planning is this class's).
     super().__init__("auto", passes)

@@ -301,7 +301,7 @@ def call(fn, passes, plan, *args):
 
 
 def vary_alike(call_, extra=()):
-  """The call's arrays (and ``extra`` ones: segment ids) as :func:`compact.vary_alike` marks
-  them under ``shard_map``."""
+  """The call's arrays (and ``extra`` ones: segment ids), marked under ``shard_map`` by
+  :func:`jaxnll.fused.compact.vary_alike`."""
   arrays = compact.vary_alike(*call_.arrays, vocab_axis=call_.opts.vocab_axis)
   return (*arrays, *extra)

@@ -5,7 +5,7 @@ logits built (as the fused kernels compute them), then the losses from logits.
 the tests compare the fused kernels against); ``"reference"`` scores them itself (soft-cap,
 temperature) and hands them to :mod:`jaxnll.reference` (float32 log-softmax).  Both satisfy
 :class:`jaxnll.fused.kernel.Kernel` and differentiate through JAX's autodiff of those
-losses and of :func:`_head`, the matmul with the fused kernels' dtypes.
+losses and of ``_head``, the matmul with the fused kernels' dtypes.
 """
 
 from __future__ import annotations
