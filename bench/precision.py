@@ -38,7 +38,7 @@ import optax  # noqa: E402
 
 import jaxnll  # noqa: E402
 from jaxnll import _core, nll  # noqa: E402
-from jaxnll.fused import api, compact  # noqa: E402
+from jaxnll.fused import compact, vjp  # noqa: E402
 
 F32 = jnp.float32
 
@@ -97,12 +97,12 @@ class OldCompacted(compact.Compacted):
 @contextlib.contextmanager
 def before():
   """Traces the fused entries with the former gradient block (compile inside the block)."""
-  saved = api.Compacted
-  api.Compacted = OldCompacted
+  saved = vjp.Compacted
+  vjp.Compacted = OldCompacted
   try:
     yield
   finally:
-    api.Compacted = saved
+    vjp.Compacted = saved
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -248,7 +248,7 @@ def vmem_used(target: str, head: str, entry: str, b: int, t: int) -> dict:
   """The VMEM each kernel really uses, as the compiler reports it: compiled once per kernel
   with that kernel's limit set to 1 MiB, the refusal names the scoped allocation's size."""
   d, v = HEADS[head]
-  kinds = ("fused", "weight") if entry.startswith("loss") else ("stats", "hidden", "weight")
+  kinds = ("fused", "weight")  # every NLL entry: the forward carries the hidden gradient
   used = {}
   for kind in kinds:
     pt.VMEM_LIMIT[kind] = 2**20

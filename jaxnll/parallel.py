@@ -400,6 +400,8 @@ def _fused_entry(
   rows = P(data_axis)
   cols = P(model_axis, None) if layout == "vd" else P(None, model_axis)
   normalize = options.get("normalize")
+  if kind == "loss" and options.get("segment_ids") is not None:
+    extra = options.pop("segment_ids")  # split over the batch like the rows it labels
 
   def local(h, w, b, y, m, *more):
     kw = dict(options, bias=b, vocab_axis=model_axis, vocab_size=vocab_size)
@@ -409,9 +411,13 @@ def _fused_entry(
       return fused_lib.linear_segment_nll(h, w, y, m, *more, **kw)
     if kind == "token":
       return fused_lib.linear_token_nll(h, w, y, m, **kw)
+    if more:
+      kw["segment_ids"] = more[0]
     loss, sums = fused_lib.linear_nll_loss(h, w, y, m, **kw)
     counts = nll_lib.span_counts(m)
-    return _scalar_loss(loss, sums, counts, normalize, data_axis), sums
+    # The denominator reads the counts alone (per-segment sums have another shape).
+    rows_sums = jnp.zeros_like(counts) if more else sums
+    return _scalar_loss(loss, rows_sums, counts, normalize, data_axis), sums
 
   if kind == "loss":
     out_specs = (P(), rows)

@@ -331,6 +331,50 @@ def test_scalar_entry_aux_is_differentiable_and_primal_needs_no_grads(schedule):
   assert_close(jax.jit(fused_loss)(hidden, weight, bias), ref_loss(hidden, weight, bias))
 
 
+@pytest.mark.parametrize(
+  "implementation,schedule",
+  [("chunked", "one_pass"), ("chunked", "two_pass"), ("token_chunked", "auto"),
+   ("pallas_tpu", "auto"), ("xla", "auto")],
+)  # fmt: skip
+def test_scalar_entry_sums_per_segment_in_the_same_pass(implementation, schedule):
+  """With ``segment_ids`` the scalar entry's aux is per segment (equal to ``segment_nll`` on
+  the logits, in value and in gradients for its own cotangent); the loss is unchanged, and a
+  span position of segment 0 counts in the loss and in no segment."""
+  hidden, weight, bias, targets, mask = make(seed=23)
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 3], [0, 0, 3, 3, 3, 3, 1]])
+  ct = jax.random.normal(jax.random.key(5), (B, 3))
+  kw = dict(implementation=implementation, schedule=schedule, token_chunk=4, vocab_chunk=10)
+
+  def fused_fn(h, w, b):
+    loss, sums = linear_nll_loss(
+      h, w, targets, mask, bias=b, segment_ids=seg, num_segments=3, z_loss=1e-3, **kw
+    )
+    return loss + jnp.sum(sums * ct), (loss, sums)
+
+  def logits_fn(h, w, b):
+    logits = jnp.einsum("btd,dv->btv", h, w, precision="highest") + b
+    sums, counts = jaxnll.nll.sequence_nll_and_count(logits, targets, mask, z_loss=1e-3)
+    loss = jaxnll.batch_loss(sums, counts)
+    per = jaxnll.segment_nll(logits, targets, mask, seg, num_segments=3, z_loss=1e-3)
+    return loss + jnp.sum(per * ct), (loss, per)
+
+  run = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  assert_close(run(fused_fn)(hidden, weight, bias), run(logits_fn)(hidden, weight, bias))
+  # Primal only, and the aux without its cotangent (what has_aux passes): the loss's gradient.
+  loss_only = lambda f: jax.jit(jax.grad(lambda *a: f(*a)[1][0], argnums=(0, 1, 2)))
+  assert_close(
+    loss_only(fused_fn)(hidden, weight, bias), loss_only(logits_fn)(hidden, weight, bias)
+  )
+
+
+def test_scalar_entry_segments_need_both_arguments():
+  hidden, weight, _, targets, mask = make(seed=23)
+  with pytest.raises(ValueError, match="num_segments is given without segment_ids"):
+    linear_nll_loss(hidden, weight, targets, mask, num_segments=2)
+  with pytest.raises(ValueError, match="num_segments"):
+    linear_nll_loss(hidden, weight, targets, mask, segment_ids=jnp.ones((B, T), int))
+
+
 def test_scalar_entry_reference_implementation():
   hidden, weight, bias, targets, mask = make(seed=12)
   got = linear_nll_loss(hidden, weight, targets, mask, bias=bias, implementation="xla")
@@ -450,14 +494,24 @@ def test_compaction_puts_targets_first_and_counts_chunks():
   np.testing.assert_array_equal(bt.valid.sum(), 4)
 
 
+def test_every_implementation_is_a_kernel_of_one_table():
+  """``implementation=`` names the rows of one table; each row satisfies the written
+  ``Kernel`` protocol, each compacted kernel module the ``Passes`` protocol."""
+  assert fused.IMPLEMENTATIONS == tuple(fused.api.TABLE)
+  for name, impl in fused.api.TABLE.items():
+    assert isinstance(impl, fused.kernel.Kernel), name
+  for module in (fused.chunked, fused.token_chunked, fused.pallas_tpu):
+    assert isinstance(module, fused.kernel.Passes), module.__name__
+
+
 def test_default_chunks():
   llama = jax.ShapeDtypeStruct((4096, 128256), jnp.bfloat16)
   # 16-bit weights: the gradient pass writes the weight gradient in wider pieces.
-  assert fused.api._chunks(None, None, 16384, llama) == (512, 2048, 4096)
-  assert fused.api._chunks(None, None, 100, llama.update(dtype=jnp.float32)) == (100, 2048, 2048)
-  assert fused.api._chunks(64, 1000, 16384, llama) == (64, 1000, 1000)  # explicit: as given
+  assert fused.kernel.chunks(None, None, 16384, llama) == (512, 2048, 4096)
+  assert fused.kernel.chunks(None, None, 100, llama.update(dtype=jnp.float32)) == (100, 2048, 2048)
+  assert fused.kernel.chunks(64, 1000, 16384, llama) == (64, 1000, 1000)  # explicit: as given
   small = jax.ShapeDtypeStruct((256, 3000), jnp.bfloat16)
-  assert fused.api._chunks(None, None, 10, small) == (10, 2048, 3000)
+  assert fused.kernel.chunks(None, None, 10, small) == (10, 2048, 3000)
 
 
 def test_memory_is_a_fraction_of_the_materialised_path():

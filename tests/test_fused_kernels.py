@@ -335,7 +335,8 @@ def export_fwd_bwd(platform, entry, shape=LLAMA3_8B):
 def test_auto_exports_the_mosaic_kernels_for_tpu(entry, kernels):
   """Full Llama-3-8B head (8 × 2048 bf16 tokens) as Mosaic custom calls: the scalar entry's
   forward carries the hidden gradient (two kernels, 8·N·D·V), the per-sample entry's
-  backward has one kernel per gradient (three kernels)."""
+  backward under ``"auto"`` has one kernel per gradient (three kernels: its platform branches
+  share residual shapes, so no ``[N, D]`` carry)."""
   exported = export_fwd_bwd("tpu", entry)
   text = exported.mlir_module()
   assert exported.platforms == ("tpu",)
@@ -455,8 +456,9 @@ def _dot_flops(jaxpr):
 @pytest.mark.parametrize("layout", ["dv", "vd"])
 def test_every_pallas_call_declares_the_flops_of_its_grid(layout):
   """Each ``pallas_call``'s ``pl.CostEstimate`` FLOPs equal its kernel body's matmuls times
-  its grid; forward + backward of the scalar entry is 8·N·D·V on whole tiles (fused forward
-  4, weight kernel 4), of the per-sample entry 10 (forward 2, hidden 4, weight 4)."""
+  its grid; forward + backward of the scalar, per-sample and per-token entries is 8·N·D·V on
+  whole tiles (fused forward 4, weight kernel 4); with the entropy the per-token entry keeps
+  10 (forward 2, hidden 4, weight 4)."""
   n, d, v = 64, 256, 1024
   s = jax.ShapeDtypeStruct
   shape = (v, d) if layout == "vd" else (d, v)
@@ -468,11 +470,15 @@ def test_every_pallas_call_declares_the_flops_of_its_grid(layout):
     def fn(h, w, y, m):
       if entry == "loss":
         return linear_nll_loss(h, w, y, m, **kw)[0]
+      if entry == "token":
+        return jnp.sum(linear_token_nll(h, w, y, m, **kw))
+      if entry == "entropy":
+        return sum(map(jnp.sum, linear_token_nll(h, w, y, m, return_entropy=True, **kw)))
       return jnp.sum(linear_sequence_nll(h, w, y, m, **kw))
 
     return jax.grad(fn, (0, 1))
 
-  for entry, multiple in (("loss", 8), ("sequence", 10)):
+  for entry, multiple in (("loss", 8), ("sequence", 8), ("token", 8), ("entropy", 10)):
     calls = [e for e in _pallas_calls(jax.make_jaxpr(fwd_bwd(entry))(*args).jaxpr)]
     calls = [e for e in calls if e.params["interpret"] is False]  # the TPU branch
     declared = 0
@@ -483,6 +489,29 @@ def test_every_pallas_call_declares_the_flops_of_its_grid(layout):
       assert eqn.params["cost_estimate"].bytes_accessed > 0
       declared += counted
     assert declared == multiple * n * d * v, (entry, declared / (n * d * v))
+
+
+def test_per_sample_and_per_token_entries_carry_the_hidden_gradient_from_the_forward():
+  """``pallas_tpu``, per-sample and per-token entries: the forward with the hidden-gradient
+  accumulator and the weight kernel, no hidden kernel; a frozen hidden state, or no
+  gradient at all, keeps the plain forward (the accumulator would be wasted)."""
+  n, d, v = 64, 256, 1024
+  s = jax.ShapeDtypeStruct
+  args = (s((2, n // 2, d), jnp.float32), s((d, v), jnp.float32), s((2, n // 2), jnp.int32))
+  args += (s((2, n // 2), bool),)
+  kw = dict(implementation="pallas_tpu", token_chunk=32, vocab_chunk=256)
+
+  def names(fn):
+    calls = _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sorted(e.params["name"].removeprefix("jaxnll_fused_nll_") for e in calls)
+
+  seq = lambda h, w, y, m: jnp.sum(linear_sequence_nll(h, w, y, m, **kw))
+  tok = lambda h, w, y, m: jnp.sum(linear_token_nll(h, w, y, m, **kw))
+  for fn in (seq, tok):
+    # Each kernel twice: Mosaic (TPU) and interpret-mode (elsewhere) branches.
+    assert names(jax.grad(fn, (0, 1))) == ["bwd_weight"] * 2 + ["fwd_dh"] * 2
+    assert names(jax.grad(fn, 1)) == ["bwd_weight"] * 2 + ["fwd"] * 2
+    assert names(fn) == ["fwd"] * 2
 
 
 def test_tiles_per_generation_fit_vmem_and_clear_the_ridge_point():

@@ -43,272 +43,51 @@ tokamax's ``linear_softmax_cross_entropy_loss``.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxnll import _core, nll, reference
+from jaxnll import _core, nll
 from jaxnll._core import F32, TokenOptions
 from jaxnll.checks import check_fused_inputs as check_inputs  # noqa: F401 (public name)
-from jaxnll.fused import auto, chunked, compact, pallas_tpu, token_chunked
-from jaxnll.fused.compact import Compacted, Plan, reverse_only, safe_inverse
+from jaxnll.fused import auto, chunked, kernel, pallas_tpu, token_chunked, xla
+from jaxnll.fused.kernel import Auto, Call, Fused, Kernel
 
-#: ``"xla"``: the float32 logits materialised (as the fused kernels compute them, so the same
-#: numbers at bf16 / f16), then :func:`jaxnll.sequence_nll` (what XLA makes of the plain
-#: program); ``"reference"``: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
-#: ``"auto"`` picks per platform at lowering time (:mod:`jaxnll.fused.auto`).
-IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla", "reference")
-SCHEDULES = ("auto", "one_pass", "two_pass")
+#: Target tokens per chunk (:data:`jaxnll.fused.kernel.DEFAULT_TOKEN_CHUNK`).
+DEFAULT_TOKEN_CHUNK = kernel.DEFAULT_TOKEN_CHUNK
+#: Vocabulary columns per chunk (:data:`jaxnll.fused.kernel.DEFAULT_VOCAB_CHUNK`).
+DEFAULT_VOCAB_CHUNK = kernel.DEFAULT_VOCAB_CHUNK
+#: Bytes of f32 weight-gradient chunk the gradient pass widens to with 16-bit weights
+#: (:data:`jaxnll.fused.kernel.WEIGHT_GRAD_CHUNK_BYTES`).
+WEIGHT_GRAD_CHUNK_BYTES = kernel.WEIGHT_GRAD_CHUNK_BYTES
+#: Cap of the ``one_pass`` row block (:data:`jaxnll.fused.chunked.ONE_PASS_BLOCK_BYTES`).
+ONE_PASS_BLOCK_BYTES = chunked.ONE_PASS_BLOCK_BYTES
 
-#: Target tokens per chunk (rows of a logits block).  A multiple of 8 keeps matmul tiles full.
-DEFAULT_TOKEN_CHUNK = 512
-#: Vocabulary columns per chunk.  ``[C, K]`` f32 = 4 MiB at the defaults.
-DEFAULT_VOCAB_CHUNK = 2048
-#: With 16-bit weights and the default ``vocab_chunk``, the gradient pass widens its chunks to
-#: about this many bytes of f32 ``[D, K]`` weight-gradient accumulator (4096 columns at
-#: ``D = 4096``).  The weight gradient is written once per chunk, and XLA's CPU backend, which
-#: has no in-place bf16 update, rewrites the whole ``[D, V]`` gradient each time: fewer, wider
-#: chunks keep that cost small (on other backends it is merely harmless).
-WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
-#: ``one_pass`` keeps a whole ``[C, V]`` f32 row block; ``C`` is capped so that block stays
-#: under this many bytes (128 tokens at a 128k vocabulary).
-ONE_PASS_BLOCK_BYTES = 64 * 2**20
-
-
-#: The kernels behind ``implementation=``: each module has ``stats_pass``, ``grad_pass`` and
-#: ``one_pass`` over a :class:`~jaxnll.fused.compact.Compacted` batch.
-KERNELS = {
-  "chunked": chunked,
-  "token_chunked": token_chunked,
-  "pallas_tpu": pallas_tpu,
-  "auto": auto,
+#: The implementations behind ``implementation=``, one :class:`~jaxnll.fused.kernel.Kernel`
+#: each.  ``"auto"`` picks per platform at lowering time (:mod:`jaxnll.fused.auto`: TPU
+#: ``"pallas_tpu"``, GPU ``"token_chunked"``, otherwise ``"chunked"``); the compacted kernels
+#: run through :class:`~jaxnll.fused.kernel.Fused` (their planning in their modules, their
+#: gradients by :mod:`jaxnll.fused.vjp`); ``"xla"``: the float32 logits materialised (as the
+#: fused kernels compute them, so the same numbers at bf16 / f16), then
+#: :func:`jaxnll.sequence_nll` (what XLA makes of the plain program); ``"reference"``:
+#: :mod:`jaxnll.reference` (float32 log-softmax, for tests).
+TABLE: dict[str, Kernel] = {
+  "auto": Auto(
+    auto, {"pallas_tpu": pallas_tpu, "token_chunked": token_chunked, "chunked": chunked}
+  ),
+  "chunked": Fused("chunked", chunked),
+  "token_chunked": Fused("token_chunked", token_chunked),
+  "pallas_tpu": Fused("pallas_tpu", pallas_tpu),
+  "xla": xla.XLA,
+  "reference": xla.REFERENCE,
 }
-
-
-def _kernel(plan: Plan):
-  return KERNELS[plan.implementation]
-
-
-def _sequence_value(plan, hidden, weight, bias, targets, span_mask):
-  impl = _kernel(plan)
-  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  stats_c, loss_c = impl.stats_pass(bt)
-  sums = compact.per_sample(bt, loss_c, span_mask)
-  if plan.reduction == "mean":
-    sums = sums * safe_inverse(compact.counts(span_mask))
-  return sums, stats_c
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sequence(plan, hidden, weight, bias, targets, span_mask):
-  return _sequence_value(plan, hidden, weight, bias, targets, span_mask)[0]
-
-
-def _primal(x):
-  return x.value if isinstance(x, CustomVJPPrimal) else x
-
-
-def _needed(hidden, weight, bias):
-  """Which of (hidden, weight, bias) are differentiated, as residual-safe pytree structure
-  (``()`` yes, ``None`` no: static, unlike a bool leaf)."""
-  return tuple(
-    () if isinstance(x, CustomVJPPrimal) and x.perturbed else None for x in (hidden, weight, bias)
-  )
-
-
-def _sequence_fwd(plan, hidden, weight, bias, targets, span_mask):
-  need = _needed(hidden, weight, bias)
-  args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
-  out, stats_c = _sequence_value(plan, *args)
-  # Residuals: the inputs (already live) and the f32 row max and sum of exponentials per
-  # position (the exact softmax is rebuilt from them, not from a rounded log-sum-exp).
-  return out, (*args, stats_c, need)
-
-
-def _sequence_grads(plan, res, per_sample):
-  """Gradients of ``Σ_b per_sample[b] · Σ_t w_t ℓ_t`` (hidden, weight, bias)."""
-  hidden, weight, bias, targets, span_mask, stats_c, need = res
-  need = tuple(x is not None for x in need)
-  impl = _kernel(plan)
-  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  scale_c = compact.compact_scale(bt, per_sample, span_mask)
-  dh_c, dw, db = impl.grad_pass(bt, scale_c, stats_c, need)
-  return compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
-
-
-def _sequence_bwd(plan, res, ct):
-  if isinstance(ct, SymbolicZero):
-    return (None,) * 5
-  span_mask = res[4]
-  ct = _core.whole_cotangent(ct, plan.opts, plan.cotangents_split)
-  if plan.reduction == "mean":
-    ct = ct * safe_inverse(compact.counts(span_mask))
-  dh, dw, db = _sequence_grads(plan, res, ct)
-  return dh, dw, db, None, None
-
-
-_sequence.defvjp(_sequence_fwd, _sequence_bwd, symbolic_zeros=True)
-
-
-# ----------------------------------------------------------------------------- scalar entry
-
-
-def _batch_weights(sums, counts, normalize):
-  """``∂ loss / ∂ sums[b]``: the batch loss is linear in the per-sample sums."""
-  return jax.grad(lambda s: nll.batch_loss(s, counts, normalize=normalize))(sums)
-
-
-def _batch_value(sums, counts, normalize):
-  return nll.batch_loss(sums, counts, normalize=normalize)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _loss(plan, hidden, weight, bias, targets, span_mask):
-  sums, _ = _sequence_value(plan, hidden, weight, bias, targets, span_mask)
-  return _batch_value(sums, compact.counts(span_mask), plan.normalize), sums
-
-
-def _loss_fwd(plan, hidden, weight, bias, targets, span_mask):
-  need = _needed(hidden, weight, bias)
-  wanted = tuple(x is not None for x in need)
-  hidden, weight, bias, targets, span_mask = (
-    _primal(x) for x in (hidden, weight, bias, targets, span_mask)
-  )
-  counts = compact.counts(span_mask)
-  # Which tokens get which weight is known before any logit: the gradient can be built in the
-  # same pass as the loss.
-  per_sample = _batch_weights(jnp.zeros_like(counts), counts, plan.normalize)
-  impl = _kernel(plan)
-  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  scale_c = compact.compact_scale(bt, per_sample, span_mask)
-  if plan.one_pass:
-    stats_c, loss_c, dh_c, dw, db = impl.one_pass(bt, scale_c, wanted)
-  else:
-    stats_c, loss_c = impl.stats_pass(bt)
-    dh_c, dw, db = impl.grad_pass(bt, scale_c, stats_c, wanted)
-  grads = compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias)
-  sums = compact.per_sample(bt, loss_c, span_mask)
-  loss = _batch_value(sums, counts, plan.normalize)
-  return (loss, sums), (grads, (hidden, weight, bias, targets, span_mask, stats_c, need))
-
-
-def _scaled(ct, g):
-  return None if g is None else (ct * g.astype(F32)).astype(g.dtype)
-
-
-def _add(a, b):
-  if a is None or b is None:
-    return b if a is None else a
-  return (a.astype(F32) + b.astype(F32)).astype(a.dtype)
-
-
-def _loss_bwd(plan, res, cts):
-  (dh, dw, db), seq_res = res
-  ct_loss, ct_sums = cts
-  if isinstance(ct_loss, SymbolicZero):
-    grads = [None, None, None]
-  else:
-    ct_loss = _core.whole_cotangent(ct_loss, plan.opts, plan.cotangents_split)
-    grads = [_scaled(ct_loss, dh), _scaled(ct_loss, dw), _scaled(ct_loss, db)]
-  if not isinstance(ct_sums, SymbolicZero):
-    # The per-sample sums were differentiated too: one more (recomputing) gradient pass.
-    ct_sums = _core.whole_cotangent(ct_sums, plan.opts, plan.cotangents_split)
-    extra = _sequence_grads(plan, seq_res, ct_sums)
-    grads = [_add(g, e) for g, e in zip(grads, extra, strict=True)]
-  return (*grads, None, None)
-
-
-_loss.defvjp(_loss_fwd, _loss_bwd, symbolic_zeros=True)
-
-
-# ----------------------------------------------------------------------------- per-token entry
-#
-# Per-token outputs ``[B, T]`` (NLL, and the entropy with ``plan.entropy``) with per-token
-# cotangents: the backward turns them into the compacted per-token scales of the gradient
-# pass.  The per-segment entry is a (plain, differentiable) segment sum of these.
-
-
-def _token_outputs(bt: Compacted, stats_c, loss_c, span_mask):
-  mask = _core.mask_to_bool(span_mask)
-  nll = jnp.where(mask, bt.uncompact(loss_c).reshape(mask.shape), 0.0)
-  if not bt.plan.entropy:
-    return nll
-  ent = jnp.where(mask, bt.uncompact(bt.entropy(stats_c)).reshape(mask.shape), 0.0)
-  return nll, ent
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tokens(plan, hidden, weight, bias, targets, span_mask):
-  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  stats_c, loss_c = _kernel(plan).stats_pass(bt)
-  return _token_outputs(bt, stats_c, loss_c, span_mask)
-
-
-def _tokens_fwd(plan, hidden, weight, bias, targets, span_mask):
-  need = _needed(hidden, weight, bias)
-  args = [_primal(x) for x in (hidden, weight, bias, targets, span_mask)]
-  bt = Compacted(plan, *args)
-  stats_c, loss_c = _kernel(plan).stats_pass(bt)
-  return _token_outputs(bt, stats_c, loss_c, args[4]), (*args, stats_c, need)
-
-
-def _tokens_bwd(plan, res, cts):
-  hidden, weight, bias, targets, span_mask, stats_c, need = res
-  cts = cts if plan.entropy else (cts, None)
-  cts = [None if (c is None or isinstance(c, SymbolicZero)) else c for c in cts]
-  if all(c is None for c in cts):
-    return (None,) * 5
-  bt = Compacted(plan, hidden, weight, bias, targets, span_mask)
-  mask = _core.mask_to_bool(span_mask)
-
-  def compacted(ct):
-    ct = _core.whole_cotangent(ct, plan.opts, plan.cotangents_split)
-    return bt.compact(jnp.where(mask, ct.astype(F32), 0.0).reshape(-1))
-
-  scale_c = bt.compact(jnp.zeros(mask.size, F32)) if cts[0] is None else compacted(cts[0])
-  ent_c = None if cts[1] is None else compacted(cts[1])
-  need = tuple(x is not None for x in need)
-  dh_c, dw, db = _kernel(plan).grad_pass(bt, scale_c, stats_c, need, ent_c)
-  return (*compact.finish_grads(bt, dh_c, dw, db, hidden, weight, bias), None, None)
-
-
-_tokens.defvjp(_tokens_fwd, _tokens_bwd, symbolic_zeros=True)
-
-
-_sequence, _loss, _tokens = reverse_only(_sequence), reverse_only(_loss), reverse_only(_tokens)
-
-
-# ----------------------------------------------------------------------------- public API
-
-#: The kernels' ``custom_vjp`` functions, jitted with the plan static: what a ``shard_map``
-#: body that runs eagerly calls (see :func:`_call`).
-_JITTED = {}
-
-
-def _call(fn, plan: Plan, *args):
-  """``fn(plan, *args)`` of a kernel's ``custom_vjp``; inside a ``shard_map`` through
-  ``jax.jit`` (the plan static).  An eager ``shard_map`` body runs each operation on its own
-  and cannot run a ``custom_vjp`` with symbolic zeros; a jitted call is one operation it can
-  run (under an outer ``jax.jit`` the inner one is inlined: no cost)."""
-  if not jax.sharding.get_abstract_mesh().manual_axes:
-    return fn(plan, *args)
-  if fn not in _JITTED:
-    _JITTED[fn] = jax.jit(fn, static_argnums=0)
-  return _JITTED[fn](plan, *args)
-
+IMPLEMENTATIONS = tuple(TABLE)
+SCHEDULES = ("auto", "one_pass", "two_pass")
 
 #: ``weight_layout=``: ``"dv"`` a ``[D, V]`` head kernel (Flax ``Linear``), ``"vd"`` a
 #: ``[V, D]`` table (an embedding, as tied heads use) read in place, without a transposed copy.
 LAYOUTS = ("dv", "vd")
-
-
-def _vocab_axis_of(weight_layout: str) -> int:
-  return 0 if weight_layout == "vd" else 1
 
 
 def _check(hidden, weight, targets, span_mask, bias, weight_layout="dv"):
@@ -346,181 +125,25 @@ def _check(hidden, weight, targets, span_mask, bias, weight_layout="dv"):
   return hidden, weight, _core.int32_ids(targets), span_mask, bias
 
 
-def _chunks(token_chunk, vocab_chunk, num_tokens, weight, weight_layout="dv"):
-  """``(token_chunk, vocab_chunk, grad_vocab_chunk)`` after defaults and clipping."""
-  for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-      raise ValueError(f"{name} must be a positive Python int or None, got {value!r}")
-  d, vocab = weight.shape[::-1] if weight_layout == "vd" else weight.shape
-  tc = DEFAULT_TOKEN_CHUNK if token_chunk is None else token_chunk
-  vc = max(1, min(DEFAULT_VOCAB_CHUNK if vocab_chunk is None else vocab_chunk, vocab))
-  gc = vc
-  if vocab_chunk is None and jnp.dtype(weight.dtype).itemsize < 4:
-    gc = min(vocab, max(vc, WEIGHT_GRAD_CHUNK_BYTES // (4 * d) // vc * vc))
-  return max(1, min(tc, num_tokens)), vc, gc
-
-
-def _setup(hidden, weight, targets, span_mask, bias, implementation, weight_layout, **token):
-  """Checked arguments as arrays and their :class:`TokenOptions` (shared by every entry)."""
-  arrays = _check(hidden, weight, targets, span_mask, bias, weight_layout)
-  _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
-  return arrays, TokenOptions(**token)
-
-
-def _is_empty(hidden) -> bool:
-  """No position at all (``B = 0`` or ``T = 0``): the entries return zeros (zero gradients)."""
-  return hidden.shape[0] * hidden.shape[1] == 0
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head(hidden, weight, bias, vd, vmas):
-  """float32 logits ``hidden @ weight (+ bias)`` of the materialised paths, as the fused
-  kernels compute them: operands in ``result_type(hidden, weight)``, float32 accumulation
-  and result (a bf16 head scored in bf16 loses two digits of every logit).  ``vmas``: the
-  mesh axes each operand varies along (:func:`_vma`), which its gradient must match."""
-  return _head_fwd(hidden, weight, bias, vd, vmas)[0]
-
-
-def _vma(x) -> frozenset:
-  """The mesh axes ``x`` varies along inside ``shard_map`` with ``check_vma`` (else none)."""
-  return frozenset() if x is None else frozenset(compact.varying_axes(x))
-
-
-def _head_fwd(hidden, weight, bias, vd, vmas):
-  del vmas
-  cdt = jnp.result_type(hidden.dtype, weight.dtype)
-  spec = "btd,vd->btv" if vd else "btd,dv->btv"
-  z = jnp.einsum(spec, hidden.astype(cdt), weight.astype(cdt), preferred_element_type=F32)
-  if bias is not None:
-    z = z + bias.astype(F32)[None, None, :]
-  return z, (hidden, weight, bias)
-
-
-def _head_bwd(vd, vmas, res, g):
-  """The matmul's gradients with the fused kernels' dtypes (``∂z`` cast to the matmul dtype,
-  float32 accumulation); a row of ``∂z`` that is all zero (a sample whose loss has a zero
-  cotangent, a context position) keeps its hidden state out of the weight gradient, so NaN
-  there cannot turn ``0`` into ``NaN · 0``."""
-  hidden, weight, bias = res
-  cdt = jnp.result_type(hidden.dtype, weight.dtype)
-  live = jnp.any(g != 0, axis=-1, keepdims=True)
-  gq = g.astype(cdt)
-  h = jnp.where(live, hidden, jnp.zeros((), hidden.dtype)).astype(cdt)
-  w = weight.astype(cdt)
-  dh = jnp.einsum("btv,vd->btd" if vd else "btv,dv->btd", gq, w, preferred_element_type=F32)
-  dw = jnp.einsum("btv,btd->vd" if vd else "btd,btv->dv", *((gq, h) if vd else (h, gq)),
-                  preferred_element_type=F32)  # fmt: skip
-  db = None if bias is None else jnp.sum(g, axis=(0, 1)).astype(bias.dtype)
-  grads = (dh, dw, db)
-  return tuple(_invariant_like(d, x, v) for d, x, v in zip(grads, res, vmas, strict=True))
-
-
-def _invariant_like(grad, primal, vma):
-  """``grad`` in ``primal``'s dtype, summed over every mesh axis it varies along and the
-  primal (whose axes are ``vma``) does not: inside a ``shard_map`` with ``check_vma``, hidden
-  states replicated over a vocabulary axis the head is split along get the sum of each
-  shard's part."""
-  if grad is None:
-    return None
-  extra = tuple(sorted(_vma(grad) - vma))
-  if extra:
-    grad = jax.lax.psum(grad, extra)
-  return grad.astype(primal.dtype)
-
-
-_head.defvjp(_head_fwd, _head_bwd)
-_head = reverse_only(_head)  # the plain path's gated matmul: reverse mode too
-
-
-def _materialised(implementation, hidden, weight, bias, span_mask, opts, weight_layout):
-  """``(logits, lib, token_opts)`` of the paths that build the ``[B, T, V]`` logits.
-
-  The logits are float32, as in the fused kernels (:func:`_head`: so ``"xla"`` gives their
-  numbers at bf16 / f16 too).  Hidden rows outside the span are zeroed (a select) before the
-  matmul, so NaN/inf there reaches neither a value nor the weight gradient (``hᵀ·∂z`` would
-  turn ``NaN · 0`` into NaN); inside the span, a row whose loss gets a zero cotangent is kept
-  out of the weight gradient by :func:`_head`'s backward.  ``"xla"`` hands the logits to
-  :mod:`jaxnll.nll`; ``"reference"`` scores them itself (soft-cap, temperature) and hands
-  them to :mod:`jaxnll.reference`.
-  """
-  inside = _core.mask_to_bool(span_mask)[..., None]
-  hidden = jnp.where(inside, hidden, jnp.zeros((), hidden.dtype))
-  vmas = (_vma(hidden), _vma(weight), _vma(bias))
-  logits = _head(hidden, weight, bias, weight_layout == "vd", vmas)
-  if implementation == "reference":
-    if opts.vocab_axis is not None or opts.vocab_size is not None:
-      raise ValueError(
-        'implementation="reference" takes no vocab_axis / vocab_size; use implementation="xla"'
-      )
-    if opts.logit_softcap is not None:
-      logits = opts.logit_softcap * jnp.tanh(logits / opts.logit_softcap)
-    logits = logits / opts.temperature
-    return logits, reference, dict(z_loss=opts.z_loss, label_smoothing=opts.label_smoothing)
-  return logits, nll, dataclasses.asdict(opts)
-
-
-def _plain_entropy(logits, mask, opts, implementation):
-  """Entropy of ``softmax(z)`` per position of materialised logits (0 outside ``mask``)."""
-  if opts.vocab_axis is not None:
-    raise ValueError(
-      'return_entropy with vocab_axis needs a fused implementation (implementation="chunked")'
-    )
-  z = logits if implementation == "reference" else _core.softcap(logits, opts)
-  z = jnp.where(mask[..., None], z, 0.0)
-  logp = jax.nn.log_softmax(z, axis=-1)
-  live = logp > -jnp.inf  # a -inf logit has p = 0 and adds nothing (no 0 · inf NaN)
-  logp = jnp.where(live, logp, 0.0)
-  ent = -jnp.sum(jnp.where(live, jnp.exp(logp) * logp, 0.0), axis=-1)
-  return jnp.where(mask, ent, 0.0)
-
-
-def _plan(
-  implementation,
-  opts,
-  hidden,
-  weight,
-  token_chunk,
-  vocab_chunk,
-  weight_layout,
-  *,
-  schedule=None,
-  **fields,
-) -> Plan:
-  """The static plan of one call of a kernel of :data:`KERNELS` (``schedule``: the scalar
-  entry's, None for the others).  ``"auto"`` carries one plan per platform."""
-  args = (opts, hidden, weight, token_chunk, vocab_chunk, weight_layout)
-  if implementation == "auto":
-    branches = tuple(_plan(name, *args, schedule=schedule, **fields) for name in auto.BRANCHES)
-    return auto.plan(branches, one_pass=schedule is not None)
-  b, t, _ = hidden.shape
-  num_tokens = b * t
-  vocab = weight.shape[_vocab_axis_of(weight_layout)]
-  one_pass = False
-  if schedule is not None and implementation == "chunked":
-    one_pass = schedule == "one_pass" or (schedule == "auto" and weight.dtype == F32)
-    if one_pass and token_chunk is None:
-      cap = ONE_PASS_BLOCK_BYTES // (4 * vocab)
-      token_chunk = max(8, min(DEFAULT_TOKEN_CHUNK, cap) // 8 * 8)
-  elif schedule is not None:
-    # Blocks of whole vocabulary rows: the gradients come from the block the loss used.
-    one_pass = schedule != "two_pass"
-  tc, vc, gc = _chunks(token_chunk, vocab_chunk, num_tokens, weight, weight_layout)
-  plan = Plan(
-    opts,
-    tc,
-    vc,
-    one_pass=one_pass,
-    grad_vocab_chunk=gc,
-    implementation=implementation,
-    weight_layout=weight_layout,
-    cotangents_split=_core.cotangents_split(opts),
-    **fields,
+def _setup(
+  hidden, weight, targets, span_mask, bias, implementation, weight_layout, token_chunk,
+  vocab_chunk, **token,
+) -> tuple[Kernel, Call]:  # fmt: skip
+  """The implementation of ``implementation=`` and the call's checked arrays and options."""
+  hidden, weight, targets, span_mask, bias = _check(
+    hidden, weight, targets, span_mask, bias, weight_layout
   )
-  configure = getattr(KERNELS[implementation], "configure", None)
-  if configure is not None:
-    plan = configure(plan, token_chunk, vocab_chunk, num_tokens, vocab)
-  rows = -(-num_tokens // plan.token_chunk) * plan.token_chunk
-  return dataclasses.replace(plan, padded_rows=max(plan.padded_rows, rows))
+  _core.check_choice("implementation", implementation, IMPLEMENTATIONS)
+  call = Call(
+    hidden, weight, bias, targets, span_mask, TokenOptions(**token), weight_layout, token_chunk,
+    vocab_chunk,
+  )  # fmt: skip
+  return TABLE[implementation], call
+
+
+def _is_empty(call: Call) -> bool:
+  """No position at all (``B = 0`` or ``T = 0``): the entries return zeros (zero gradients)."""
+  return call.num_tokens == 0
 
 
 def linear_sequence_nll(
@@ -615,27 +238,14 @@ def linear_sequence_nll(
     (True, 0.0)
   """
   _core.check_choice("reduction", reduction, ("sum", "mean"))
-  (hidden, weight, targets, span_mask, bias), opts = _setup(
-    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
-    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+  impl, call = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout, token_chunk,
+    vocab_chunk, z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
     temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
   )  # fmt: skip
-  if _is_empty(hidden):
-    return jnp.zeros(hidden.shape[:1], F32)
-  if implementation in ("xla", "reference"):
-    logits, lib, kw = _materialised(
-      implementation, hidden, weight, bias, span_mask, opts, weight_layout
-    )
-    return lib.sequence_nll(logits, targets, span_mask, reduction=reduction, **kw)
-  plan = _plan(
-    implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
-    reduction=reduction,
-  )  # fmt: skip
-  return _call(
-    _sequence,
-    plan,
-    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
-  )
+  if _is_empty(call):
+    return jnp.zeros(call.hidden.shape[:1], F32)
+  return impl.sequence(call, reduction=reduction)
 
 
 def linear_nll_loss(
@@ -657,7 +267,9 @@ def linear_nll_loss(
   schedule: str = "auto",
   token_chunk: int | None = None,
   vocab_chunk: int | None = None,
-) -> tuple[Float[Array, ""], Float[Array, " B"]]:
+  segment_ids: Int[Array, "B T"] | None = None,
+  num_segments: int | None = None,
+) -> tuple[Float[Array, ""], Float[Array, " B"] | Float[Array, "B S"]]:
   """The scalar training loss through the LM head, with the gradients built in the forward.
 
   ``loss = batch_loss(sums, counts, normalize=normalize)`` with
@@ -681,6 +293,13 @@ def linear_nll_loss(
   The per-sample sums (aux output) are differentiable too: a non-zero cotangent for them
   (rare: ``has_aux`` passes none) costs one extra recomputing gradient pass.
 
+  Packed rows: with ``segment_ids`` the aux output is per *segment*, ``[B, num_segments]``
+  (as :func:`linear_segment_nll` with ``reduction="sum"``), summed from the same per-token
+  losses as the batch loss — one pass over the head for both.  The loss itself does not
+  change (it is still normalised over the rows of ``span_mask``); a span position whose
+  segment id is ``0`` (or above ``num_segments``) counts in the loss and in no segment's sum
+  (so a caller that trains on every token can report the target spans' sums alone).
+
   Args:
     hidden, weight, targets, span_mask, bias: as in :func:`linear_sequence_nll`.
     normalize: ``"tokens"`` (``Σ sums / Σ counts``, the default), ``"samples"`` (mean of
@@ -692,9 +311,12 @@ def linear_nll_loss(
       materialise the logits, then :func:`jaxnll.batch_loss`).
     schedule: ``"auto"``, ``"one_pass"`` or ``"two_pass"`` (above).
     token_chunk, vocab_chunk: as in :func:`linear_sequence_nll`.
+    segment_ids, num_segments: ``[B, T]`` integer segment ids and the number of segment
+      columns (a Python int), as in :func:`linear_segment_nll`: the aux output per segment.
 
   Returns:
-    ``(loss, sums)``: float32 scalar and float32 ``[B]`` per-sample sums.
+    ``(loss, sums)``: float32 scalar and float32 ``[B]`` per-sample sums (``[B, S]``
+    per-segment sums with ``segment_ids``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -708,28 +330,23 @@ def linear_nll_loss(
   """
   _core.check_choice("normalize", normalize, nll.NORMALIZATIONS)
   _core.check_choice("schedule", schedule, SCHEDULES)
-  (hidden, weight, targets, span_mask, bias), opts = _setup(
-    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
-    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+  impl, call = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout, token_chunk,
+    vocab_chunk, z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
     temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
   )  # fmt: skip
-  if _is_empty(hidden):
-    return jnp.zeros((), F32), jnp.zeros(hidden.shape[:1], F32)
-  if implementation in ("xla", "reference"):
-    logits, lib, kw = _materialised(
-      implementation, hidden, weight, bias, span_mask, opts, weight_layout
-    )
-    sums = lib.sequence_nll(logits, targets, span_mask, reduction="sum", **kw)
-    return nll.batch_loss(sums, compact.counts(span_mask), normalize=normalize), sums
-  plan = _plan(
-    implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
-    normalize=normalize, schedule=schedule,
+  if segment_ids is not None or num_segments is not None:
+    if segment_ids is None:
+      raise ValueError("num_segments is given without segment_ids: pass both or neither")
+    _core.check_segments(segment_ids, num_segments, "targets", call.targets)
+    segment_ids = jnp.asarray(segment_ids)
+  if _is_empty(call):
+    b = call.hidden.shape[0]
+    return jnp.zeros((), F32), jnp.zeros((b,) if segment_ids is None else (b, num_segments), F32)
+  return impl.loss(
+    call, normalize=normalize, schedule=schedule, segment_ids=segment_ids,
+    num_segments=num_segments,
   )  # fmt: skip
-  return _call(
-    _loss,
-    plan,
-    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
-  )
 
 
 def linear_segment_nll(
@@ -804,31 +421,15 @@ def linear_segment_nll(
   """
   _core.check_choice("reduction", reduction, ("sum", "mean"))
   _core.check_segments(segment_ids, num_segments, "targets", targets)
-  (hidden, weight, targets, span_mask, bias), opts = _setup(
-    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
-    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+  impl, call = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout, token_chunk,
+    vocab_chunk, z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
     temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
   )  # fmt: skip
   segment_ids = jnp.asarray(segment_ids)
-  if _is_empty(hidden):
-    return jnp.zeros((hidden.shape[0], num_segments), F32)
-  if implementation in ("xla", "reference"):
-    logits, lib, kw = _materialised(
-      implementation, hidden, weight, bias, span_mask, opts, weight_layout
-    )
-    return lib.segment_nll(
-      logits, targets, span_mask, segment_ids, num_segments=num_segments, reduction=reduction,
-      **kw,
-    )  # fmt: skip
-  plan = _plan(implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout)
-  tok = _call(
-    _tokens,
-    plan,
-    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
-  )
-  mask, weights = _core.mask_to_bool(span_mask), _core.mask_to_weights(span_mask)
-  # Loud like segment_nll: a negative segment id inside the span makes its row NaN.
-  return nll.reduce_segments(tok, weights, mask, segment_ids, num_segments, reduction)
+  if _is_empty(call):
+    return jnp.zeros((call.hidden.shape[0], num_segments), F32)
+  return impl.segments(call, segment_ids, num_segments=num_segments, reduction=reduction)
 
 
 def linear_token_nll(
@@ -896,32 +497,14 @@ def linear_token_nll(
     Schulman et al., *Proximal Policy Optimization Algorithms* (2017); Shao et al.,
     *DeepSeekMath* (GRPO, 2024); the fused head as in :func:`linear_sequence_nll`.
   """
-  (hidden, weight, targets, span_mask, bias), opts = _setup(
-    hidden, weight, targets, span_mask, bias, implementation, weight_layout,
-    z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
+  impl, call = _setup(
+    hidden, weight, targets, span_mask, bias, implementation, weight_layout, token_chunk,
+    vocab_chunk, z_loss=z_loss, label_smoothing=label_smoothing, logit_softcap=logit_softcap,
     temperature=temperature, vocab_axis=vocab_axis, vocab_size=vocab_size,
   )  # fmt: skip
   if not isinstance(return_entropy, bool):
     raise TypeError(f"return_entropy must be a Python bool, got {return_entropy!r}")
-  if _is_empty(hidden):
-    zeros = jnp.zeros(hidden.shape[:2], F32)
+  if _is_empty(call):
+    zeros = jnp.zeros(call.hidden.shape[:2], F32)
     return (zeros, zeros) if return_entropy else zeros
-  if implementation in ("xla", "reference"):
-    logits, lib, kw = _materialised(
-      implementation, hidden, weight, bias, span_mask, opts, weight_layout
-    )
-    mask = _core.mask_to_bool(span_mask)
-    tok = lib.token_nll(logits, jnp.where(mask, targets, 0), **kw)
-    nll = jnp.where(mask, tok, 0.0)
-    if not return_entropy:
-      return nll
-    return nll, _plain_entropy(logits, mask, opts, implementation)
-  plan = _plan(
-    implementation, opts, hidden, weight, token_chunk, vocab_chunk, weight_layout,
-    entropy=return_entropy,
-  )  # fmt: skip
-  return _call(
-    _tokens,
-    plan,
-    *compact.vary_alike(hidden, weight, bias, targets, span_mask, vocab_axis=vocab_axis),
-  )
+  return impl.tokens(call, entropy=return_entropy)

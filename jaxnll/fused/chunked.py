@@ -5,7 +5,8 @@ the forward keeps an online log-sum-exp over the vocabulary chunks, the gradient
 recomputes each tile.  Only ``[C, K]`` and ``[D, K]`` f32 buffers are live, which suits a CPU
 (and any backend short of memory); the token loops run ``ceil(n_targets / C)`` chunks.
 
-The three passes share one interface with every implementation of :mod:`jaxnll.fused`:
+Its planning (:func:`configure`) and three passes are the interface every compacted
+implementation of :mod:`jaxnll.fused` shares (:class:`jaxnll.fused.kernel.Passes`):
 
 * ``stats_pass(bt) -> (stats_c, loss_c)``: per compacted position, float32; ``stats_c`` is
   the tuple of :meth:`Compacted.combine` (row max, sum of exponentials, and the mean logit
@@ -21,12 +22,36 @@ of :class:`~jaxnll.fused.compact.Compacted` hide which.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax import lax
 
 from jaxnll import _core
 from jaxnll._core import F32
-from jaxnll.fused.compact import Compacted, over_vocab
+from jaxnll.fused.compact import Compacted, Plan, over_vocab
+from jaxnll.fused.kernel import DEFAULT_TOKEN_CHUNK, Request
+
+#: ``one_pass`` keeps a whole ``[C, V]`` f32 row block; ``C`` is capped so that block stays
+#: under this many bytes (128 tokens at a 128k vocabulary).
+ONE_PASS_BLOCK_BYTES = 64 * 2**20
+
+
+def configure(plan: Plan, request: Request) -> Plan:
+  """The scalar entry's schedule: ``one_pass`` when asked, or by default (``"auto"``) for
+  float32 weights, whose f32 ``[D, V]`` gradient buffer is the gradient itself; for 16-bit
+  weights ``two_pass`` keeps only ``[C, K]`` and ``[D, K]`` f32 blocks.  ``one_pass`` holds a
+  ``[C, V]`` f32 row block, so its default ``C`` is capped by :data:`ONE_PASS_BLOCK_BYTES`."""
+  if request.schedule is None:
+    return plan
+  schedule = request.schedule
+  one_pass = schedule == "one_pass" or (schedule == "auto" and request.weight_dtype == F32)
+  plan = dataclasses.replace(plan, one_pass=one_pass)
+  if one_pass and request.token_chunk is None:
+    cap = ONE_PASS_BLOCK_BYTES // (4 * request.vocab)
+    rows = max(8, min(DEFAULT_TOKEN_CHUNK, cap) // 8 * 8)
+    plan = dataclasses.replace(plan, token_chunk=max(1, min(rows, request.num_tokens)))
+  return plan
 
 
 def stats_pass(bt: Compacted):

@@ -43,6 +43,12 @@ class Plan:
   branches: tuple = ()
   weight_layout: str = "dv"  # "dv": weight [D, V]; "vd": weight [V, D] (an embedding table)
   entropy: bool = False  # the forward also keeps each row's mean logit (for the entropy)
+  #: The scalar entry: its sums per segment ``[B, num_segments]`` (0: per sample ``[B]``).
+  num_segments: int = 0
+  #: The per-sample and per-token entries: the forward also accumulates the unnormalised
+  #: hidden gradient (a kernel with ``forward_with_hidden``, :mod:`jaxnll.fused.pallas_tpu`),
+  #: which the backward scales by the cotangent (no hidden-gradient kernel).
+  hidden_grad_in_forward: bool = False
   #: Inside ``shard_map(..., check_vma=False)`` with a vocabulary axis: the results'
   #: cotangents arrive split over the shards and the shards' hidden gradients are summed by
   #: ``shard_map`` itself (see :func:`jaxnll._core.cotangents_split`).

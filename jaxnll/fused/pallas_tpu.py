@@ -8,21 +8,29 @@ tile)`` grids, the vocabulary streamed through VMEM in ``[D, tv]`` tiles:
   maximum ``m``, sum ``s`` of ``exp(z - m)``), the target logit and, for label smoothing, the
   logit sum; the logits never leave VMEM.  Per-shard ``(m, s, z_y, Σz)`` are combined outside
   the kernel (the vocabulary-parallel collectives of :mod:`jaxnll._core`);
-* **forward with the hidden gradient** (``fused``, the scalar entry, whose per-token loss
-  weights are known before any logit): the same statistics and, flash-attention style, the
+* **forward with the hidden gradient** (``fused``; the scalar entry, whose per-token loss
+  weights are known before any logit, and the per-sample and per-token entries, whose
+  per-row cotangent ``g`` comes later: ``∂ℓ/∂h`` below is linear in it, so the accumulator
+  is the residual and the backward scales it): the same statistics and, flash-attention style, the
   unnormalised ``A = Σ_v exp(z_v - m)·c'_v·W_v`` in an f32 ``[tm, D]`` block rescaled by
   ``exp(m_old - m_new)`` whenever the maximum moves (``c'``: the soft-cap's derivative).
   ``∂ℓ/∂h`` is linear in it: ``scale/τ · ((1 + 2 z_loss·lse) e^{m - m*}/s* · A
   - (1 - α) c'_y W_y - α/V Σ_v W_v)`` (``m*, s*`` over every shard; ``W_y`` a gather);
-* **backward, hidden** (``hidden``, the per-sample entries): per row block, the tiles again;
+* **backward, hidden** (``hidden``: the entropy, label smoothing under a soft-cap, or
+  ``"auto"``'s per-sample entries, below): per row block, the tiles again;
   each tile's ``∂ℓ/∂z`` times the tile's weight columns summed into the f32 ``[tm, D]``
   output block;
 * **backward, weight** (``weight``): per vocabulary tile, the row blocks; ``hᵀ · ∂ℓ/∂z``
   summed into an f32 ``[D, tv]`` accumulator (the bias gradient into ``[1, tv]``), cast once.
 
-FLOPs for forward + backward, in multiples of ``N·D·V``: the scalar entry 4 + 4 = **8** (each
-logit tile computed twice: in the fused forward and in the weight-gradient kernel); the
-per-sample and per-token entries, whose cotangent arrives after the forward, 2 + 4 + 4 = 10.
+FLOPs for forward + backward, in multiples of ``N·D·V``: every entry 4 + 4 = **8** (each
+logit tile computed twice: in the fused forward and in the weight-gradient kernel).  The
+per-sample and per-token entries keep the f32 ``[N, D]`` accumulator from the forward to the
+backward (``plan.hidden_grad_in_forward``, set by :func:`configure`; only when the hidden
+states are differentiated — a frozen hidden runs the plain forward, 2 + 4).  Under
+``implementation="auto"`` they run 2 + 4 + 4 = 10: the platform branches of
+:func:`jax.lax.platform_dependent` must return residuals of one shape, and an ``[N, D]``
+carry would then be allocated on every platform.
 Why this split rather than one backward kernel feeding both accumulators: the fused forward
 reads each weight tile once per row block for two matmuls (arithmetic intensity ``2·tm``
 FLOP per byte) and the weight kernel each row block once per vocabulary tile for two
@@ -31,7 +39,7 @@ VMEM; a single backward kernel has to keep one of the two gradients in HBM and
 read-modify-write it in f32 every grid step (intensity ``0.6·tile``), which on v4 at
 ``D = 4096`` cannot reach the ridge point within VMEM.  Label smoothing together with a
 soft-cap needs a second ``[tm, D]`` accumulator (``Σ_v c'_v W_v``), as does the entropy: those
-take the 10·N·D·V path.
+take the 10·N·D·V path (forward, hidden kernel, weight kernel).
 
 **Tiles per TPU generation.** :data:`CHIPS` holds each generation's VMEM, MXU width, dense bf16
 peak and HBM bandwidth (ridge point = peak / bandwidth); :func:`tiles` picks, per kernel, the
@@ -96,6 +104,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.fused.compact import Compacted, Plan, varying_axes
+from jaxnll.fused.kernel import Request
 
 _MIB = 2**20
 _STATS = 8  # lanes of the per-row statistics arrays
@@ -238,14 +247,20 @@ def tiles(
   return tm, tv
 
 
-def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, vocab: int) -> Plan:
-  """The plan with the caller's tiles (``tm`` a multiple of 8, ``tv`` of 128).  Left unset
-  (``token_chunk = 1``, ``vocab_chunk = 0``), each kernel takes its own from :func:`tiles`
-  when traced, where the arguments' devices are known."""
-  del num_tokens, vocab
+def configure(plan: Plan, request: Request) -> Plan:
+  """The plan with the caller's tiles (``tm`` a multiple of 8, ``tv`` of 128; ``request``:
+  :class:`jaxnll.fused.kernel.Request`).  Left unset (``token_chunk = 1``,
+  ``vocab_chunk = 0``), each kernel takes its own from :func:`tiles` when traced, where the
+  arguments' devices are known."""
+  token_chunk, vocab_chunk = request.token_chunk, request.vocab_chunk
   tm = 1 if token_chunk is None else _round_up(token_chunk, 8)
   tv = 0 if vocab_chunk is None else _round_up(vocab_chunk, 128)
-  return dataclasses.replace(plan, token_chunk=tm, vocab_chunk=tv, grad_vocab_chunk=tv)
+  # The per-sample and per-token entries (no schedule): the forward carries the hidden
+  # gradient where one [tm, D] accumulator holds it (8·N·D·V in all, not 10).
+  carry = request.schedule is None and fuses_hidden_grad(plan)
+  return dataclasses.replace(
+    plan, token_chunk=tm, vocab_chunk=tv, grad_vocab_chunk=tv, hidden_grad_in_forward=carry
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -745,17 +760,37 @@ def _row_operand(bt: Compacted, ops: _Operands, scale_c, stats_c, entropy_scale_
   return jnp.pad(r, ((0, ops.prows - ops.rows), (0, 0)))
 
 
-def grad_pass(bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None):
+def forward_with_hidden(bt: Compacted):
+  """The forward of the per-sample and per-token entries when their hidden states are
+  differentiated (``plan.hidden_grad_in_forward``): the fused forward kernel, whose
+  statistics are :func:`stats_pass`'s and whose f32 ``[rows, D]`` accumulator (with the
+  local row maximum and target logit) is the ``carry`` :func:`grad_pass` turns into the
+  hidden gradient for any per-row cotangent — ``∂hidden`` is linear in it.  Returns
+  ``(stats, loss, carry)``."""
+  ops = _Operands(bt, ("fused",))
+  out, acc = _forward(ops, "fused")
+  stats, loss, m, zy = _finish_forward(bt, ops, out)
+  return stats, loss, (m, zy, acc[: ops.rows, : bt.hidden.shape[1]])
+
+
+def grad_pass(
+  bt: Compacted, scale_c, stats_c, need=(True, True, True), entropy_scale_c=None, *, carry=None
+):
   """Gradients of ``Σ scale·ℓ (+ Σ entropy_scale·H)``: the hidden-gradient kernel and the
   weight-gradient kernel (each skipped when its gradient is not needed).  ``dh_c`` is f32;
-  ``dweight`` and ``dbias`` come in the weight's and f32."""
+  ``dweight`` and ``dbias`` come in the weight's and f32.  With the ``carry`` of
+  :func:`forward_with_hidden` the hidden gradient comes from it (no hidden kernel)."""
   need_h, need_w, need_b = need[0], need[1], need[2] and bt.bias is not None
+  dh_c = dw = db = None
+  if need_h and carry is not None:
+    m, zy, acc = carry
+    dh_c = _hidden_grad_from_forward(bt, scale_c, stats_c, m, zy, acc)
+    need_h = False
   kinds = (("hidden",) if need_h else ()) + (("weight",) if need_w or need_b else ())
   if not kinds:
-    return None, None, None
+    return dh_c, None, None
   ops = _Operands(bt, kinds)
   r = _row_operand(bt, ops, scale_c, stats_c, entropy_scale_c)
-  dh_c = dw = db = None
 
   if need_h:
     cfg = ops.cfgs["hidden"]
@@ -796,7 +831,7 @@ def fuses_hidden_grad(plan: Plan) -> bool:
   return not plan.entropy and not (opts.label_smoothing and opts.logit_softcap is not None)
 
 
-def _hidden_grad_from_forward(bt: Compacted, ops: _Operands, scale_c, stats, m, zy, acc):
+def _hidden_grad_from_forward(bt: Compacted, scale_c, stats, m, zy, acc):
   """``∂(Σ scale·ℓ)/∂h`` (f32 ``[rows, D]``, this shard's part) from the fused forward's
   accumulator ``acc = Σ_{v≠y} exp(z_v - m)·c'_v·W_v`` (``m``: the local maximum, ``zy``: the
   local target logit, 0 where the target lies on another shard)."""
@@ -806,7 +841,7 @@ def _hidden_grad_from_forward(bt: Compacted, ops: _Operands, scale_c, stats, m, 
   lse = top + jnp.log(total)
   boost = 1.0 + 2.0 * opts.z_loss * lse if opts.z_loss else 1.0
   scale = scale_c / tau
-  dh = (scale * boost * jnp.exp(m - top) / total)[:, None] * acc[: ops.rows, :d]
+  dh = (scale * boost * jnp.exp(m - top) / total)[:, None] * acc[: bt.valid.shape[0], :d]
   # The target's column: (p_y·(1 + 2 z_loss·lse) - (1 - α))·c'_y·W_y, in f32.
   local = bt.targets - jnp.asarray(bt.offset, jnp.int32)
   here = (local >= 0) & (local < bt.cols)
@@ -843,7 +878,7 @@ def one_pass(bt: Compacted, scale_c, need=(True, True, True)):
   ops = _Operands(bt, kinds)
   out, acc = _forward(ops, "fused")
   stats, loss, m, zy = _finish_forward(bt, ops, out)
-  dh_c = _hidden_grad_from_forward(bt, ops, scale_c, stats, m, zy, acc)
+  dh_c = _hidden_grad_from_forward(bt, scale_c, stats, m, zy, acc)
   dw = db = None
   if need_w or need_b:
     dw, db = _weight_kernel(ops, _row_operand(bt, ops, scale_c, stats), need_w)

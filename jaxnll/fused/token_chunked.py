@@ -46,6 +46,7 @@ from jaxnll import _core
 from jaxnll._core import F32
 from jaxnll.fused import chunked
 from jaxnll.fused.compact import Compacted, Plan
+from jaxnll.fused.kernel import Request
 
 #: Bytes of the f32 ``[C, V]`` logits block that set ``C`` (512 MiB: 1040 tokens at
 #: Llama-3's 128k vocabulary, 520 at Gemma-2's 256k, 880 at Qwen3's 152k, 4096 at Mistral's
@@ -71,11 +72,12 @@ def block_rows(vocab: int, num_tokens: int, token_chunk: int | None = None) -> i
   return max(1, min(c, -(-num_tokens // 8) * 8))
 
 
-def configure(plan: Plan, token_chunk, vocab_chunk, num_tokens: int, vocab: int) -> Plan:
-  """The plan with this kernel's block: ``C`` from :func:`block_rows` (``vocab``: the local
-  vocabulary columns of the head)."""
-  del vocab_chunk  # one matmul spans the whole vocabulary
-  return dataclasses.replace(plan, token_chunk=block_rows(vocab, num_tokens, token_chunk))
+def configure(plan: Plan, request: Request) -> Plan:
+  """The plan with this kernel's block: ``C`` from :func:`block_rows` over the head's local
+  vocabulary columns (``request``: :class:`jaxnll.fused.kernel.Request`; the vocabulary
+  chunk is unused, one matmul spans the whole vocabulary)."""
+  rows = block_rows(request.vocab, request.num_tokens, request.token_chunk)
+  return dataclasses.replace(plan, token_chunk=rows)
 
 
 def fresh(bt: Compacted, i):

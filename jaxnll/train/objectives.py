@@ -48,19 +48,6 @@ def segment_counts(mask: jax.Array, segment_ids: jax.Array, num_segments: int) -
   return jnp.sum(jnp.where(onehot, mask[..., None].astype(F32), 0.0), axis=1)
 
 
-def _fused_segment_sums(hidden, weight, targets, mask, segment_ids, num_segments, weight_layout):
-  """Per-segment target NLL through the fused head: one compacted pass for every segment."""
-  return parallel.head_segment_nll(
-    hidden,
-    weight,
-    targets,
-    mask,
-    segment_ids,
-    num_segments=num_segments,
-    weight_layout=weight_layout,
-  )
-
-
 def batch_masks(batch: Batch):
   """``(targets, target_mask, valid_mask, num_segments)`` of a data batch: the shifted
   targets, the target spans, every position predicting a token of its own sample."""
@@ -144,15 +131,13 @@ class SFT(Objective):
       weight, layout = model.output_head()
       # Vocabulary-parallel (head split over ``model``) when the step runs under a mesh with a
       # ``model`` axis (:func:`jaxnll.parallel.head_loss`); the plain fused kernel otherwise.
-      numerator, row_sums = parallel.head_loss(
-        hidden, weight, targets, train_mask, normalize="sum", weight_layout=layout
-      )
-      if self.loss == "subsequence" and num_segments == 1:
-        sample_sums = sg(row_sums)[:, None]
-      else:
-        sample_sums = _fused_segment_sums(
-          sg(hidden), sg(weight), targets, target_mask, seg, num_segments, layout
-        )
+      # One head pass: the per-sample target sums come from the loss's own per-token losses
+      # (a trained position outside the target spans, in "full", is in no segment: id 0).
+      numerator, sample_sums = parallel.head_loss(
+        hidden, weight, targets, train_mask, normalize="sum", weight_layout=layout,
+        segment_ids=jnp.where(target_mask, seg, 0), num_segments=num_segments,
+      )  # fmt: skip
+      sample_sums = sg(sample_sums)
       if self.loss == "full":
         extra["full_sum"] = sg(numerator)
     else:
