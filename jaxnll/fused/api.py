@@ -87,42 +87,7 @@ SCHEDULES = ("auto", "one_pass", "two_pass")
 
 #: ``weight_layout=``: ``"dv"`` a ``[D, V]`` head kernel (Flax ``Linear``), ``"vd"`` a
 #: ``[V, D]`` table (an embedding, as tied heads use) read in place, without a transposed copy.
-LAYOUTS = ("dv", "vd")
-
-
-def _check(hidden, weight, targets, span_mask, bias, weight_layout="dv"):
-  """Checks the arrays and returns them as arrays (Python lists converted; targets as int32
-  with every id outside ``[0, 2**31)`` at ``-1``, so no wider id wraps to a valid one)."""
-  _core.check_choice("weight_layout", weight_layout, LAYOUTS)
-  hidden, weight = _core.as_array("hidden", hidden), _core.as_array("weight", weight)
-  targets, span_mask = _core.as_array("targets", targets), _core.as_array("span_mask", span_mask)
-  bias = None if bias is None else _core.as_array("bias", bias)
-  vd = weight_layout == "vd"
-  spec = "[V, D]" if vd else "[D, V]"
-  _core.check_floating("hidden", hidden)
-  _core.check_floating("weight", weight)
-  _core.check_integer("targets", targets)
-  _core.check_mask("span_mask", span_mask)
-  _core.check_rank("hidden", hidden, (3,), "[B, T, D]")
-  _core.check_rank("weight", weight, (2,), spec)
-  hs, ws = jnp.shape(hidden), jnp.shape(weight)
-  d, v = (ws[1], ws[0]) if vd else ws
-  if hs[2] != d:
-    raise ValueError(
-      f"weight must have shape {spec} with D = hidden.shape[-1] = {hs[2]}, "
-      f"got hidden {hs} and weight {ws} (weight_layout={weight_layout!r})"
-    )
-  for name, x in (("targets", targets), ("span_mask", span_mask)):
-    if jnp.shape(x) != hs[:2]:
-      raise ValueError(f"{name} must have shape [B, T] = {hs[:2]}, got shape {jnp.shape(x)}")
-  if bias is not None:
-    _core.check_floating("bias", bias)
-    if jnp.shape(bias) != (v,):
-      raise ValueError(f"bias must have shape [V] = {(v,)}, got shape {jnp.shape(bias)}")
-  _core.check_vocab("weight", v, ws)
-  hidden, weight, span_mask = map(jnp.asarray, (hidden, weight, span_mask))
-  bias = None if bias is None else jnp.asarray(bias)
-  return hidden, weight, _core.int32_ids(targets), span_mask, bias
+LAYOUTS = _core.LAYOUTS
 
 
 def _setup(
@@ -130,7 +95,7 @@ def _setup(
   vocab_chunk, **token,
 ) -> tuple[Kernel, Call]:  # fmt: skip
   """The implementation of ``implementation=`` and the call's checked arrays and options."""
-  hidden, weight, targets, span_mask, bias = _check(
+  hidden, weight, targets, span_mask, bias = _core.check_fused_arrays(
     hidden, weight, targets, span_mask, bias, weight_layout
   )
   _core.check_choice("implementation", implementation, IMPLEMENTATIONS)

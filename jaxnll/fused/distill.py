@@ -82,7 +82,7 @@ from jaxnll.fused.compact import Compacted, Plan, over_vocab, reverse_only
 
 KINDS = ("ce", "kl", "reverse_kl", "jsd")
 IMPLEMENTATIONS = ("auto", "chunked", "token_chunked", "pallas_tpu", "xla")
-LAYOUTS = ("dv", "vd")
+LAYOUTS = _core.LAYOUTS
 
 #: Target tokens per chunk of ``"chunked"`` (two ``[C, K]`` f32 tiles live, 4 MiB each at the
 #: defaults).
