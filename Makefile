@@ -61,7 +61,9 @@ docs: install
 PYTEST_N2 := -n 2 --dist worksteal --durations=20
 
 unit: install
-	$(PY) -m pytest -q $(PYTEST_N2) jaxnll tests --ignore=$(AOT_TESTS)
+	$(PY) -m pytest -q $(PYTEST_N2) -m "not default_compile" jaxnll tests --ignore=$(AOT_TESTS)
+	XLA_FLAGS=--xla_backend_optimization_level=2 $(PY) -m pytest -q -m default_compile tests \
+	  --ignore=$(AOT_TESTS)
 
 # The library lane: tests marked `app` (tests/conftest.py) are left out.
 test-fast: lint

@@ -15,7 +15,11 @@ import re
 # XLA hands LLVM the CPU code at optimisation level 0.  The tests' arrays are tiny: compiling,
 # not running, is where their time goes, and level 0 cuts the CPU time of a training test file
 # by about a third (tests/test_train.py: 80 s vs 117 s user+sys).  The programs are the same;
-# an XLA_FLAGS of the caller's own that names either flag wins.
+# an XLA_FLAGS of the caller's own that names either flag wins.  Tests marked
+# `default_compile` assert that two programs round identically (a DPO margin of exactly 0 at
+# step 0, policy and reference being the same model), which holds at XLA's default level, not
+# at level 0: `make unit` runs them in a lane of their own with
+# XLA_FLAGS=--xla_backend_optimization_level=2.
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
@@ -84,6 +88,11 @@ def pytest_configure(config):
     "markers",
     "app: runs the application (models, training, command line, benchmarks); "
     "`make test-fast` leaves these out (-m 'not app')",
+  )
+  config.addinivalue_line(
+    "markers",
+    "default_compile: asserts bit-equal programs; `make unit` runs these at XLA's default "
+    "optimisation level (a lane of their own), the rest at level 0",
   )
 
 

@@ -524,6 +524,7 @@ def _records(path):
   return [json.loads(line) for line in open(path / "metrics.jsonl")]
 
 
+@pytest.mark.default_compile
 def test_train_dpo_from_an_sft_run_and_resume(runs):
   root, args = runs
   out = root / "dpo"
@@ -567,6 +568,7 @@ def test_train_dpo_from_an_sft_run_and_resume(runs):
   assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
 
 
+@pytest.mark.default_compile
 def test_a_resume_that_restarts_from_step_0_starts_from_the_init_run(runs):
   """``metrics.jsonl`` lost before the newest checkpoint: the run starts again from step 0,
   and step 0 of a preference run is the ``--init`` run's model (not a fresh random one)."""
